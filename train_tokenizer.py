@@ -1,0 +1,277 @@
+"""Train a LLaMA-style sentencepiece tokenizer (BPE with byte fallback, or char-level) on text files.
+
+    python train_tokenizer.py --input=corpus.txt,more/,web/*.jsonl.gz --vocab_size=8192 --out_dir=out/tokenizer
+    python train_tokenizer.py                      # no --input: the embedded default corpus (data_process.py)
+    python train_tokenizer.py --bench=True         # 100M characters from ../shared/data: wall time and peak RSS
+
+Inputs: plain-text files (a sentence per line) and .jsonl files with a "text" field, each optionally .gz; a folder
+means every *.txt / *.jsonl (.gz) file under it. data_process.py has the full readers and the cleaning.
+
+Exact round trip: identity normalisation, no dummy prefix and no whitespace collapsing, so tabs, newlines, runs of
+spaces, CJK and emoji all come back byte for byte; characters the vocabulary lacks fall back to byte pieces
+(<0x0A> is the newline, as in LLaMA). BOS/EOS/pad and ChatML's <|im_start|>/<|im_end|> are reserved as single ids.
+
+Bounded memory: the corpus is streamed once, keeping a uniform random sample of its lines that holds at most
+`max_chars` characters; only that sample reaches sentencepiece, so RAM and time do not grow with the corpus.
+Writes out_dir/tokenizer.model, tokenizer.json and tokenizer_config.json (transformers-loadable, same ids).
+"""
+import glob
+import gzip
+import heapq
+import io
+import itertools
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+import configurator
+from tokenizer import BOS, EOS, IM_END, IM_START, PAD, UNK, Tokenizer, _tokenizers_from_spm
+
+input = ""  # comma-separated files, folders or globs; empty: the embedded default corpus
+model_type = "bpe"  # bpe | char
+vocab_size = 8192  # for char: an upper bound (the vocabulary is the characters seen, plus the 256 byte pieces)
+out_dir = "out/tokenizer"
+character_coverage = 0.9995  # rarer characters are left to byte fallback (keeps rare CJK out of the vocabulary)
+max_chars = 50_000_000  # train on a random sample of lines holding at most this many characters (bounds RAM)
+max_line_chars = 2048  # longer lines are cut into pieces this long (sentencepiece skips over-long sentences)
+num_threads = os.cpu_count() or 1
+seed = 0
+bench = False  # train on bench_chars characters of ../shared/data and print wall time and peak RSS
+bench_chars = 100_000_000
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+VERIFY_LINES = 1000  # sampled lines that must round-trip and agree with tokenizer.json after training
+
+
+# ---- reading (deliberately small: plain text and .jsonl, optionally gzip'd) -------------------------------------
+
+def expand_inputs(spec):
+    """Comma-separated files, folders and globs -> sorted file list; a clear error for anything missing."""
+    files = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if os.path.isdir(item):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
+                           if name.removesuffix(".gz").endswith(TEXT_SUFFIXES))
+            if not found:
+                raise SystemExit(f"input folder {item}: no *.txt or *.jsonl (.gz) files in it")
+            files += found
+        elif glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise SystemExit(f"input glob {item}: matches no files")
+            files += found
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise SystemExit(f"input not found: {item}")
+    return files
+
+
+def read_documents(path, errors="strict"):
+    """The documents of one file: a .jsonl record's "text", or a plain-text file's lines."""
+    jsonl = path.removesuffix(".gz").endswith(".jsonl")
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8", errors)
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                 f"convert the file to UTF-8 first") from None
+            if not jsonl:
+                yield line
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise SystemExit(f"{path}:{lineno}: expected an object with a string field \"text\"")
+            yield record["text"]
+
+
+def lines_of(documents):
+    """Training sentences: the non-empty lines of every document, cut to max_line_chars. sentencepiece learns from
+    lines, so the newline itself is never a piece it learns; byte fallback gives it the single id <0x0A>."""
+    for doc in documents:
+        for line in doc.split("\n"):
+            line = line.rstrip("\r")
+            for start in range(0, len(line), max_line_chars):
+                yield line[start:start + max_line_chars]
+
+
+def sample_lines(lines, budget, rng):
+    """A uniform random sample of a stream of lines, holding at most `budget` characters, in one pass.
+
+    Every line draws a random key; we keep exactly the lines whose key is below a threshold, lowering the threshold
+    (evicting the highest key) whenever the kept lines exceed the budget. Memory: the budget plus one line."""
+    heap, total, threshold = [], 0, 1.0  # heap of (-key, line): the highest key on top
+    for line in lines:
+        key = rng.random()
+        if key >= threshold:
+            continue
+        heapq.heappush(heap, (-key, line))
+        total += len(line)
+        while total > budget:
+            neg_key, evicted = heapq.heappop(heap)
+            threshold, total = -neg_key, total - len(evicted)
+    return [line for _, line in heap]
+
+
+def default_documents():
+    from data_process import default_documents as docs  # the embedded corpus: text that ships with Python
+    return docs()
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+
+def train(documents):
+    """Sample the documents' lines and train on them; return (Tokenizer, VERIFY_LINES of the sampled lines)."""
+    specials = [UNK, BOS, EOS, PAD, IM_START, IM_END]
+    if model_type not in ("bpe", "char"):
+        raise SystemExit(f"model_type must be 'bpe' or 'char', got {model_type!r}")
+    if model_type == "bpe" and vocab_size < 256 + len(specials) + 100:
+        raise SystemExit(f"vocab_size={vocab_size} is too small: the 256 byte pieces and {len(specials)} special "
+                         f"tokens come first; use at least {256 + len(specials) + 100}")
+    lines = tqdm(lines_of(documents), desc="reading lines", unit=" lines", unit_scale=True, mininterval=1.0)
+    sample = sample_lines(lines, max_chars, random.Random(seed))
+    lines.close()
+    if not sample:
+        raise SystemExit("the input holds no text")
+    print(f"training on {len(sample):,} sampled lines, {sum(map(len, sample)):,} characters "
+          f"(sentencepiece logs its progress below)")
+    kept = sample[:VERIFY_LINES]
+
+    def drain(lines):  # hand the lines over to sentencepiece, dropping our copy as it takes them
+        while lines:
+            yield lines.pop()
+
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=drain(sample), model_writer=model,
+            model_type=model_type, vocab_size=vocab_size, hard_vocab_limit=model_type != "char",
+            character_coverage=character_coverage, byte_fallback=True,
+            # exact round trip: no NFKC, no dummy "▁" at the start, no collapsing of repeated spaces
+            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+            split_digits=True, allow_whitespace_only_pieces=True,  # LLaMA's choices: digits one by one, indentation
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+            control_symbols=[IM_START, IM_END],
+            max_sentence_length=4 * max_line_chars + 16,  # in bytes; a UTF-8 character is at most 4
+            num_threads=num_threads, minloglevel=0)
+    except RuntimeError as e:  # e.g. more required characters than vocab_size
+        raise SystemExit(f"sentencepiece training failed: {e}") from None
+    return Tokenizer.from_sentencepiece(model.getvalue()), kept
+
+
+def verify(tok, samples):
+    """The checks the seeds skipped: tab, newline and every special token are single ids that decode back; sample
+    lines round-trip exactly; and the tokenizer.json we export gives the same ids as sentencepiece."""
+    for s in ["\t", "\n", *tok.special_tokens]:
+        ids = tok.encode(s)
+        if len(ids) != 1 or tok.decode(ids) != s:
+            raise RuntimeError(f"{s!r} does not encode to a single reversible id: {ids}")
+    hf = _tokenizers_from_spm(tok.sp_model)
+    for text in samples:
+        ids = tok.encode(text)
+        if tok.decode(ids) != text:
+            raise RuntimeError(f"round trip failed for {text[:80]!r}")
+        if hf.encode(text, add_special_tokens=False).ids != ids:
+            raise RuntimeError(f"tokenizer.json disagrees with tokenizer.model on {text[:80]!r}")
+
+
+def main():
+    files = expand_inputs(input) if input else None
+    documents = (doc for path in files for doc in read_documents(path)) if files else default_documents()
+    t0 = time.time()
+    tok, sample = train(documents)
+    t_train = time.time() - t0
+    edge = ["a\tb\n\nc  d   e", "中文，繁體。 😀👍🏽", "<|im_start|>user\nhi<|im_end|>\n", "x = [1,  22, 333]\n    y"]
+    verify(tok, sample + edge)
+    tok.save_pretrained(out_dir)
+    print(f"trained a {model_type} tokenizer: {tok.vocab_size} ids in {t_train:.1f}s; specials "
+          f"{tok.special_tokens}; wrote {out_dir}/tokenizer.model, tokenizer.json, tokenizer_config.json")
+    return t_train
+
+
+# ---- benchmark --------------------------------------------------------------------------------------------------
+
+def bench_corpus(path, n_chars):
+    """n_chars characters of the English and Chinese pretraining text in ../shared/data (~21M characters), streamed
+    to `path`. Plain repetition would let sentencepiece count each distinct word once and flatter the benchmark, so
+    each further pass maps the text through a different permutation of its own letters and CJK characters: same
+    alphabet and statistics, new words. (JSON files contribute every string they hold, e.g. the poems' lines.)"""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+    folders = [os.path.join(root, d) for d in ("pretrain_en", "pretrain_zh")]
+    if not all(os.path.isdir(d) for d in folders):
+        raise SystemExit(f"--bench needs {folders}")
+    paths = sorted(os.path.join(r, n) for d in folders for r, _, ns in os.walk(d) for n in ns
+                   if n not in ("SOURCE.json", "LICENSE", "README"))
+
+    def strings(x):
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, (list, dict)):
+            for v in (x.values() if isinstance(x, dict) else x):
+                yield from strings(v)
+
+    def texts(p):
+        if p.removesuffix(".gz").endswith(".json"):
+            with (gzip.open(p, "rt", encoding="utf-8") if p.endswith(".gz") else open(p, encoding="utf-8")) as f:
+                yield "\n".join(strings(json.load(f)))
+        else:
+            yield from read_documents(p, errors="replace")  # one Gutenberg book has a few Latin-1 bytes
+
+    written, seen, table = 0, set(), {}
+    with open(path, "w", encoding="utf-8") as out:
+        for rep in itertools.count():
+            for p in paths:
+                for text in texts(p):
+                    if rep == 0:
+                        seen.update(text)
+                    text = text.translate(table)[:n_chars - written]
+                    out.write(text if text.endswith("\n") else text + "\n")
+                    written += len(text)
+                    if written >= n_chars:
+                        return
+            letters = sorted(c for c in seen if c.isascii() and c.isalpha())
+            for group in (letters, sorted(c for c in seen if "\u4e00" <= c <= "\u9fff")):
+                shuffled = random.Random(rep).sample(group, len(group))
+                table.update(zip(map(ord, group), shuffled))
+
+
+def run_bench():
+    global input, out_dir
+    tmp = tempfile.mkdtemp(prefix="tokenizer_bench_")
+    try:
+        t0 = time.time()
+        corpus = os.path.join(tmp, "corpus.txt")
+        bench_corpus(corpus, bench_chars)
+        t_corpus = time.time() - t0
+        input, out_dir = corpus, os.path.join(tmp, "tokenizer")
+        t1 = time.time()
+        t_train = main()
+        t_all = time.time() - t1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f"bench: {bench_chars / 1e6:.0f}M characters (corpus built in {t_corpus:.0f}s), model_type={model_type} "
+          f"vocab_size={vocab_size} max_chars={max_chars / 1e6:.0f}M num_threads={num_threads}: "
+          f"training {t_train:.0f}s, training+verify+save {t_all:.0f}s, peak RSS {kib / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    configurator.apply(globals(), sys.argv[1:])
+    run_bench() if bench else main()

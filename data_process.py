@@ -1,0 +1,1161 @@
+"""Raw corpora -> clean text -> token streams on disk, for pretraining (`--format=pretrain`), SFT and DPO.
+
+    python data_process.py --tokenizer=out/tok --out_dir=data/pydocs                  # embedded default corpus
+    python data_process.py --input=corpus/,more.jsonl.gz --tokenizer=out/tok --out_dir=data/mine
+    python data_process.py --format=sft --input=sft.jsonl --tokenizer=out/tok --out_dir=data/sft
+    python data_process.py --bench=True --tokenizer=out/tok                            # MB/s and peak RSS
+
+Inputs (`input`: comma-separated files, folders and globs; `.gz` is read transparently, everything streams):
+  .txt (and files without extension): `txt_split` = "line" (a document per line), "blank" (blank-line separated),
+      "file" (one document per file), or any other string: a line equal to it ends a document ("%", "<|endoftext|>").
+  .jsonl / .json (a JSON list, one object, or JSON Lines) / .csv (a header row) / .parquet (needs pyarrow):
+      `text_field` names the field or column; a comma-separated list tries each in turn, a list value has its items
+      joined by newlines and a nested object is searched for the same names (chinese-poetry: paragraphs,content,para);
+      "#N" is column N of a headerless CSV. Folders skip `exclude` names and unknown extensions (both reported).
+  No --input: default_documents(), the language-reference topics of pydoc_data plus the docstrings of ~70 stdlib
+  modules (~0.85 MB, deterministic for a Python version); with --format=sft/dpo, ~1,250 question -> first-sentence
+  records derived from them (default_sft_records / default_dpo_records), the same ~10% of items held out in both.
+Bad input (bytes that are not `encoding`, malformed JSON, a missing field, an invalid chat record) stops with
+`path:line: what`; with `lenient=True` such records are skipped, counted and listed in meta.json instead.
+
+Cleaning (pretrain text; SFT/DPO text only loses ANSI codes and control characters), in this order:
+  1. ANSI escape sequences and control characters (all of Unicode Cc except \\t and \\n; \\r\\n -> \\n; zero-width
+     space, BOM, word joiner, soft hyphen) are removed.
+  2. NFKC: full-width letters/digits/space become ASCII and compatibility ideographs are unified - and full-width
+     punctuation such as '，！？：；（）' becomes ASCII too (also lossy bits: '²' -> '2', '①' -> '1'); '…' is kept.
+  3. Runs of one repeated mark among 。，、！？；：,!?; collapse to one ("。。。。。" -> "。"); '...', '……', '——' stay.
+  4. CJK punctuation rule (documents with CJK only), undoing step 2 in Chinese/Japanese: , ! ? : ; become ，！？：；when the
+     character right before or after is CJK (Han, kana, CJK punctuation), and spaces after them before CJK go;
+     '.' becomes '。' only between a Han character and whitespace/Han/end (so 3.14, v1.2, 文件.txt stay);
+     a parenthesised span containing CJK becomes （...）. Elsewhere punctuation stays half-width.
+  5. Optional final period (`final_period`): a document ending in a letter/digit gets '。' after Han, else '.'.
+  6. Documents shorter than `min_chars` are dropped; exact duplicates (blake2b of the cleaned text) and near
+     duplicates (one-permutation MinHash over character `shingle`-grams, LSH bands, confirmed when the estimated
+     Jaccard similarity >= `near_dup_threshold`; ~2.5 KB of RAM per kept document, so a million documents need
+     ~2.5 GB: turn near_dedup off or dedup shards beyond that) go. Counts of all of it -> meta.json.
+
+On-disk layouts (np.memmap friendly; dtype uint16, or uint32 when vocab_size > 65535; meta.json says which):
+  pretrain: train.bin / val.bin one token stream each, EOS after every document (BOS before it when `bos`).
+            Documents go to val greedily so val holds `val_fraction` of the tokens, deterministically.
+  sft:      {split}.bin tokens, {split}_mask.bin uint8 (1 = an assistant token that is trained on: each reply and its
+            end-of-turn marker as the chat template renders them, ChatML "reply<|im_end|>\n"), {split}_idx.npy int64
+            record offsets (n + 1). load_sft(dir, split)[i] -> (input_ids, labels), labels -100 where the mask is 0
+            (not shifted). Records longer than `max_len` are cut (counted; dropped when no reply token is left).
+  dpo:      {split}.bin tokens (prompt, chosen, rejected of each record back to back), {split}_idx.npy int64 (n, 4)
+            = prompt start, chosen start, rejected start, end. load_dpo(dir, split)[i] -> (prompt, chosen, rejected);
+            the prompt ends with the generation prompt, the replies with the end-of-turn marker. Over `max_len`
+            (counted): the prompt keeps its last max_len/2 tokens at most, then the replies are cut.
+  Every data dir also holds meta.json (dtype, vocab_size, token counts, tokenizer_sha256, bos/eos ids, sources,
+  counts) and the tokenizer (save_pretrained), so trainers can check they use the same one.
+Chat records (any mix): alpaca {instruction, input, output[, system, history]}, sharegpt {conversations:[{from,
+value}], system}, messages {messages:[{role, content}]}; preference {prompt, chosen, rejected}, {conversations,
+chosen, rejected} with chosen/rejected as strings or {from, value}, and hh-rlhf full "Human:/Assistant:"
+transcripts. Roles must alternate (user first, optional system), contents be non-empty, SFT end with the assistant
+(trailing unanswered user turns are dropped, counted). A record with "split": "train"/"val" keeps that split.
+"""
+import collections
+import csv
+import fnmatch
+import glob
+import gzip
+import hashlib
+import inspect
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import unicodedata
+import zlib
+
+import numpy as np
+from tqdm import tqdm
+
+import configurator
+
+# -------------------------------------------------------------------------------------------------------- config
+input = ""                 # files, folders, globs (comma-separated); empty: the embedded Python-docs corpus
+tokenizer = ""             # a tokenizer folder (train_tokenizer.py's out_dir) or .gguf, for Tokenizer.from_pretrained
+out_dir = "data/pydocs"
+format = "pretrain"        # pretrain | sft | dpo
+val_fraction = 0.1
+text_field = "text"        # field / column holding the text; "a,b" tries a then b; "#N": column N of a headerless csv
+txt_split = "line"         # line | blank | file | a separator line such as "%"
+exclude = "SOURCE.json,README*,LICENSE*"  # file-name globs skipped inside folders and globs
+encoding = "utf-8"         # of the input files: utf-8, gb18030 (GBK/GB2312 Chinese), latin-1 ...
+nfkc = True
+cjk_punct = True           # the CJK punctuation rule (module docstring, step 4)
+collapse_punct = True
+final_period = False
+min_chars = 10
+dedup = True               # exact duplicates
+near_dedup = True          # MinHash near duplicates
+near_dup_threshold = 0.8
+minhash_perms = 128
+shingle = 5                # characters per shingle (works for CJK and space-separated text alike)
+bos = False                # BOS before every pretraining document
+dtype = "auto"             # auto | uint16 | uint32
+max_len = 1024             # sft/dpo: records longer than this are truncated (counted)
+num_workers = 0            # tokenizer processes; 0: one per CPU core
+lenient = False            # skip and count bad records instead of stopping
+bench = False              # measure MB/s and peak RSS with 1 and 2 workers instead of a normal run
+_DEFAULTS = {k: v for k, v in globals().items() if k in configurator.config_keys(globals())}
+
+
+def config(**overrides):
+    """The defaults above with `overrides` (checked like command-line flags): for tests and other scripts."""
+    scope = dict(_DEFAULTS)
+    return configurator.apply(scope, [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}"
+                                      for k, v in overrides.items()])
+
+
+# ------------------------------------------------------------------------------------------------------- readers
+_KINDS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+csv.field_size_limit(2**31 - 1)
+
+
+_GAP, _LIST_GAP = re.compile(r"\s*"), re.compile(r"[\s,]*")
+
+
+class _Bad(tuple):
+    """A reader's complaint about one place in a file: (line, message)."""
+
+
+def _kind(path):
+    base = path[:-3] if path.endswith(".gz") else path
+    ext = os.path.splitext(os.path.basename(base))[1].lower()
+    return _KINDS.get(ext, "txt" if ext == "" else None)
+
+
+def expand_inputs(spec, exclude_globs=exclude):
+    """Comma-separated files/folders/globs -> (sorted file list, skipped files). Missing paths stop with an error."""
+    patterns = [p for p in exclude_globs.split(",") if p]
+    files, skipped = [], []
+
+    def add(path, explicit):
+        name = os.path.basename(path)
+        if not explicit and any(fnmatch.fnmatch(name, p) for p in patterns):
+            skipped.append(path)
+        elif _kind(path) or explicit:  # an explicitly named file of unknown extension is read as text
+            files.append(path)
+        else:
+            skipped.append(path)
+
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        is_glob = any(c in part for c in "*?[")
+        matches = sorted(glob.glob(part, recursive=True)) if is_glob else [part]
+        if not matches or not (is_glob or os.path.exists(part)):
+            raise SystemExit(f"{part}: no such file or folder")
+        for m in matches:
+            if os.path.isdir(m):
+                for root, dirs, names in os.walk(m):
+                    dirs.sort()
+                    for name in sorted(names):
+                        add(os.path.join(root, name), False)
+            else:
+                add(m, not is_glob)
+    if not files:
+        raise SystemExit(f"{spec}: no readable files (skipped: {', '.join(skipped[:5]) or 'none'})")
+    return files, skipped
+
+
+def _lines(path, encoding="utf-8"):
+    """(line number, text) per line, gunzipping .gz; a line that does not decode comes back as _Bad."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                yield n, _Bad((n, f"not valid {encoding} (byte {e.start} of the line: "
+                                  f"{raw[e.start:e.start + 4]!r}; see --encoding)"))
+                continue
+            yield n, text[1:] if n == 1 and text.startswith("\ufeff") else text
+
+
+def _read_txt(path, split, encoding):
+    doc, start = [], 0
+    for n, line in _lines(path, encoding):
+        if isinstance(line, _Bad):
+            yield line
+            continue
+        line = line.rstrip("\r\n")
+        if split == "line":
+            if line.strip():
+                yield line, n
+            continue
+        end = (not line.strip()) if split == "blank" else (split != "file" and line.strip() == split)
+        if end:
+            if doc:
+                yield "\n".join(doc), start
+            doc = []
+        elif line.strip() or doc:
+            start = start if doc else n
+            doc.append(line)
+    if doc:
+        yield "\n".join(doc), start
+
+
+def _read_jsonl(path, encoding):
+    for n, line in _lines(path, encoding):
+        if isinstance(line, _Bad):
+            yield line
+        elif line.strip():
+            try:
+                yield json.loads(line), n
+            except json.JSONDecodeError as e:
+                yield _Bad((n, f"malformed JSON: {e.msg} (column {e.colno})"))
+
+
+def _read_json(path, encoding):
+    """Stream the items of a JSON list (or a sequence of JSON values: one object, JSON Lines) without loading the
+    whole file: raw_decode over a buffer of whole lines, topped up 64K characters at a time (more while an item is
+    incomplete). A malformed item stops the file: past it there is no telling where the next item starts."""
+    decoder, src, bad = json.JSONDecoder(), _lines(path, encoding), []
+    buf, pos, line, eof, in_list = "", 0, 1, False, None
+
+    def more(want):  # keep buf[pos:], append whole lines worth at least `want` characters (or all that is left)
+        nonlocal buf, pos, eof
+        parts, size = [buf[pos:]], 0
+        while size < want and not eof:
+            n, text = next(src, (None, None))
+            if text is None or isinstance(text, _Bad):
+                eof = True
+                bad.extend([_Bad((text[0], text[1] + " (rest of the file skipped)"))] if text else [])
+            else:
+                parts.append(text)
+                size += len(text)
+        buf, pos = "".join(parts), 0
+
+    while True:
+        m = (_LIST_GAP if in_list else _GAP).match(buf, pos)
+        line, pos = line + buf.count("\n", pos, m.end()), m.end()
+        if pos == len(buf):
+            if eof:
+                break
+            more(1 << 16)
+            continue
+        if in_list is None:
+            in_list = buf[pos] == "["
+            pos += in_list
+            continue
+        if in_list and buf[pos] == "]":
+            break
+        try:
+            obj, end = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError as e:
+            if not eof and e.pos >= buf.rfind("\n", 0, len(buf) - 1) + 1:  # maybe just incomplete: read more
+                more(max(len(buf) - pos, 1 << 16))
+                continue
+            if not bad:
+                yield _Bad((line + buf.count("\n", pos, e.pos), f"malformed JSON: {e.msg} (rest of the file skipped)"))
+            break
+        yield obj, line
+        line, pos = line + buf.count("\n", pos, end), end
+    yield from bad
+
+
+def _read_csv(path, fields, encoding):
+    bad, where = [], [0]
+
+    def text_lines():
+        for n, line in _lines(path, encoding):
+            where[0] = n
+            if isinstance(line, _Bad):
+                bad.append(line)
+            else:
+                yield line
+
+    reader = csv.reader(text_lines())
+    if fields[0].startswith("#"):
+        col = int(fields[0][1:])
+    else:
+        header = next(reader, [])
+        col = next((header.index(f) for f in fields if f in header), None)
+        if col is None:
+            yield _Bad((1, f"no column {'/'.join(fields)} (columns: {', '.join(header)})"))
+            return
+    for row in reader:
+        yield from bad
+        bad.clear()
+        if len(row) <= col:
+            yield _Bad((where[0], f"row has {len(row)} columns, needs column {col + 1}"))
+        else:
+            yield row[col], where[0]
+    yield from bad
+
+
+def _read_parquet(path, fields, encoding=None):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)")
+    pf = pq.ParquetFile(path)
+    col = next((f for f in fields if f in pf.schema_arrow.names), None)
+    if col is None:
+        yield _Bad((1, f"no column {'/'.join(fields)} (columns: {', '.join(pf.schema_arrow.names)})"))
+        return
+    row = 0
+    for batch in pf.iter_batches(columns=[col], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield value, row
+
+
+def read_file(path, cfg):
+    """Yield (value, line) per document/record of one file (a str, or a decoded JSON value), or _Bad((line, msg))."""
+    kind, fields, enc = _kind(path) or "txt", cfg["text_field"].split(","), cfg["encoding"]
+    if kind == "txt":
+        return _read_txt(path, cfg["txt_split"], enc)
+    if kind in ("json", "jsonl"):
+        return (_read_json if kind == "json" else _read_jsonl)(path, enc)
+    return (_read_csv if kind == "csv" else _read_parquet)(path, fields, enc)
+
+
+class Issues:
+    """Bad records: stop with `path:line: message`, or (lenient) count them and keep a few examples."""
+
+    def __init__(self, lenient):
+        self.lenient, self.count, self.examples = lenient, 0, []
+
+    def __call__(self, path, line, msg):
+        where = f"{path}:{line}: {msg}"
+        if not self.lenient:
+            raise SystemExit(f"{where}\n(pass --lenient=True to skip such records; they are counted in meta.json)")
+        self.count += 1
+        if len(self.examples) < 20:
+            self.examples.append(where)
+
+
+def _flatten(value, fields):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(t for t in (_flatten(v, fields) for v in value) if t)
+    if isinstance(value, dict):
+        return next((_flatten(value[f], fields) for f in fields if f in value), "")
+    return "" if value is None else str(value)
+
+
+def record_text(rec, fields):
+    """The document text of a JSON record (see text_field); raises ValueError naming what is missing."""
+    if isinstance(rec, str):
+        return rec
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected an object with field {'/'.join(fields)}, got {type(rec).__name__}")
+    for f in fields:
+        if f in rec:
+            return _flatten(rec[f], fields)
+    raise ValueError(f"missing field {'/'.join(fields)} (record has: {', '.join(list(rec)[:12])})")
+
+
+def iter_records(files, cfg, issues, sources):
+    """(value, path, line) over all files; bad places go to `issues`; per-file counts go into `sources`."""
+    for path in files:
+        sources[path] = 0
+        for item in read_file(path, cfg):
+            if isinstance(item, _Bad):
+                issues(path, *item)
+            else:
+                sources[path] += 1
+                yield item[0], path, item[1]
+
+
+def iter_documents(files, cfg, issues, sources):
+    fields = cfg["text_field"].split(",")
+    for value, path, line in iter_records(files, cfg, issues, sources):
+        try:
+            yield record_text(value, fields)
+        except ValueError as e:
+            sources[path] -= 1
+            issues(path, line, str(e))
+
+
+# ------------------------------------------------------------------------------------------------------ cleaning
+_CJK = "\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0002ffff"
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u2060\ufeff\u00ad]")
+_REPEATED = re.compile(r"([。，、！？；：,!?;])\1+")
+_FULLWIDTH = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；"}
+_TO_FULLWIDTH = re.compile(f"(?<=[{_CJK}])[,!?:;]|[,!?:;](?=[{_CJK}])")
+_SPACE_AFTER_FULLWIDTH = re.compile(f"([，！？：；])[ \t]+(?=[{_CJK}])")
+_PERIOD = re.compile(f"(?<=[{_HAN}])\\.(?=[\\s{_HAN}]|\\Z)")
+_PARENS = re.compile(f"\\(([^()\\n]*[{_CJK}][^()\\n]*)\\)")
+_IS_HAN, _HAS_CJK = re.compile(f"[{_HAN}]"), re.compile(f"[{_CJK}]")
+
+
+def strip_control(text, counts=None):
+    """Step 1 of the cleaning: ANSI escape codes, control characters (keeping \\t and \\n), \\r\\n -> \\n."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text, n_ansi = _ANSI.subn("", text)
+    text, n_ctrl = _CONTROL.subn("", text)
+    if counts is not None:
+        counts["ansi_codes_removed"] += n_ansi
+        counts["control_chars_removed"] += n_ctrl
+    return text
+
+
+def clean_text(text, cfg, counts):
+    """The pretraining cleaning rules (module docstring); `counts` collects what the steps changed."""
+    raw, text = text, strip_control(text, counts)
+    if cfg["nfkc"]:
+        text = "…".join(unicodedata.normalize("NFKC", t) for t in text.split("…"))  # NFKC makes … into ...
+    if cfg["collapse_punct"]:
+        text, n = _REPEATED.subn(r"\1", text)
+        counts["punct_runs_collapsed"] += n
+    if cfg["cjk_punct"] and _HAS_CJK.search(text):
+        text, n1 = _TO_FULLWIDTH.subn(lambda m: _FULLWIDTH[m.group()], text)
+        text, n2 = _PERIOD.subn("。", text)
+        text, n3 = _PARENS.subn(r"（\1）", text)
+        text = _SPACE_AFTER_FULLWIDTH.sub(r"\1", text)
+        counts["punct_made_fullwidth"] += n1 + n2 + 2 * n3  # mostly marks that NFKC had made ASCII
+    text = text.strip()
+    if cfg["final_period"] and text and text[-1].isalnum():
+        text += "。" if _IS_HAN.match(text[-1]) else "."
+        counts["final_period_added"] += 1
+    counts["docs_changed_by_cleaning"] += text != raw.strip()
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- dedup
+def minhash(texts, n, num_perm, chunk=1 << 20):
+    """MinHash signatures (len(texts) x num_perm, uint32) of the character n-grams of each text (lower-cased,
+    whitespace collapsed), for a whole batch at once. One-permutation hashing: each shingle is hashed once, the
+    hash's top bits pick one of num_perm bins and the bin keeps its smallest value; empty bins borrow from the next
+    filled bin (rotation densification, Shrivastava & Li 2014). This equals num_perm-permutation MinHash in
+    expectation at 1/num_perm of the cost; the tests check its estimates against exact Jaccard similarity.
+    Texts are hashed in pieces of `chunk` characters, so a book-sized document does not need GBs of arrays."""
+    bits = num_perm.bit_length() - 1
+    sig = np.full((len(texts), num_perm), 2**32 - 1, dtype=np.uint32)
+    pieces, owners, size = [], [], 0
+
+    def add_pieces():  # bin minima of the windows of each piece (pieces overlap by n - 1: no window is lost)
+        cp = np.frombuffer("".join(pieces).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        h = np.zeros(len(cp) - n + 1, dtype=np.uint64)
+        for j in range(n):  # polynomial rolling hash over every window; uint64 wraps around
+            h = h * np.uint64(1000003) + cp[j:j + len(h)]
+        h ^= h >> np.uint64(31)  # mix, so that every bit depends on the whole shingle
+        h *= np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(29)
+        sizes = np.array([len(p) for p in pieces])
+        h = h[np.concatenate([np.arange(a, a + m - n + 1) for a, m in zip(np.cumsum(sizes) - sizes, sizes)])]
+        cell = np.repeat(np.array(owners) * num_perm, sizes - n + 1)
+        cell += (h >> np.uint64(64 - bits)).astype(np.int64) if bits else 0
+        np.minimum.at(sig.reshape(-1), cell, ((h << np.uint64(bits)) >> np.uint64(32)).astype(np.uint32))
+        pieces.clear()
+        owners.clear()
+        return 0
+
+    for d, text in enumerate(texts):
+        text = " ".join(text.lower().split()).ljust(n)
+        for a in range(0, len(text) - n + 1, chunk):
+            pieces.append(text[a:a + chunk + n - 1])
+            owners.append(d)
+            size += len(pieces[-1])
+            if size >= chunk:
+                size = add_pieces()
+    if pieces:
+        add_pieces()
+    j = np.arange(num_perm)
+    filled = sig != 2**32 - 1
+    nxt = np.minimum.accumulate(np.where(filled, j, 2 * num_perm)[:, ::-1], axis=1)[:, ::-1]
+    nxt = np.where(nxt >= num_perm, filled.argmax(axis=1)[:, None] + num_perm, nxt)  # wrap around
+    src = np.take_along_axis(sig, nxt % num_perm, axis=1)
+    return src + ((nxt - j) % num_perm).astype(np.uint32) * np.uint32(0x9E3779B1)  # uint32 arithmetic wraps
+
+
+class NearDedup:
+    """MinHash LSH: signatures sharing a band become candidates, a candidate is a duplicate when the estimated
+    Jaccard similarity (the share of equal signature values) reaches the threshold."""
+
+    def __init__(self, threshold, num_perm):
+        # bands x rows whose S-curve midpoint (1/b)^(1/r) sits a little below the threshold, for recall
+        self.rows = min(range(1, num_perm + 1), key=lambda r: abs((r / num_perm) ** (1 / r) - (threshold - 0.1)))
+        self.bands, self.threshold = num_perm // self.rows, threshold
+        self.buckets, self.sigs = {}, []
+
+    def band_keys(self, sigs):
+        """One 64-bit key per band for each row of `sigs` (a batch), as Python ints for the bucket dict."""
+        blocks = sigs[:, :self.bands * self.rows].reshape(len(sigs), self.bands, self.rows).astype(np.uint64)
+        mult = np.uint64(0x9E3779B97F4A7C15) ** np.arange(1, self.rows + 1, dtype=np.uint64)  # wraps, distinct odd
+        return ((blocks * mult).sum(axis=2) ^ np.arange(self.bands, dtype=np.uint64)).tolist()
+
+    def is_duplicate(self, sig, keys):
+        """True when `sig` matches a kept document; otherwise remember it and return False."""
+        for c in {self.buckets[k] for k in keys if k in self.buckets}:
+            if np.count_nonzero(self.sigs[c] == sig) >= self.threshold * len(sig):
+                return True
+        index = len(self.sigs)
+        for k in keys:
+            self.buckets.setdefault(k, index)
+        self.sigs.append(sig.copy())  # a copy: a view would keep its whole batch alive
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ worker pool
+_W = {}
+
+
+def _init_worker(tok_source, cfg):
+    if isinstance(tok_source, str):
+        from tokenizer import Tokenizer
+        tok_source = Tokenizer.from_pretrained(tok_source)
+    _W.update(tok=tok_source, cfg=cfg)
+
+
+def _parallel_map(fn, items, num_workers, initargs):
+    """map(fn, items) in order over worker processes, with at most 2 batches per worker in flight, so memory stays
+    flat however long `items` is (Pool.imap would read the whole input ahead)."""
+    if num_workers <= 1:
+        _init_worker(*initargs)
+        yield from map(fn, items)
+        return
+    import multiprocessing as mp
+    with mp.get_context().Pool(num_workers, _init_worker, initargs) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _batches(items, max_chars=1 << 20, max_items=512):
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item) if isinstance(item, str) else 1
+        if size >= max_chars or len(batch) >= max_items:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _clean_and_encode(docs):
+    """Worker: clean, hash, sign and tokenize a batch of documents."""
+    tok, cfg = _W["tok"], _W["cfg"]
+    counts = collections.Counter(docs_read=len(docs), bytes_in=sum(len(d.encode("utf-8")) for d in docs))
+    kept = []
+    for doc in docs:
+        text = clean_text(doc, cfg, counts)
+        if len(text) < cfg["min_chars"]:
+            counts["removed_too_short"] += 1
+        else:
+            kept.append(text)
+    ids = tok.encode_batch(kept, bos=cfg["bos"], eos=True)
+    hashes = [hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in kept]
+    sigs = minhash(kept, cfg["shingle"], cfg["minhash_perms"]) if cfg["near_dedup"] and kept else None
+    lens = np.array([len(x) for x in ids], dtype=np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lens.sum()))
+    return counts, flat, lens, hashes, sigs
+
+
+def choose_dtype(vocab_size, forced="auto"):
+    need = np.uint16 if vocab_size <= 65535 else np.uint32
+    if forced == "auto":
+        return need
+    if forced not in ("uint16", "uint32"):
+        raise SystemExit(f"dtype must be auto, uint16 or uint32, not {forced!r}")
+    if np.dtype(forced).itemsize < np.dtype(need).itemsize and vocab_size > 65536:
+        raise SystemExit(f"vocab_size {vocab_size} is too large for dtype {forced} (ids up to {vocab_size - 1} "
+                         f"do not fit in 16 bits): use --dtype=uint32 or auto")
+    return np.dtype(forced).type
+
+
+def _check_ids(ids, vocab_size):
+    if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
+        raise SystemExit(f"the tokenizer produced id {int(ids.max())} outside its vocab_size {vocab_size}")
+
+
+class _SplitWriter:
+    """Appends arrays to {name}.tmp files, renamed when the `with` block ends well and removed when it fails, so an
+    error never leaves a half-written dataset behind."""
+
+    def __init__(self, out, names):
+        self.paths = {n: os.path.join(out, n) for n in names}
+        self.files = {n: open(p + ".tmp", "wb") for n, p in self.paths.items()}
+
+    def write(self, name, arr, dtype):
+        arr.astype(dtype, copy=False).tofile(self.files[name])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        for n, f in self.files.items():
+            f.close()
+            (os.remove(self.paths[n] + ".tmp") if exc_type else os.replace(self.paths[n] + ".tmp", self.paths[n]))
+
+
+def _usage():
+    """(peak RSS MB of this process, of its largest finished child, CPU seconds of both), None off Unix."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, None, None
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
+    return (round(me.ru_maxrss * scale, 1), round(kids.ru_maxrss * scale, 1),
+            round(me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, 2))
+
+
+def _workers(cfg):
+    return cfg["num_workers"] or os.cpu_count() or 1
+
+
+def _write_meta(out, tok, dtype, cfg, extra):
+    meta = {"format": cfg["format"], "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, **extra,
+            "tokenizer_sha256": tok.checksum(), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "config": {k: v for k, v in cfg.items() if k not in ("bench",)}}
+    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+    tok.save_pretrained(out)
+    return meta
+
+
+def prepare_pretrain(cfg, tok, tok_source, docs, sources, issues):
+    """Clean, dedup, tokenize (in worker processes) and write train.bin/val.bin/meta.json; returns the meta dict."""
+    out, t0 = cfg["out_dir"], time.time()
+    os.makedirs(out, exist_ok=True)
+    dt, counts, seen = choose_dtype(tok.vocab_size, cfg["dtype"]), collections.Counter(), set()
+    near = NearDedup(cfg["near_dup_threshold"], cfg["minhash_perms"]) if cfg["near_dedup"] else None
+    tokens, ndocs, bar = {"train": 0, "val": 0}, {"train": 0, "val": 0}, None
+    with _SplitWriter(out, ["train.bin", "val.bin"]) as writer:
+        for c, flat, lens, hashes, sigs in _parallel_map(_clean_and_encode, _batches(docs), _workers(cfg),
+                                                         (tok_source, cfg)):
+            bar = tqdm(desc="documents", unit="doc") if bar is None else bar  # after the fork: no tqdm thread there
+            counts.update(c)
+            _check_ids(flat, tok.vocab_size)
+            keys = near.band_keys(sigs) if near is not None and len(lens) else None
+            parts, starts = {"train": [], "val": []}, np.concatenate([[0], np.cumsum(lens)])
+            for i, n in enumerate(lens):
+                if cfg["dedup"] and hashes[i] in seen:
+                    counts["removed_exact_dup"] += 1
+                    continue
+                seen.add(hashes[i])
+                if near is not None and near.is_duplicate(sigs[i], keys[i]):
+                    counts["removed_near_dup"] += 1
+                    continue
+                # greedy split: a document goes to val while val holds less than val_fraction of the tokens
+                split = "val" if tokens["val"] < cfg["val_fraction"] * (tokens["train"] + tokens["val"]) else "train"
+                parts[split].append(flat[starts[i]:starts[i + 1]])
+                tokens[split], ndocs[split] = tokens[split] + int(n), ndocs[split] + 1
+            for split, p in parts.items():
+                if p:
+                    writer.write(f"{split}.bin", np.concatenate(p), dt)
+            bar.update(c["docs_read"])
+            bar.set_postfix(tokens=tokens["train"] + tokens["val"])
+        if bar is not None:
+            bar.close()
+        if counts["docs_read"] == 0:
+            raise SystemExit(f"{cfg['input'] or 'input'}: empty input, no documents were read")
+        if ndocs["train"] == 0 or (cfg["val_fraction"] > 0 and ndocs["val"] == 0):
+            raise SystemExit(f"only {ndocs['train'] + ndocs['val']} document(s) left after cleaning and dedup: too "
+                             f"few for a train/val split (cut the text into more documents, e.g. --txt_split=blank)")
+    seconds = time.time() - t0
+    rss_main, rss_workers, cpu = _usage()
+    counts.update(skipped_bad_records=issues.count, kept=ndocs["train"] + ndocs["val"])
+    run_stats = {"seconds": round(seconds, 2), "mb_per_s": round(counts["bytes_in"] / 1e6 / max(seconds, 1e-9), 3),
+                 "cpu_seconds": cpu, "workers": _workers(cfg), "peak_rss_main_mb": rss_main,
+                 "peak_rss_worker_mb": rss_workers}
+    meta = _write_meta(out, tok, dt, cfg, {
+        "train_tokens": tokens["train"], "val_tokens": tokens["val"], "train_docs": ndocs["train"],
+        "val_docs": ndocs["val"], "sources": list(sources), "source_documents": dict(sources),
+        "counts": dict(sorted(counts.items())), "skipped_examples": issues.examples, "run": run_stats})
+    _report(meta)
+    return meta
+
+
+def _report(meta):
+    c = meta["counts"]
+    print(f"wrote {meta['config']['out_dir']}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+          f"({meta['dtype']}), {c.get('kept', 0):,} kept of {c.get('docs_read', c.get('records_read', 0)):,}")
+    print("  " + ", ".join(f"{k}={v:,}" for k, v in c.items() if k not in ("kept",)))
+    for e in meta.get("skipped_examples", [])[:5]:
+        print(f"  skipped: {e}")
+    if "run" in meta:
+        r = meta["run"]
+        print(f"  {r['seconds']}s, {r['mb_per_s']} MB/s with {r['workers']} worker(s), peak RSS "
+              f"{r['peak_rss_main_mb']} MB main / {r['peak_rss_worker_mb']} MB per worker")
+
+
+# --------------------------------------------------------------------------------------------------- chat records
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+          "bot": "assistant", "model": "assistant", "system": "system"}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def _message(m):
+    if not isinstance(m, dict):
+        raise ValueError(f"a message must be an object, got {type(m).__name__}")
+    role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+    if role not in _ROLES:
+        raise ValueError(f"unknown role {role!r} (known: {', '.join(_ROLES)})")
+    if not isinstance(content, str):
+        raise ValueError(f"message content must be a string, got {type(content).__name__}")
+    return {"role": _ROLES[role], "content": strip_control(content)}
+
+
+def _with_system(rec, msgs):
+    return ([_message({"role": "system", "content": rec["system"]})] if rec.get("system") else []) + msgs
+
+
+def _alpaca(rec):
+    if not isinstance(rec.get("instruction"), str):
+        raise ValueError("alpaca record needs a string 'instruction'")
+    msgs = []
+    for pair in rec.get("history") or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise ValueError(f"alpaca 'history' items must be [user, assistant] pairs, got {pair!r:.60}")
+        msgs += [_message({"role": "user", "content": pair[0]}), _message({"role": "assistant", "content": pair[1]})]
+    prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+    return _with_system(rec, msgs + [_message({"role": "user", "content": prompt})])
+
+
+def _hh_transcript(text):
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if text.lstrip("\n").startswith(("Human:", "Assistant:"))
+                           else text)
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError("expected a transcript of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns")
+    return [_message({"role": parts[i].lower(), "content": parts[i + 1].strip()}) for i in range(1, len(parts), 2)]
+
+
+def validate(msgs, ends_with):
+    """Roles: optional system first, then user/assistant alternating from user; contents non-empty; the last one is
+    `ends_with`. Raises ValueError saying what is wrong."""
+    body = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
+    if not body:
+        raise ValueError("no messages")
+    for i, m in enumerate(msgs):
+        if not m["content"].strip():
+            raise ValueError(f"message {i} ({m['role']}) is empty")
+    for i, m in enumerate(body):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError(f"roles must alternate user/assistant after an optional system message, "
+                             f"got {[m['role'] for m in msgs]}")
+    if body[-1]["role"] != ends_with:
+        raise ValueError("the conversation must end with " + ("an assistant reply" if ends_with == "assistant"
+                                                              else "a user message"))
+    return msgs
+
+
+def to_conversation(rec, counts=None):
+    """An SFT record of any supported layout -> validated [{"role", "content"}] ending with the assistant.
+    Trailing user turns without a reply are dropped (counted)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected an object, got {type(rec).__name__}")
+    if isinstance(rec.get("messages"), list):
+        msgs = [_message(m) for m in rec["messages"]]
+    elif isinstance(rec.get("conversations"), list):
+        msgs = _with_system(rec, [_message(m) for m in rec["conversations"]])
+    elif "instruction" in rec and "output" in rec:
+        msgs = _alpaca(rec) + [_message({"role": "assistant", "content": rec["output"]})]
+    else:
+        raise ValueError(f"not a chat record: expected messages, conversations or instruction/output "
+                         f"(record has: {', '.join(list(rec)[:12])})")
+    while len(msgs) > 1 and msgs[-1]["role"] == "user":
+        msgs.pop()
+        if counts is not None:
+            counts["trailing_user_turns_dropped"] += 1
+    return validate(msgs, "assistant")
+
+
+def _reply(value):
+    if isinstance(value, str):
+        return strip_control(value)
+    if isinstance(value, dict):
+        m = _message(value)
+    elif isinstance(value, list) and value:  # a message list: the prompt's turns then the reply
+        m = _message(value[-1])
+    else:
+        raise ValueError(f"chosen/rejected must be a string, a message or a message list, got {value!r:.40}")
+    if m["role"] != "assistant":
+        raise ValueError(f"chosen/rejected must be an assistant reply, got role {m['role']}")
+    return m["content"]
+
+
+def to_preference(rec):
+    """A preference record of any supported layout -> (prompt messages ending with user, chosen, rejected)."""
+    if not isinstance(rec, dict) or "chosen" not in rec or "rejected" not in rec:
+        raise ValueError("a preference record needs 'chosen' and 'rejected'"
+                         + (f" (record has: {', '.join(list(rec)[:12])})" if isinstance(rec, dict) else ""))
+    ch, rj = rec["chosen"], rec["rejected"]
+    if "prompt" in rec:
+        p = rec["prompt"]
+        prompt = _with_system(rec, [_message({"role": "user", "content": p})] if isinstance(p, str)
+                              else [_message(m) for m in p])
+    elif isinstance(rec.get("conversations"), list) or isinstance(rec.get("messages"), list):
+        prompt = _with_system(rec, [_message(m) for m in rec.get("conversations", rec.get("messages"))])
+    elif "instruction" in rec:
+        prompt = _alpaca(rec)
+    else:  # full transcripts (hh-rlhf strings or message lists): the prompt is their shared beginning
+        a = _hh_transcript(ch) if isinstance(ch, str) else [_message(m) for m in ch]
+        b = _hh_transcript(rj) if isinstance(rj, str) else [_message(m) for m in rj]
+        if a[:-1] != b[:-1]:
+            raise ValueError("chosen and rejected transcripts differ before their last reply")
+        prompt, ch, rj = a[:-1], a[-1:], b[-1:]
+    chosen, rejected = _reply(ch), _reply(rj)
+    validate(prompt, "user")
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise ValueError(f"{name} reply is empty")
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def _render_pieces(tok, msgs):
+    """Rendered chat text as (piece, is_assistant) pieces: each assistant piece is what the template adds for that
+    reply after the generation prompt (the reply and its end-of-turn marker)."""
+    pieces, done = [], ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(msgs[:i], add_generation_prompt=True)
+        after = tok.apply_chat_template(msgs[:i + 1], add_generation_prompt=False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise TemplateError("the chat template does not render conversations prefix by prefix; cannot mask it")
+        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    full = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    return pieces + [(full[len(done):], False)]
+
+
+def _encode_sft(convs):
+    """Worker: conversations -> [(ids, mask)] with mask 1 on the assistant pieces."""
+    tok, out = _W["tok"], []
+    for msgs in convs:
+        pieces = [p for p in _render_pieces(tok, msgs) if p[0]]
+        ids = tok.encode_batch([p[0] for p in pieces])
+        out.append((np.array([i for x in ids for i in x], dtype=np.int64),
+                    np.concatenate([np.full(len(x), p[1], dtype=np.uint8) for x, p in zip(ids, pieces)])))
+    return out
+
+
+def _encode_dpo(records):
+    """Worker: (prompt, chosen, rejected) -> token id arrays; the replies are what the template adds after the
+    generation prompt for each of them."""
+    tok, out = _W["tok"], []
+    for prompt, chosen, rejected in records:
+        head = tok.apply_chat_template(prompt, add_generation_prompt=True)
+        texts = [head]
+        for reply in (chosen, rejected):
+            full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": reply}],
+                                           add_generation_prompt=False)
+            if not full.startswith(head):
+                raise TemplateError("the chat template does not render the prompt as a prefix of the conversation")
+            texts.append(full[len(head):])
+        out.append([np.array(x, dtype=np.int64) for x in tok.encode_batch(texts)])
+    return out
+
+
+def _template_errors_exit(encoded, cfg):
+    try:
+        yield from encoded
+    except TemplateError as e:  # raised in a worker: the chat template itself is unusable, not one record
+        raise SystemExit(f"{cfg['tokenizer'] or 'tokenizer'}: {e}")
+
+
+def prepare_chat(cfg, tok, tok_source, records, sources, issues):
+    """--format=sft|dpo: convert, validate, tokenize and write the records (layouts in the module docstring)."""
+    out, sft, max_len = cfg["out_dir"], cfg["format"] == "sft", cfg["max_len"]
+    os.makedirs(out, exist_ok=True)
+    dt, counts, splits = choose_dtype(tok.vocab_size, cfg["dtype"]), collections.Counter(), []
+
+    def converted():
+        for rec, path, line in records:
+            counts["records_read"] += 1
+            try:
+                item = to_conversation(rec, counts) if sft else to_preference(rec)
+            except ValueError as e:
+                issues(path, line, str(e))
+                continue
+            split = rec.get("split")
+            if split not in ("train", "val"):  # greedy: val keeps val_fraction of the records, deterministically
+                split = "val" if counts["val"] < cfg["val_fraction"] * (counts["train"] + counts["val"]) else "train"
+            counts[split] += 1
+            splits.append(split)
+            yield item
+
+    names = [f"{s}{x}" for s in ("train", "val") for x in ((".bin", "_mask.bin") if sft else (".bin",))]
+    tokens, index = {"train": 0, "val": 0}, {"train": [], "val": []}
+    results = _parallel_map(_encode_sft if sft else _encode_dpo, _batches(converted(), max_items=64),
+                            _workers(cfg), (tok_source, cfg))
+    with _SplitWriter(out, names) as writer:
+        bar = None
+        for k, enc in enumerate(_template_errors_exit(itertools.chain.from_iterable(results), cfg)):
+            bar = tqdm(desc="records", unit="rec") if bar is None else bar  # after the fork: no tqdm thread there
+            bar.update(1)
+            split = splits[k]
+            o = tokens[split]
+            if sft:
+                ids, mask = enc
+                if len(ids) > max_len:
+                    ids, mask = ids[:max_len], mask[:max_len]
+                    counts["truncated"] += 1
+                if not mask.any():
+                    counts["dropped_no_reply_left"] += 1
+                    continue
+                writer.write(f"{split}_mask.bin", mask, np.uint8)
+                index[split].append(o + len(ids))
+            else:
+                p, c, r = enc
+                if len(p) + max(len(c), len(r)) > max_len:  # keep the prompt's end, then cut the replies
+                    counts["truncated"] += 1
+                    p = p[-min(len(p), max_len // 2):]
+                    c, r = c[:max_len - len(p)], r[:max_len - len(p)]
+                ids = np.concatenate([p, c, r])
+                index[split].append((o, o + len(p), o + len(p) + len(c), o + len(ids)))
+            _check_ids(ids, tok.vocab_size)
+            writer.write(f"{split}.bin", ids, dt)
+            tokens[split] += len(ids)
+        if bar is not None:
+            bar.close()
+        if counts["records_read"] == 0:
+            raise SystemExit(f"{cfg['input'] or 'input'}: empty input, no records were read")
+        if not index["train"]:
+            raise SystemExit(f"{cfg['input'] or 'input'}: no valid {cfg['format']} records for the train split")
+    for split, rows in index.items():  # sft: n + 1 record offsets; dpo: (n, 4) prompt/chosen/rejected/end offsets
+        rows = np.array([0] + rows if sft else rows, dtype=np.int64)
+        np.save(os.path.join(out, f"{split}_idx.npy"), rows if sft else rows.reshape(-1, 4))
+    counts.update(skipped_bad_records=issues.count, kept=len(index["train"]) + len(index["val"]))
+    meta = _write_meta(out, tok, dt, cfg, {
+        "train_records": len(index["train"]), "val_records": len(index["val"]), "train_tokens": tokens["train"],
+        "val_tokens": tokens["val"], "max_len": max_len, "sources": list(sources),
+        "counts": dict(sorted(counts.items())), "skipped_examples": issues.examples})
+    _report(meta)
+    return meta
+
+
+class SFTData:
+    """Memmapped SFT records: data[i] -> (input_ids, labels) int64, labels = -100 where nothing is trained."""
+
+    def __init__(self, tokens, mask, offsets):
+        self.tokens, self.mask, self.offsets = tokens, mask, offsets
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        a, b = self.offsets[i], self.offsets[i + 1]
+        ids = self.tokens[a:b].astype(np.int64)
+        return ids, np.where(self.mask[a:b] == 1, ids, -100)
+
+
+class DPOData:
+    """Memmapped preference records: data[i] -> (prompt_ids, chosen_ids, rejected_ids) int64."""
+
+    def __init__(self, tokens, index):
+        self.tokens, self.index = tokens, index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        p, c, r, e = self.index[i]
+        return tuple(self.tokens[a:b].astype(np.int64) for a, b in ((p, c), (c, r), (r, e)))
+
+
+def _open_split(data_dir, split, fmt):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: missing (make it with python data_process.py --format={fmt})")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != fmt:
+        raise SystemExit(f"{path}: format is {meta.get('format')!r}, expected {fmt!r}")
+    tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+    return meta, tokens, np.load(os.path.join(data_dir, f"{split}_idx.npy"))
+
+
+def load_sft(data_dir, split):
+    meta, tokens, offsets = _open_split(data_dir, split, "sft")
+    return SFTData(tokens, np.memmap(os.path.join(data_dir, f"{split}_mask.bin"), dtype=np.uint8, mode="r"), offsets)
+
+
+def load_dpo(data_dir, split):
+    meta, tokens, index = _open_split(data_dir, split, "dpo")
+    return DPOData(tokens, index)
+
+
+# ------------------------------------------------------------------------------------------ the embedded default
+_DEFAULT_MODULES = ("abc", "argparse", "base64", "bisect", "calendar", "collections", "colorsys", "contextlib",
+                    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "fnmatch", "fractions",
+                    "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "inspect",
+                    "io", "ipaddress", "itertools", "json", "keyword", "linecache", "locale", "logging", "math",
+                    "mimetypes", "numbers", "operator", "os", "pathlib", "pickle", "pprint", "queue", "random", "re",
+                    "sched", "secrets", "shlex", "shutil", "statistics", "string", "struct", "tempfile", "textwrap",
+                    "threading", "time", "timeit", "tokenize", "traceback", "types", "typing", "unittest", "uuid",
+                    "warnings", "weakref", "zipfile", "zlib")
+
+
+def _topics():
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data; the docstrings remain
+        return {}
+    return topics
+
+
+def _docstrings():
+    """[(qualified name, docstring)] of the public classes, functions and methods of a fixed list of modules."""
+    import importlib
+    import warnings
+    items = []
+    with warnings.catch_warnings():  # some names warn on access (typing.io)
+        warnings.simplefilter("ignore")
+        for modname in _DEFAULT_MODULES:
+            mod = importlib.import_module(modname)
+            items += [(modname, inspect.cleandoc(mod.__doc__))] if mod.__doc__ else []
+            for name, obj in sorted(vars(mod).items()):
+                if name.startswith("_") or getattr(obj, "__module__", None) != modname or not (
+                        inspect.isclass(obj) or inspect.isroutine(obj)):
+                    continue
+                if isinstance(obj.__doc__, str):
+                    items.append((f"{modname}.{name}", inspect.cleandoc(obj.__doc__)))
+                for mname, meth in sorted(vars(obj).items()) if inspect.isclass(obj) else []:
+                    if not mname.startswith("_") and inspect.isroutine(meth) and isinstance(meth.__doc__, str):
+                        items.append((f"{modname}.{name}.{mname}", inspect.cleandoc(meth.__doc__)))
+    return items
+
+
+def default_documents():
+    """The embedded corpus: the language-reference topics of pydoc_data and standard-library docstrings, as a
+    deterministic list of documents (a few MB) that ships with every Python."""
+    docs = [text.strip() for _, text in sorted(_topics().items())]
+    return docs + [f"{name}\n\n{doc}" for name, doc in _docstrings() if len(doc) >= 40]
+
+
+def _summary(doc):
+    """The first sentence of a docstring's first prose paragraph (skipping signature lines), or None."""
+    for para in re.split(r"\n\s*\n", doc):
+        para = " ".join(para.split())
+        if not para or re.match(r"^[\w.]+\(.*\)( -> .*)?$", para) or "::" in para or para.startswith((">>>", "*")):
+            continue
+        m = re.match(r"(.+?[.!?])(\s|$)", para)
+        sentence = m.group(1) if m else para
+        return sentence if 20 <= len(sentence) <= 300 else None
+    return None
+
+
+def _default_qa():
+    """[(name, question, answer)] derived from the default corpus, in a fixed order."""
+    topics, qa = _topics(), []
+    import pydoc
+    for kw, target in sorted(pydoc.Helper.keywords.items()):
+        label = target[0].split()[0] if isinstance(target, tuple) else None
+        if label in topics:
+            body = topics[label].split("\n\n", 1)[-1]  # drop the title and its underline
+            answer = _summary(body)
+            if answer:
+                qa.append((f"keyword.{kw}", f"What does the Python keyword `{kw}` do?", answer))
+    questions = ("What does `{}` do?", "Summarize the docstring of `{}`.", "In one sentence, what is `{}` for?")
+    for name, doc in _docstrings():
+        answer = _summary(doc)
+        if answer and "." in name:
+            qa.append((name, questions[zlib.crc32(name.encode()) % 3].format(name), answer))
+    return qa
+
+
+def _heldout(name):
+    return zlib.crc32(name.encode()) % 10 == 0  # the same ~10% of items are held out in SFT and DPO
+
+
+def default_sft_records():
+    """Instruction records from the default corpus: question -> first sentence of the matching doc."""
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+             "split": "val" if _heldout(name) else "train"} for name, q, a in _default_qa()]
+
+
+def default_dpo_records():
+    """Preference records: chosen = the right doc sentence, rejected = the sentence of another item (fixed pick)."""
+    qa, records = _default_qa(), []
+    for i, (name, q, a) in enumerate(qa):
+        j = (i + 1 + zlib.crc32(name.encode()) % (len(qa) - 1)) % len(qa)
+        while qa[j][2] == a:
+            j = (j + 1) % len(qa)
+        records.append({"prompt": q, "chosen": a, "rejected": qa[j][2], "split": "val" if _heldout(name) else "train"})
+    return records
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def run(cfg, tok=None):
+    """Do what the config says; `tok` (an object with the Tokenizer interface) overrides cfg["tokenizer"]."""
+    if cfg["format"] not in ("pretrain", "sft", "dpo"):
+        raise SystemExit(f"format must be pretrain, sft or dpo, not {cfg['format']!r}")
+    if cfg["txt_split"] not in ("line", "blank", "file") and cfg["txt_split"].strip().isalpha():  # a typo, surely
+        raise SystemExit(f"txt_split must be line, blank, file or a separator line such as % or <|endoftext|>, "
+                         f"not {cfg['txt_split']!r}")
+    if cfg["minhash_perms"] < 1 or cfg["minhash_perms"] & (cfg["minhash_perms"] - 1) or cfg["shingle"] < 1:
+        raise SystemExit("minhash_perms must be a power of two and shingle at least 1")
+    tok_source = tok
+    if tok is None:
+        if not cfg["tokenizer"]:
+            raise SystemExit("--tokenizer=DIR is required (train one with train_tokenizer.py)")
+        from tokenizer import Tokenizer
+        try:
+            tok = Tokenizer.from_pretrained(cfg["tokenizer"])
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--tokenizer={cfg['tokenizer']}: {e}")
+        import multiprocessing as mp  # forked workers inherit the loaded tokenizer; others load it again
+        tok_source = tok if mp.get_start_method() == "fork" else cfg["tokenizer"]
+    issues, sources = Issues(cfg["lenient"]), {}
+    if cfg["input"]:
+        files, skipped = expand_inputs(cfg["input"], cfg["exclude"])
+        print(f"reading {len(files)} file(s)" + (f"; skipped {len(skipped)}: {', '.join(skipped[:8])}" if skipped
+                                                  else ""))
+        records = iter_records(files, cfg, issues, sources)
+        docs = iter_documents(files, cfg, issues, sources)
+    else:
+        name = f"python {sys.version.split()[0]} stdlib docs (pydoc_data topics, docstrings)"
+        sources[name] = 0
+        default = {"pretrain": default_documents, "sft": default_sft_records, "dpo": default_dpo_records}
+        records = [(r, "<default>", i + 1) for i, r in enumerate(default[cfg["format"]]())]
+        docs = [r for r, _, _ in records]
+        sources[name] = len(records)
+    if cfg["format"] == "pretrain":
+        return prepare_pretrain(cfg, tok, tok_source, docs, sources, issues)
+    return prepare_chat(cfg, tok, tok_source, records, sources, issues)
+
+
+def run_bench(cfg):
+    """Pipeline throughput (read, clean, dedup, tokenize, write) and peak RSS with 1 and 2 workers, each run in a
+    fresh process so peaks do not carry over."""
+    import subprocess
+    import tempfile
+    if not cfg["tokenizer"]:
+        raise SystemExit("--bench=True needs --tokenizer=DIR (e.g. a BPE trained with train_tokenizer.py)")
+    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+    corpora = [(cfg["input"], [])] if cfg["input"] else [
+        (os.path.join(shared, "pretrain_zh", "chinese_poetry"), ["--text_field=paragraphs,content,para",
+                                                                 "--lenient=True"]),
+        (os.path.join(shared, "pretrain_en", "gutenberg"), ["--txt_split=blank", "--lenient=True"])]
+    print(f"{'corpus':<16} {'workers':>7} {'MB in':>7} {'seconds':>8} {'MB/s':>6} {'CPU s':>6} {'tokens':>10} "
+          f"{'RSS main MB':>11} {'RSS worker MB':>13}")
+    for path, extra in corpora:
+        for workers in (1, 2):
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, os.path.abspath(__file__), f"--input={path}", f"--tokenizer={cfg['tokenizer']}",
+                       f"--out_dir={tmp}", f"--num_workers={workers}", *extra]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+                with open(os.path.join(tmp, "meta.json"), encoding="utf-8") as f:
+                    meta = json.load(f)
+            r = meta["run"]
+            print(f"{os.path.basename(path.rstrip('/')):<16} {workers:>7} {meta['counts']['bytes_in'] / 1e6:>7.2f} "
+                  f"{r['seconds']:>8.2f} {r['mb_per_s']:>6.2f} {r['cpu_seconds']:>6} "
+                  f"{meta['train_tokens'] + meta['val_tokens']:>10,} "
+                  f"{r['peak_rss_main_mb']:>11} {r['peak_rss_worker_mb'] if workers > 1 else '-':>13}")
+
+
+if __name__ == "__main__":
+    _cfg = configurator.apply(globals(), sys.argv[1:])
+    run_bench(_cfg) if _cfg["bench"] else run(_cfg)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import chat_data
 import data_process as dp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,14 +352,14 @@ def conv(*pairs):
 def test_sft_record_layouts():
     want = conv(("system", "Be brief."), ("user", "hi"), ("assistant", "hello"), ("user", "Sum\n\n1 2"),
                 ("assistant", "3"))
-    assert dp.to_conversation({"system": "Be brief.", "history": [["hi", "hello"]], "instruction": "Sum",
+    assert chat_data.to_conversation({"system": "Be brief.", "history": [["hi", "hello"]], "instruction": "Sum",
                                "input": "1 2", "output": "3"}) == want
     share = {"system": "Be brief.", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt",
              "value": "hello"}, {"from": "user", "value": "Sum\n\n1 2"}, {"from": "assistant", "value": "3"}]}
-    assert dp.to_conversation(share) == want
-    assert dp.to_conversation({"messages": want}) == want
+    assert chat_data.to_conversation(share) == want
+    assert chat_data.to_conversation({"messages": want}) == want
     counts = __import__("collections").Counter()
-    assert dp.to_conversation({"messages": want + conv(("user", "unanswered"))}, counts) == want
+    assert chat_data.to_conversation({"messages": want + conv(("user", "unanswered"))}, counts) == want
     assert counts["trailing_user_turns_dropped"] == 1
     bad = [({"messages": conv(("user", "a"), ("user", "b"), ("assistant", "c"))}, "alternate"),
            ({"messages": conv(("user", "a"), ("assistant", "  "))}, "empty"),
@@ -368,24 +369,24 @@ def test_sft_record_layouts():
            ({"conversations": [{"from": "human", "value": 3}]}, "must be a string")]
     for rec, msg in bad:
         with pytest.raises(ValueError, match=msg):
-            dp.to_conversation(rec)
+            chat_data.to_conversation(rec)
 
 
 def test_preference_record_layouts():
     p = conv(("user", "Q?"))
-    assert dp.to_preference({"prompt": "Q?", "chosen": "good", "rejected": "bad"}) == (p, "good", "bad")
-    assert dp.to_preference({"conversations": [{"from": "human", "value": "Q?"}],
+    assert chat_data.to_preference({"prompt": "Q?", "chosen": "good", "rejected": "bad"}) == (p, "good", "bad")
+    assert chat_data.to_preference({"conversations": [{"from": "human", "value": "Q?"}],
                              "chosen": {"from": "gpt", "value": "good"},
                              "rejected": {"from": "gpt", "value": "bad"}}) == (p, "good", "bad")
-    assert dp.to_preference({"conversations": [{"from": "human", "value": "Q?"}], "chosen": "good",
+    assert chat_data.to_preference({"conversations": [{"from": "human", "value": "Q?"}], "chosen": "good",
                              "rejected": "bad"}) == (p, "good", "bad")
-    assert dp.to_preference({"instruction": "Q?", "input": "", "chosen": "good", "rejected": "bad"}) == \
+    assert chat_data.to_preference({"instruction": "Q?", "input": "", "chosen": "good", "rejected": "bad"}) == \
         (p, "good", "bad")
     hh = "\n\nHuman: Q1\n\nAssistant: A1\n\nHuman: Q?\n\nAssistant: "
-    assert dp.to_preference({"chosen": hh + "good", "rejected": hh + "bad"}) == \
+    assert chat_data.to_preference({"chosen": hh + "good", "rejected": hh + "bad"}) == \
         (conv(("user", "Q1"), ("assistant", "A1"), ("user", "Q?")), "good", "bad")
     trl = {"chosen": p + conv(("assistant", "good")), "rejected": p + conv(("assistant", "bad"))}
-    assert dp.to_preference(trl) == (p, "good", "bad")
+    assert chat_data.to_preference(trl) == (p, "good", "bad")
     bad = [({"prompt": "Q", "chosen": "same", "rejected": "same"}, "identical"),
            ({"chosen": hh + "good", "rejected": hh}, "rejected reply is empty"),
            ({"chosen": hh + "x", "rejected": "\n\nHuman: other\n\nAssistant: y"}, "differ before"),
@@ -393,7 +394,7 @@ def test_preference_record_layouts():
            ({"prompt": "Q", "chosen": "x"}, "needs 'chosen' and 'rejected'")]
     for rec, msg in bad:
         with pytest.raises(ValueError, match=msg):
-            dp.to_preference(rec)
+            chat_data.to_preference(rec)
 
 
 REAL_CHAT = [  # (folder, format, records converted without error, total)
@@ -411,7 +412,7 @@ def test_real_chat_files_convert(shared_data, folder, fmt, ok, total):
     good = bad = 0
     for rec, path, line in dp.iter_records(files, c, dp.Issues(False), {}):
         try:
-            msgs = dp.to_conversation(rec) if fmt == "sft" else dp.to_preference(rec)[0]
+            msgs = chat_data.to_conversation(rec) if fmt == "sft" else chat_data.to_preference(rec)[0]
             assert msgs[-1]["role"] == ("assistant" if fmt == "sft" else "user")
             good += 1
         except ValueError:
@@ -429,14 +430,14 @@ def test_sft_mask_covers_exactly_the_assistant_replies(tmp_path):
     tok = CharTokenizer()
     meta = dp.run(cfg(tmp_path, input=path, format="sft", max_len=100), tok=tok)
     assert meta["counts"]["truncated"] == 2 and meta["counts"]["dropped_no_reply_left"] == 1
-    data = dp.load_sft(str(tmp_path / "out"), "train")
+    data = chat_data.load_sft(str(tmp_path / "out"), "train")
     ids, labels = data[0]
-    assert tok.decode(ids) == tok.apply_chat_template(dp.to_conversation(recs[0]), add_generation_prompt=False)
+    assert tok.decode(ids) == tok.apply_chat_template(chat_data.to_conversation(recs[0]), add_generation_prompt=False)
     trained = np.flatnonzero(labels != -100)
     runs = np.split(trained, np.flatnonzero(np.diff(trained) > 1) + 1)
     assert [tok.decode(ids[r]) for r in runs] == [f"a1{IM_END}\n", f"a2 中文{IM_END}\n"]
     assert np.array_equal(labels[trained], ids[trained])
-    ids, labels = dp.load_sft(str(tmp_path / "out"), "val")[0]  # the greedy split sends record 1 to val
+    ids, labels = chat_data.load_sft(str(tmp_path / "out"), "val")[0]  # the greedy split sends record 1 to val
     assert len(ids) == 100 and tok.decode(ids[labels != -100]) == "y" * (100 - len(tok.encode(
         tok.apply_chat_template(conv(("user", "x" * 50))))))
     assert len(data) + meta["val_records"] == 22
@@ -448,7 +449,7 @@ def test_dpo_layout_and_truncation(tmp_path):
     path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in recs))
     tok = CharTokenizer()
     meta = dp.run(cfg(tmp_path, input=path, format="dpo", max_len=200), tok=tok)
-    train, val = (dp.load_dpo(str(tmp_path / "out"), s) for s in ("train", "val"))
+    train, val = (chat_data.load_dpo(str(tmp_path / "out"), s) for s in ("train", "val"))
     assert len(train) + len(val) == 11 and meta["counts"]["truncated"] == 1 and len(val) >= 1
     p, c, r = train[0]
     assert tok.decode(p) == f"{IM_START}user\nquestion 0{IM_END}\n{IM_START}assistant\n"
@@ -486,7 +487,7 @@ def test_default_documents_and_instruction_sets_are_deterministic():
     assert [r["messages"][0]["content"] for r in val] == [r["prompt"] for r in dpo if r["split"] == "val"]
     assert all(r["chosen"] != r["rejected"] for r in dpo)
     for r in sft[:50]:
-        dp.to_conversation(r)
+        chat_data.to_conversation(r)
     dumps = next(r for r in sft if "`json.dumps`" in r["messages"][0]["content"])
     assert dumps["messages"][1]["content"].startswith("Serialize ``obj`` to a JSON formatted ``str``")
 
@@ -529,14 +530,14 @@ def test_sft_and_dpo_with_real_tokenizer(tmp_path, bpe):
              "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
     path = write(tmp_path / "r.json", json.dumps(recs, ensure_ascii=False))
     dp.run(cfg(tmp_path, input=path, format="sft", tokenizer=bpe, out_dir=str(tmp_path / "sft")))
-    ids, labels = dp.load_sft(str(tmp_path / "sft"), "train")[0]
+    ids, labels = chat_data.load_sft(str(tmp_path / "sft"), "train")[0]
     assert tok.decode(ids) == f"{IM_START}user\nQ 0 狐狸?{IM_END}\n{IM_START}assistant\nA 0 狗。{IM_END}\n"
     assert tok.decode(ids[labels != -100]) == f"A 0 狗。{IM_END}\n"
     recs = [{"prompt": r["conversations"][0]["value"], "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in recs]
     path = write(tmp_path / "p.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in recs))
     dp.run(cfg(tmp_path, input=path, format="dpo", tokenizer=bpe, out_dir=str(tmp_path / "dpo")))
-    p, c, r = dp.load_dpo(str(tmp_path / "dpo"), "train")[0]
+    p, c, r = chat_data.load_dpo(str(tmp_path / "dpo"), "train")[0]
     assert tok.decode(np.concatenate([p, c])) == tok.apply_chat_template(
         conv(("user", "Q 0 狐狸?"), ("assistant", "good 0")), add_generation_prompt=False)
     assert tok.decode(r) == f"bad 0{IM_END}\n"

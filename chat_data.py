@@ -1,0 +1,317 @@
+"""Chat records for SFT and DPO: any supported layout -> one conversation form -> masked token streams.
+
+The layouts read (alpaca, sharegpt, messages; prompt/chosen/rejected, sharegpt with chosen/rejected, hh-rlhf
+transcripts) and the on-disk form written are described in data_process.py's docstring; data_process.py reads the
+files and calls prepare_chat(). Trainers read the result back with load_sft() / load_dpo().
+"""
+import collections
+import itertools
+import json
+import os
+import re
+
+import numpy as np
+from tqdm import tqdm
+
+from data_process import (_W, _batches, _check_ids, _parallel_map, _report, _SplitWriter, _workers, _write_meta,
+                          choose_dtype, strip_control)
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+          "bot": "assistant", "model": "assistant", "system": "system"}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def _message(m):
+    if not isinstance(m, dict):
+        raise ValueError(f"a message must be an object, got {type(m).__name__}")
+    role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+    if role not in _ROLES:
+        raise ValueError(f"unknown role {role!r} (known: {', '.join(_ROLES)})")
+    if not isinstance(content, str):
+        raise ValueError(f"message content must be a string, got {type(content).__name__}")
+    return {"role": _ROLES[role], "content": strip_control(content)}
+
+
+def _with_system(rec, msgs):
+    return ([_message({"role": "system", "content": rec["system"]})] if rec.get("system") else []) + msgs
+
+
+def _alpaca(rec):
+    if not isinstance(rec.get("instruction"), str):
+        raise ValueError("alpaca record needs a string 'instruction'")
+    msgs = []
+    for pair in rec.get("history") or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise ValueError(f"alpaca 'history' items must be [user, assistant] pairs, got {pair!r:.60}")
+        msgs += [_message({"role": "user", "content": pair[0]}), _message({"role": "assistant", "content": pair[1]})]
+    prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+    return _with_system(rec, msgs + [_message({"role": "user", "content": prompt})])
+
+
+def _hh_transcript(text):
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if text.lstrip("\n").startswith(("Human:", "Assistant:"))
+                           else text)
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError("expected a transcript of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns")
+    return [_message({"role": parts[i].lower(), "content": parts[i + 1].strip()}) for i in range(1, len(parts), 2)]
+
+
+def validate(msgs, ends_with):
+    """Roles: optional system first, then user/assistant alternating from user; contents non-empty; the last one is
+    `ends_with`. Raises ValueError saying what is wrong."""
+    body = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
+    if not body:
+        raise ValueError("no messages")
+    for i, m in enumerate(msgs):
+        if not m["content"].strip():
+            raise ValueError(f"message {i} ({m['role']}) is empty")
+    for i, m in enumerate(body):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError(f"roles must alternate user/assistant after an optional system message, "
+                             f"got {[m['role'] for m in msgs]}")
+    if body[-1]["role"] != ends_with:
+        raise ValueError("the conversation must end with " + ("an assistant reply" if ends_with == "assistant"
+                                                              else "a user message"))
+    return msgs
+
+
+def to_conversation(rec, counts=None):
+    """An SFT record of any supported layout -> validated [{"role", "content"}] ending with the assistant.
+    Trailing user turns without a reply are dropped (counted)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected an object, got {type(rec).__name__}")
+    if isinstance(rec.get("messages"), list):
+        msgs = [_message(m) for m in rec["messages"]]
+    elif isinstance(rec.get("conversations"), list):
+        msgs = _with_system(rec, [_message(m) for m in rec["conversations"]])
+    elif "instruction" in rec and "output" in rec:
+        msgs = _alpaca(rec) + [_message({"role": "assistant", "content": rec["output"]})]
+    else:
+        raise ValueError(f"not a chat record: expected messages, conversations or instruction/output "
+                         f"(record has: {', '.join(list(rec)[:12])})")
+    while len(msgs) > 1 and msgs[-1]["role"] == "user":
+        msgs.pop()
+        if counts is not None:
+            counts["trailing_user_turns_dropped"] += 1
+    return validate(msgs, "assistant")
+
+
+def _reply(value):
+    if isinstance(value, str):
+        return strip_control(value)
+    if isinstance(value, dict):
+        m = _message(value)
+    elif isinstance(value, list) and value:  # a message list: the prompt's turns then the reply
+        m = _message(value[-1])
+    else:
+        raise ValueError(f"chosen/rejected must be a string, a message or a message list, got {value!r:.40}")
+    if m["role"] != "assistant":
+        raise ValueError(f"chosen/rejected must be an assistant reply, got role {m['role']}")
+    return m["content"]
+
+
+def to_preference(rec):
+    """A preference record of any supported layout -> (prompt messages ending with user, chosen, rejected)."""
+    if not isinstance(rec, dict) or "chosen" not in rec or "rejected" not in rec:
+        raise ValueError("a preference record needs 'chosen' and 'rejected'"
+                         + (f" (record has: {', '.join(list(rec)[:12])})" if isinstance(rec, dict) else ""))
+    ch, rj = rec["chosen"], rec["rejected"]
+    if "prompt" in rec:
+        p = rec["prompt"]
+        prompt = _with_system(rec, [_message({"role": "user", "content": p})] if isinstance(p, str)
+                              else [_message(m) for m in p])
+    elif isinstance(rec.get("conversations"), list) or isinstance(rec.get("messages"), list):
+        prompt = _with_system(rec, [_message(m) for m in rec.get("conversations", rec.get("messages"))])
+    elif "instruction" in rec:
+        prompt = _alpaca(rec)
+    else:  # full transcripts (hh-rlhf strings or message lists): the prompt is their shared beginning
+        a = _hh_transcript(ch) if isinstance(ch, str) else [_message(m) for m in ch]
+        b = _hh_transcript(rj) if isinstance(rj, str) else [_message(m) for m in rj]
+        if a[:-1] != b[:-1]:
+            raise ValueError("chosen and rejected transcripts differ before their last reply")
+        prompt, ch, rj = a[:-1], a[-1:], b[-1:]
+    chosen, rejected = _reply(ch), _reply(rj)
+    validate(prompt, "user")
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise ValueError(f"{name} reply is empty")
+    if chosen == rejected:
+        raise ValueError("chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def _render_pieces(tok, msgs):
+    """Rendered chat text as (piece, is_assistant) pieces: each assistant piece is what the template adds for that
+    reply after the generation prompt (the reply and its end-of-turn marker)."""
+    pieces, done = [], ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(msgs[:i], add_generation_prompt=True)
+        after = tok.apply_chat_template(msgs[:i + 1], add_generation_prompt=False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise TemplateError("the chat template does not render conversations prefix by prefix; cannot mask it")
+        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    full = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    return pieces + [(full[len(done):], False)]
+
+
+def _encode_sft(convs):
+    """Worker: conversations -> [(ids, mask)] with mask 1 on the assistant pieces."""
+    tok, out = _W["tok"], []
+    for msgs in convs:
+        pieces = [p for p in _render_pieces(tok, msgs) if p[0]]
+        ids = tok.encode_batch([p[0] for p in pieces])
+        out.append((np.array([i for x in ids for i in x], dtype=np.int64),
+                    np.concatenate([np.full(len(x), p[1], dtype=np.uint8) for x, p in zip(ids, pieces)])))
+    return out
+
+
+def _encode_dpo(records):
+    """Worker: (prompt, chosen, rejected) -> token id arrays; the replies are what the template adds after the
+    generation prompt for each of them."""
+    tok, out = _W["tok"], []
+    for prompt, chosen, rejected in records:
+        head = tok.apply_chat_template(prompt, add_generation_prompt=True)
+        texts = [head]
+        for reply in (chosen, rejected):
+            full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": reply}],
+                                           add_generation_prompt=False)
+            if not full.startswith(head):
+                raise TemplateError("the chat template does not render the prompt as a prefix of the conversation")
+            texts.append(full[len(head):])
+        out.append([np.array(x, dtype=np.int64) for x in tok.encode_batch(texts)])
+    return out
+
+
+def _template_errors_exit(encoded, cfg):
+    try:
+        yield from encoded
+    except TemplateError as e:  # raised in a worker: the chat template itself is unusable, not one record
+        raise SystemExit(f"{cfg['tokenizer'] or 'tokenizer'}: {e}")
+
+
+def prepare_chat(cfg, tok, tok_source, records, sources, issues):
+    """--format=sft|dpo: convert, validate, tokenize and write the records (layouts in the module docstring)."""
+    out, sft, max_len = cfg["out_dir"], cfg["format"] == "sft", cfg["max_len"]
+    os.makedirs(out, exist_ok=True)
+    dt, counts, splits = choose_dtype(tok.vocab_size, cfg["dtype"]), collections.Counter(), []
+
+    def converted():
+        for rec, path, line in records:
+            counts["records_read"] += 1
+            try:
+                item = to_conversation(rec, counts) if sft else to_preference(rec)
+            except ValueError as e:
+                issues(path, line, str(e))
+                continue
+            split = rec.get("split")
+            if split not in ("train", "val"):  # greedy: val keeps val_fraction of the records, deterministically
+                split = "val" if counts["val"] < cfg["val_fraction"] * (counts["train"] + counts["val"]) else "train"
+            counts[split] += 1
+            splits.append(split)
+            yield item
+
+    names = [f"{s}{x}" for s in ("train", "val") for x in ((".bin", "_mask.bin") if sft else (".bin",))]
+    tokens, index = {"train": 0, "val": 0}, {"train": [], "val": []}
+    results = _parallel_map(_encode_sft if sft else _encode_dpo, _batches(converted(), max_items=64),
+                            _workers(cfg), (tok_source, cfg))
+    with _SplitWriter(out, names) as writer:
+        bar = None
+        for k, enc in enumerate(_template_errors_exit(itertools.chain.from_iterable(results), cfg)):
+            bar = tqdm(desc="records", unit="rec") if bar is None else bar  # after the fork: no tqdm thread there
+            bar.update(1)
+            split = splits[k]
+            o = tokens[split]
+            if sft:
+                ids, mask = enc
+                if len(ids) > max_len:
+                    ids, mask = ids[:max_len], mask[:max_len]
+                    counts["truncated"] += 1
+                if not mask.any():
+                    counts["dropped_no_reply_left"] += 1
+                    continue
+                writer.write(f"{split}_mask.bin", mask, np.uint8)
+                index[split].append(o + len(ids))
+            else:
+                p, c, r = enc
+                if len(p) + max(len(c), len(r)) > max_len:  # keep the prompt's end, then cut the replies
+                    counts["truncated"] += 1
+                    p = p[-min(len(p), max_len // 2):]
+                    c, r = c[:max_len - len(p)], r[:max_len - len(p)]
+                ids = np.concatenate([p, c, r])
+                index[split].append((o, o + len(p), o + len(p) + len(c), o + len(ids)))
+            _check_ids(ids, tok.vocab_size)
+            writer.write(f"{split}.bin", ids, dt)
+            tokens[split] += len(ids)
+        if bar is not None:
+            bar.close()
+        if counts["records_read"] == 0:
+            raise SystemExit(f"{cfg['input'] or 'input'}: empty input, no records were read")
+        if not index["train"]:
+            raise SystemExit(f"{cfg['input'] or 'input'}: no valid {cfg['format']} records for the train split")
+    for split, rows in index.items():  # sft: n + 1 record offsets; dpo: (n, 4) prompt/chosen/rejected/end offsets
+        rows = np.array([0] + rows if sft else rows, dtype=np.int64)
+        np.save(os.path.join(out, f"{split}_idx.npy"), rows if sft else rows.reshape(-1, 4))
+    counts.update(skipped_bad_records=issues.count, kept=len(index["train"]) + len(index["val"]))
+    meta = _write_meta(out, tok, dt, cfg, {
+        "train_records": len(index["train"]), "val_records": len(index["val"]), "train_tokens": tokens["train"],
+        "val_tokens": tokens["val"], "max_len": max_len, "sources": list(sources),
+        "counts": dict(sorted(counts.items())), "skipped_examples": issues.examples})
+    _report(meta)
+    return meta
+
+
+class SFTData:
+    """Memmapped SFT records: data[i] -> (input_ids, labels) int64, labels = -100 where nothing is trained."""
+
+    def __init__(self, tokens, mask, offsets):
+        self.tokens, self.mask, self.offsets = tokens, mask, offsets
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        a, b = self.offsets[i], self.offsets[i + 1]
+        ids = self.tokens[a:b].astype(np.int64)
+        return ids, np.where(self.mask[a:b] == 1, ids, -100)
+
+
+class DPOData:
+    """Memmapped preference records: data[i] -> (prompt_ids, chosen_ids, rejected_ids) int64."""
+
+    def __init__(self, tokens, index):
+        self.tokens, self.index = tokens, index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        p, c, r, e = self.index[i]
+        return tuple(self.tokens[a:b].astype(np.int64) for a, b in ((p, c), (c, r), (r, e)))
+
+
+def _open_split(data_dir, split, fmt):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: missing (make it with python data_process.py --format={fmt})")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != fmt:
+        raise SystemExit(f"{path}: format is {meta.get('format')!r}, expected {fmt!r}")
+    tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+    return meta, tokens, np.load(os.path.join(data_dir, f"{split}_idx.npy"))
+
+
+def load_sft(data_dir, split):
+    meta, tokens, offsets = _open_split(data_dir, split, "sft")
+    return SFTData(tokens, np.memmap(os.path.join(data_dir, f"{split}_mask.bin"), dtype=np.uint8, mode="r"), offsets)
+
+
+def load_dpo(data_dir, split):
+    meta, tokens, index = _open_split(data_dir, split, "dpo")
+    return DPOData(tokens, index)

@@ -1,7 +1,13 @@
 """One decoder-only transformer for the LLaMA and Phi families.
 
-LLaMA: pre-norm RMSNorm blocks, rotary embeddings, grouped-query attention, SwiGLU MLP.
-(Phi, rope scaling, KV cache, generation and checkpoint interop are added on top of this core.)
+LLaMA: pre-norm RMSNorm blocks, rotary embeddings, grouped-query attention, SwiGLU MLP, no biases.
+Phi:   one LayerNorm per block feeding attention and MLP in parallel, partial rotary, GELU-tanh MLP, biases
+       everywhere, a final LayerNorm and an untied lm_head with a bias.
+Both are the same Transformer with different ModelConfig switches. The numerics follow transformers'
+modeling_llama / modeling_phi (tests/test_model.py holds us to them); checkpoint formats live in convert.py.
+
+Inference: setup_cache() preallocates a static KV cache; generate() runs one prefill, then one-token decode steps
+(decode_step compiles with torch.compile(fullgraph=True)). Left-padded batches carry their pad lengths in the cache.
 """
 import math
 from dataclasses import dataclass
@@ -9,6 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 @dataclass
@@ -18,28 +27,149 @@ class ModelConfig:
     n_layers: int = 6
     n_heads: int = 6
     n_kv_heads: int | None = None  # None: n_heads (MHA); 1: MQA; in between: GQA
-    hidden_dim: int | None = None  # None: LLaMA's rule, 2/3 of 4*dim rounded up to multiple_of
+    head_dim: int | None = None  # None: dim // n_heads
+    hidden_dim: int | None = None  # None: SwiGLU: 2/3 of 4*dim rounded up to multiple_of; GELU: 4*dim
     multiple_of: int = 32
-    max_seq_len: int = 256
+    max_seq_len: int = 256  # training context; also the "original context" dynamic rope scaling grows from
+    norm: str = "rmsnorm"  # "rmsnorm" (LLaMA) or "layernorm" (Phi)
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    mlp: str = "swiglu"  # "swiglu" (LLaMA) or "gelu" (Phi: fc1 -> GELU-tanh -> fc2)
+    parallel_block: bool = False  # Phi: x + attn(norm(x)) + mlp(norm(x)) with one shared norm
+    attn_bias: bool = False  # biases on q/k/v/o (Phi: True)
+    mlp_bias: bool = False  # biases on the MLP projections (Phi: True)
+    lm_head_bias: bool = False  # Phi: True
     tie_embeddings: bool = True
     dropout: float = 0.0
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0  # fraction of each head that is rotated (Phi-2: 0.4)
+    rope_scaling: dict | None = None  # transformers' dict: {"rope_type": "linear"|"dynamic"|"yarn"|"llama3", ...}
+    bos_id: int | None = None  # recorded for config.json; the tokenizer is the authority
+    eos_id: int | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"ModelConfig: dim={self.dim} does not divide into n_heads={self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"ModelConfig.norm={self.norm!r}: expected 'rmsnorm' or 'layernorm'")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"ModelConfig.mlp={self.mlp!r}: expected 'swiglu' or 'gelu'")
         if self.hidden_dim is None:
-            hidden = int(2 * 4 * self.dim / 3)
-            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}: dim must divide "
-                             "into heads and n_heads into kv heads")
+            if self.mlp == "gelu":
+                self.hidden_dim = 4 * self.dim
+            else:
+                hidden = int(2 * 4 * self.dim / 3)
+                self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        if self.rotary_dim % 2 or self.rotary_dim <= 0:
+            raise ValueError(f"ModelConfig: head_dim={self.head_dim} * partial_rotary_factor="
+                             f"{self.partial_rotary_factor} must give a positive even number of rotated features")
+        if self.rope_scaling is not None:
+            s = dict(self.rope_scaling)
+            kind = s.pop("rope_type", s.pop("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"ModelConfig.rope_scaling: rope_type {kind!r} is not one of {ROPE_TYPES}")
+            need = {"linear": ["factor"], "dynamic": ["factor"], "yarn": ["factor"],
+                    "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+            missing = [k for k in need.get(kind, []) if k not in s]
+            if missing:
+                raise ValueError(f"ModelConfig.rope_scaling: {kind} scaling needs {missing}")
+            self.rope_scaling = {"rope_type": kind, **s}  # one spelling ("type" is transformers 4.x's)
 
     @property
-    def head_dim(self):
-        return self.dim // self.n_heads
+    def rotary_dim(self):
+        return int(self.head_dim * self.partial_rotary_factor)
 
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+def rope_frequencies(config, seq_len=None, device=None):
+    """Inverse frequencies (rotary_dim/2,) and the cos/sin multiplier, as transformers' ROPE_INIT_FUNCTIONS.
+    seq_len (a tensor: the largest position + 1) only matters for dynamic NTK scaling, whose base grows once the
+    sequence passes max_seq_len (recomputed every step, like transformers, so no host sync in a compiled step)."""
+    dim, base = config.rotary_dim, config.rope_theta
+    s = config.rope_scaling or {"rope_type": "default"}
+    kind = s["rope_type"]
+    exponents = torch.arange(0, dim, 2, device=device, dtype=torch.float) / dim
+    if kind == "dynamic" and seq_len is not None:
+        seq_len = torch.clamp(seq_len.float(), min=config.max_seq_len)
+        base = base * ((s["factor"] * seq_len / config.max_seq_len) - (s["factor"] - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / base ** exponents
+    scale = 1.0
+    if kind == "linear":
+        inv_freq = inv_freq / s["factor"]  # position interpolation: positions squeezed by factor
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths interpolated by factor, short ones kept, a smooth ramp in between
+        old_len = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+        smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        inv_freq, scale = _yarn(config, s, exponents)
+    return inv_freq, scale
+
+
+def _yarn(config, s, exponents):
+    """YaRN (arXiv:2309.00071): interpolate low frequencies, extrapolate high ones, scale attention by mscale."""
+    dim, base = config.rotary_dim, config.rope_theta
+    orig = s.get("original_max_position_embeddings", config.max_seq_len)
+    factor = s["factor"] if s["factor"] is not None else config.max_seq_len / orig
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn_factor = s.get("attention_factor")
+    if attn_factor is None:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attn_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+        else:
+            attn_factor = mscale(factor)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations):  # the rotary feature that turns `rotations` times over the original context
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float, device=exponents.device) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp
+    pos_freqs = base ** exponents
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, attn_factor
+
+
+def rope_cos_sin(config, positions):
+    """cos and a signed sin, shape positions.shape + (rotary_dim,), fp32, in the rotate-half layout transformers
+    uses: the sin half that multiplies -x2 is stored negated, so apply_rope needs only a roll instead of a cat."""
+    dynamic = config.rope_scaling is not None and config.rope_scaling["rope_type"] == "dynamic"
+    inv_freq, scale = rope_frequencies(config, positions.max() + 1 if dynamic else None, positions.device)
+    freqs = positions[..., None].float() * inv_freq
+    return torch.cat((freqs, freqs), dim=-1).cos() * scale, torch.cat((-freqs, freqs), dim=-1).sin() * scale
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, head_dim); cos/sin: (B or 1, 1, T, rotary_dim) from rope_cos_sin. Rotates the first rotary_dim
+    features (all for LLaMA, Phi's partial_rotary_factor of them) in fp32: x*cos + rotate_half(x)*sin, where
+    rotate_half(x) = cat(-x2, x1) = roll(x, d/2) with the sign folded into sin."""
+    rd = cos.shape[-1]
+    x_rot = x[..., :rd].float()
+    out = (x_rot * cos + x_rot.roll(rd // 2, dims=-1) * sin).type_as(x)
+    return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
+
+
+# ----------------------------------------------------------------------------- layers
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -48,88 +178,115 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 as LLaMA does: bf16 mean-of-squares loses too many bits
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        # F.rms_norm normalises low-precision inputs in fp32, as LLaMA does: bf16 mean-of-squares loses too many bits
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def rope_cos_sin(config, seq_len, device=None):
-    """cos/sin tables of shape (seq_len, head_dim) in the rotate-half layout transformers uses."""
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+def make_norm(config):
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.dim, config.norm_eps)
+    return nn.LayerNorm(config.dim, eps=config.norm_eps)
 
 
-def apply_rope(x, cos, sin):
-    """x: (B, H, T, D); cos/sin: (T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+class KVCache(nn.Module):
+    """Preallocated keys/values (B, n_kv_heads, max_len, head_dim), written in place at the slots input_pos."""
+
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        bias = config.attn_bias
+        self.q_proj = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=bias)
         self.dropout = config.dropout
+        self.kv_cache = None  # a KVCache while generating (Transformer.setup_cache)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
+class SwiGLU(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class GeluMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.fc2 = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # Phi's "gelu_new"
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn_norm = make_norm(config)
         self.attn = Attention(config)
-        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.mlp_norm = None if config.parallel_block else make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def forward(self, x, cos, sin):
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        h = self.attn_norm(x)
+        if self.mlp_norm is None:  # Phi: attention and MLP read the same normalised input
+            return x + self.dropout(self.attn(h, cos, sin, mask, input_pos)) + self.dropout(self.mlp(h))
+        x = x + self.dropout(self.attn(h, cos, sin, mask, input_pos))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
+
+# ----------------------------------------------------------------------------- the model
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False  # the trainer switches this on to trade compute for memory
+        self.register_buffer("cache_pad", None, persistent=False)  # (B,) left-pad lengths while generating
+        self._compiled_decode = None
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual projection adds to the stream 2*n_layers times
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
+            if name.endswith(("o_proj.weight", "down_proj.weight", "fc2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
 
     def _init_weights(self, module):
@@ -140,22 +297,161 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, idx, targets=None, input_pos=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is taken.
-        Returns (logits (B, T, vocab), mean cross-entropy over the unmasked targets or None)."""
-        T = idx.shape[1]
-        cos, sin = rope_cos_sin(self.config, T, idx.device)
-        x = self.embed(idx)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        input_pos: (T,) cache slots of idx when decoding with the KV cache (setup_cache), else None.
+        Returns (logits (B, T, vocab), mean cross-entropy over the unmasked targets in fp32, or None)."""
+        logits = self.lm_head(self.hidden_states(idx, input_pos))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def hidden_states(self, idx, input_pos=None):
+        """The final-normed hidden states (B, T, dim)."""
+        B, T = idx.shape
+        if input_pos is None:  # training / scoring: plain causal attention over idx, positions 0..T-1
+            cos, sin = rope_cos_sin(self.config, torch.arange(T, device=idx.device))
+            cos, sin, mask = cos[None, None], sin[None, None], None
+        else:
+            if self.cache_pad is None:
+                raise RuntimeError("forward(input_pos=...) needs the KV cache: call setup_cache() first")
+            mask, positions = self._cache_mask(input_pos)
+            cos, sin = rope_cos_sin(self.config, positions)
+            cos, sin = cos[:, None], sin[:, None]
+        x = self.dropout(self.embed(idx))
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
+        return self.norm(x)
+
+    def _cache_mask(self, input_pos):
+        """Attention mask (B, 1, T, max_len), True = visible, and rotary positions (B, T) for queries at cache slots
+        input_pos. Row b's first cache_pad[b] slots hold left padding: nobody attends to them, and its positions
+        count from its first real token (as transformers' position_ids = attention_mask.cumsum(-1) - 1)."""
+        max_len = self.layers[0].attn.kv_cache.k.shape[2]
+        q_slot = input_pos.view(1, -1, 1)
+        k_slot = torch.arange(max_len, device=input_pos.device).view(1, 1, -1)
+        pad = self.cache_pad.view(-1, 1, 1)
+        # a padding query sees only itself: a fully masked row would put NaNs into the cache
+        mask = (k_slot <= q_slot) & ((k_slot >= pad) | (k_slot == q_slot))
+        positions = (input_pos.view(1, -1) - self.cache_pad.view(-1, 1)).clamp(min=0)
+        return mask[:, None], positions
+
+    # ------------------------------------------------------------------ inference
+
+    def setup_cache(self, batch_size, max_len, pad_lens=None):
+        """Preallocate the KV cache for batch_size rows of up to max_len tokens (reused when it already fits).
+        pad_lens: (B,) number of left-padding tokens per row, or None for none."""
+        p = self.embed.weight
+        cache = self.layers[0].attn.kv_cache
+        if cache is None or cache.k.shape[0] != batch_size or cache.k.shape[2] < max_len \
+                or cache.k.dtype != p.dtype or cache.k.device != p.device:
+            for layer in self.layers:
+                layer.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
+                                              p.dtype, p.device)
+            self.cache_pad = torch.zeros(batch_size, dtype=torch.long, device=p.device)
+        # copy in place: a compiled decode step keeps reading the same buffer
+        self.cache_pad.copy_(torch.zeros(batch_size, dtype=torch.long) if pad_lens is None else torch.as_tensor(pad_lens))
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+        self.cache_pad = None
+        self._compiled_decode = None
+
+    def decode_step(self, idx, input_pos):
+        """One token per row: idx (B, 1) at cache slot input_pos (1,) -> next-token logits (B, vocab) in fp32.
+        Static shapes and no host syncs, so torch.compile(fullgraph=True) takes it whole."""
+        logits, _ = self(idx, input_pos=input_pos)
+        return logits[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+                 no_repeat_ngram_size=0, stop_ids=None, callback=None, attention_mask=None, pad_id=None,
+                 compile=False, generator=None):
+        """Continue idx by up to max_new_tokens tokens.
+        idx: (B, T) long tensor (left-padded when rows differ, with attention_mask (B, T): 1 = token, 0 = padding),
+        or a list of token-id lists, which are left-padded here. temperature=0 is greedy; otherwise sampling from
+        softmax(logits / temperature) restricted to top_k / top_p. repetition_penalty > 1 discourages tokens already
+        in the row (CTRL); no_repeat_ngram_size=n bans repeating any n-gram. A row stops after emitting one of
+        stop_ids; finished rows are filled with pad_id (default: the first stop id, else 0).
+        callback(list_of_B_new_ids) is called after every step (streaming); returning True stops generation.
+        compile=True runs the decode step through torch.compile (CUDA graphs on GPU).
+        Returns (B, T + n_generated) ids: the prompt (as given) followed by the new tokens."""
+        stop_ids = list(stop_ids or [])
+        pad_id = pad_id if pad_id is not None else (stop_ids[0] if stop_ids else 0)
+        device = self.embed.weight.device
+        if not torch.is_tensor(idx):
+            rows = [list(r) for r in idx]
+            T = max(len(r) for r in rows)
+            idx = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], dtype=torch.long)
+            attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+        idx = idx.to(device)
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("generate: empty prompt")
+        if attention_mask is None:
+            pad_lens = torch.zeros(B, dtype=torch.long, device=device)
+        else:
+            attention_mask = attention_mask.to(device).bool()
+            pad_lens = (~attention_mask).sum(1)
+            left_padded = torch.arange(T, device=device)[None] >= pad_lens[:, None]
+            if not torch.equal(left_padded, attention_mask) or (pad_lens == T).any():
+                raise ValueError("generate: attention_mask must be left padding (0s then 1s) with >= 1 token per row")
+        self.setup_cache(B, T + max_new_tokens, pad_lens)
+        if compile and self._compiled_decode is None:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._compiled_decode = torch.compile(self.decode_step, fullgraph=True, mode=mode)
+        step_fn = self._compiled_decode if compile else self.decode_step
+
+        real = [idx[b, pad_lens[b]:].tolist() for b in range(B)] if no_repeat_ngram_size else None
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=device)
+            # padding is not a repetition: pad slots repeat the row's last (real) token instead
+            seen.scatter_(1, idx if attention_mask is None else torch.where(attention_mask, idx, idx[:, -1:]), True)
+        stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        out = [idx]
+        slots = torch.arange(T + max_new_tokens, device=device)  # sliced per step: no host-to-device copy
+        was_training, onednn = self.training, torch.backends.mkldnn.enabled
+        self.eval()
+        try:
+            # prefill: the whole prompt at slots 0..T-1, logits of the last position only
+            logits = self.lm_head(self.hidden_states(idx, slots[:T])[:, -1]).float()
+            # CPU decoding in bf16/fp16 is a chain of matrix-vector products, for which oneDNN repacks the weight on
+            # every call; ATen's own kernel streams it instead (~1.7x faster). Prefill keeps oneDNN's fast GEMM.
+            if device.type == "cpu" and self.embed.weight.dtype != torch.float32:
+                torch.backends.mkldnn.enabled = False
+            for step in range(max_new_tokens):
+                banned = [_banned_ngram_tokens(r, no_repeat_ngram_size) for r in real] if real is not None else None
+                logits = process_logits(logits, seen, repetition_penalty, banned)
+                nxt = sample(logits, temperature, top_k, top_p, generator)
+                nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+                out.append(nxt[:, None])
+                if seen is not None:
+                    seen.scatter_(1, nxt[:, None], True)
+                if real is not None:
+                    for r, t in zip(real, nxt.tolist()):
+                        r.append(t)
+                if stop.numel():
+                    finished |= torch.isin(nxt, stop)
+                if callback is not None and callback(nxt.tolist()):
+                    break
+                if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
+                    break
+                logits = step_fn(nxt[:, None], slots[T + step:T + step + 1])
+        finally:
+            torch.backends.mkldnn.enabled = onednn
+            self.train(was_training)
+        return torch.cat(out, dim=1)
+
+    # ------------------------------------------------------------------ bookkeeping
 
     def num_params(self, exclude_embeddings=True):
         n = sum(p.numel() for p in self.parameters())
@@ -164,9 +460,84 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6N for the matmuls plus attention's 12*L*dim*T (PaLM)."""
+        """Training FLOPs per token (forward + backward): 6N for the matmuls plus attention's 12*L*H*d*T (PaLM)."""
         c = self.config
         n = self.num_params(exclude_embeddings=True)
         if c.tie_embeddings:
             n += self.embed.weight.numel()  # the lm_head matmul still runs
-        return 6 * n + 12 * c.n_layers * c.dim * seq_len
+        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+    def mfu(self, tokens_per_second, seq_len, peak_flops):
+        """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak (e.g. 989e12 for H100 bf16)."""
+        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+    # ------------------------------------------------------------------ checkpoints (formats live in convert.py)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """Load a transformers folder (LlamaForCausalLM / PhiForCausalLM, incl. microsoft/phi-2's original
+        naming; sharded or not), this project's own checkpoint folder (the same format), or a LLaMA .gguf file.
+        Returns the model in eval mode; dtype=None keeps the stored dtype (fp32 for GGUF)."""
+        import convert
+        config, state_dict = convert.load_checkpoint(path, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        if config.tie_embeddings:
+            expected.pop("lm_head.weight")
+        convert.check_state_dict(path, state_dict, {k: tuple(v.shape) for k, v in expected.items()})
+        model.load_state_dict(state_dict, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        return model.to(device=device).eval()
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors that transformers.AutoModelForCausalLM.from_pretrained loads."""
+        import convert
+        convert.save_checkpoint(self, path)
+
+
+# ----------------------------------------------------------------------------- sampling (transformers' semantics)
+
+def _banned_ngram_tokens(tokens, n):
+    """Tokens that would complete an n-gram already present in tokens."""
+    if n <= 0 or len(tokens) < n:
+        return []
+    prefix = tuple(tokens[len(tokens) - n + 1:])
+    return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix]
+
+
+def process_logits(logits, seen=None, repetition_penalty=1.0, banned=None):
+    """Repetition penalty (CTRL: divide positive logits, multiply negative ones, for tokens in `seen` (B, V) bool)
+    and no-repeat-ngram bans (banned: one list of token ids per row)."""
+    if seen is not None and repetition_penalty != 1.0:
+        penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if banned is not None and any(banned):
+        logits = logits.clone()
+        for b, toks in enumerate(banned):
+            logits[b, toks] = -float("inf")
+    return logits
+
+
+def warp_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """Temperature, then keep the top_k logits, then the smallest set whose probability reaches top_p."""
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return logits
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Next token per row (B,) from logits (B, V): argmax when temperature == 0, else a draw."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = warp_logits(logits, temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

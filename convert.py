@@ -1,0 +1,399 @@
+"""Checkpoints in and out of model.Transformer: the name maps and file formats, kept out of model.py.
+
+In:  a transformers folder (config.json + model.safetensors, sharded *.safetensors with an index, or
+     pytorch_model.bin read with weights_only=True) of LlamaForCausalLM or PhiForCausalLM, including microsoft/phi-2's
+     original "phi-msft" naming (transformer.h.N.mixer.Wqkv/out_proj, mlp.fc1/fc2, lm_head.ln/linear);
+     or a LLaMA-architecture .gguf file, dequantized with the `gguf` package.
+Out: config.json + model.safetensors in transformers' Llama/Phi naming. That is also this project's own checkpoint
+     format, so one loader reads both.
+
+    python convert.py --src=path/to/model.gguf --out=out/smollm2   # or --src=<transformers folder>
+"""
+import json
+import os
+import re
+import sys
+
+import torch
+
+from model import ModelConfig
+
+# transformers module path -> ours; "{}" stands for the layer index, the parameter name (weight/bias) follows
+LLAMA_NAMES = {
+    "model.embed_tokens": "embed",
+    "model.layers.{}.input_layernorm": "layers.{}.attn_norm",
+    "model.layers.{}.self_attn.q_proj": "layers.{}.attn.q_proj",
+    "model.layers.{}.self_attn.k_proj": "layers.{}.attn.k_proj",
+    "model.layers.{}.self_attn.v_proj": "layers.{}.attn.v_proj",
+    "model.layers.{}.self_attn.o_proj": "layers.{}.attn.o_proj",
+    "model.layers.{}.post_attention_layernorm": "layers.{}.mlp_norm",
+    "model.layers.{}.mlp.gate_proj": "layers.{}.mlp.gate_proj",
+    "model.layers.{}.mlp.up_proj": "layers.{}.mlp.up_proj",
+    "model.layers.{}.mlp.down_proj": "layers.{}.mlp.down_proj",
+    "model.norm": "norm",
+    "lm_head": "lm_head",
+}
+PHI_NAMES = {
+    "model.embed_tokens": "embed",
+    "model.layers.{}.input_layernorm": "layers.{}.attn_norm",
+    "model.layers.{}.self_attn.q_proj": "layers.{}.attn.q_proj",
+    "model.layers.{}.self_attn.k_proj": "layers.{}.attn.k_proj",
+    "model.layers.{}.self_attn.v_proj": "layers.{}.attn.v_proj",
+    "model.layers.{}.self_attn.dense": "layers.{}.attn.o_proj",
+    "model.layers.{}.mlp.fc1": "layers.{}.mlp.fc1",
+    "model.layers.{}.mlp.fc2": "layers.{}.mlp.fc2",
+    "model.final_layernorm": "norm",
+    "lm_head": "lm_head",
+}
+PHI_MSFT_NAMES = {  # microsoft/phi-2 as first published (trust_remote_code, model_type "phi-msft")
+    "transformer.embd.wte": "embed",
+    "transformer.h.{}.ln": "layers.{}.attn_norm",
+    "transformer.h.{}.mixer.Wqkv": "layers.{}.attn.Wqkv",  # fused q|k|v rows, split below
+    "transformer.h.{}.mixer.out_proj": "layers.{}.attn.o_proj",
+    "transformer.h.{}.mlp.fc1": "layers.{}.mlp.fc1",
+    "transformer.h.{}.mlp.fc2": "layers.{}.mlp.fc2",
+    "lm_head.ln": "norm",
+    "lm_head.linear": "lm_head",
+}
+GGUF_NAMES = {
+    "token_embd": "embed",
+    "blk.{}.attn_norm": "layers.{}.attn_norm",
+    "blk.{}.attn_q": "layers.{}.attn.q_proj",
+    "blk.{}.attn_k": "layers.{}.attn.k_proj",
+    "blk.{}.attn_v": "layers.{}.attn.v_proj",
+    "blk.{}.attn_output": "layers.{}.attn.o_proj",
+    "blk.{}.ffn_norm": "layers.{}.mlp_norm",
+    "blk.{}.ffn_gate": "layers.{}.mlp.gate_proj",
+    "blk.{}.ffn_up": "layers.{}.mlp.up_proj",
+    "blk.{}.ffn_down": "layers.{}.mlp.down_proj",
+    "output_norm": "norm",
+    "output": "lm_head",
+}
+NAMES = {"llama": LLAMA_NAMES, "phi": PHI_NAMES, "phi-msft": PHI_MSFT_NAMES}
+# buffers that some older checkpoints saved next to the weights; they are recomputed, never loaded
+IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+
+
+def rename(name, table):
+    """Map one parameter name through a table of module paths; None when the module is not in it."""
+    module, _, leaf = name.rpartition(".")
+    m = re.search(r"\.(\d+)(?=\.|$)", module)
+    key = module if m is None else module[:m.start()] + ".{}" + module[m.end():]
+    if key not in table:
+        return None
+    return (table[key].format(m.group(1)) if m else table[key]) + "." + leaf
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_checkpoint(path, dtype=None):
+    """(ModelConfig, state_dict in model.py's names) from a checkpoint folder or a .gguf file."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return load_gguf(path, dtype)
+    if os.path.isdir(path):
+        return load_hf(path, dtype)
+    raise FileNotFoundError(f"{path}: expected a checkpoint folder (config.json + safetensors) or a .gguf file")
+
+
+def check_state_dict(path, state_dict, expected_shapes):
+    """Every expected tensor present with its shape, nothing left over; else one error naming them."""
+    missing = sorted(set(expected_shapes) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected_shapes))
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} in the file, {expected_shapes[k]} from its config"
+             for k in sorted(set(state_dict) & set(expected_shapes)) if tuple(state_dict[k].shape) != expected_shapes[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: weights do not match the config: missing {missing[:8]}, unexpected "
+                         f"{unexpected[:8]}, wrong shapes {wrong[:8]}")
+
+
+def load_hf(folder, dtype=None):
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder}: no config.json, so not a transformers/tinyllm checkpoint folder")
+    try:
+        with open(config_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if "quantization_config" in hf:
+        raise ValueError(f"{config_path}: a quantized checkpoint ({hf['quantization_config'].get('quant_method', '?')});"
+                         " load it with its quantizer (quant_model.load_quantized for this project's own)")
+    config, family = config_from_hf(hf, config_path)
+    table = NAMES[family]
+    state_dict = {}
+    for file, name, tensor in read_tensors(folder):
+        if IGNORED.match(name):
+            continue
+        ours = rename(name, table)
+        if ours is None:
+            raise ValueError(f"{file}: tensor {name!r} is not part of a {family} model")
+        state_dict[ours] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    if family == "phi-msft":
+        _split_wqkv(state_dict, config)
+    if config.tie_embeddings:
+        state_dict.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    return config, state_dict
+
+
+def read_tensors(folder):
+    """Yield (file, name, tensor) from safetensors (sharded or not) or, failing those, pytorch_model*.bin."""
+    from safetensors.torch import load_file
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:  # shards without an index; not e.g. an adapter_model.safetensors lying next to them
+        files = sorted(f for f in os.listdir(folder) if re.fullmatch(r"model.*\.safetensors", f))
+    if files:
+        for name in files:
+            path = os.path.join(folder, name)
+            for k, v in load_file(path).items():
+                yield path, k, v
+        return
+    index = os.path.join(folder, "pytorch_model.bin.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(folder) if re.fullmatch(r"pytorch_model.*\.bin", f))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
+    for name in files:
+        path = os.path.join(folder, name)
+        # weights_only: a checkpoint is data; never run code from a pickle someone sent us
+        for k, v in torch.load(path, map_location="cpu", weights_only=True).items():
+            yield path, k, v
+
+
+def _split_wqkv(state_dict, config):
+    """phi-msft fuses q, k and v as consecutive row blocks of one Linear ("(three h d)")."""
+    sizes = [config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.n_kv_heads * config.head_dim]
+    for name in [k for k in state_dict if ".attn.Wqkv." in k]:
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), state_dict.pop(name).split(sizes, dim=0)):
+            state_dict[name.replace("Wqkv", proj)] = part.contiguous()
+
+
+def _rope_from_hf(hf):
+    """(rope_theta, partial_rotary_factor or None, rope_scaling or None) from a 4.x (rope_theta + rope_scaling)
+    or 5.x (rope_parameters) config."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or (hf.get("rope_parameters") or {}).get("rope_theta") \
+        or hf.get("rope_theta") or 10000.0
+    partial = params.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor")
+    kind = params.get("rope_type", params.get("type", "default"))
+    return float(theta), partial, (None if kind == "default" else params)
+
+
+def config_from_hf(hf, where):
+    """(ModelConfig, family) from a transformers config.json dict; defaults are transformers' class defaults."""
+    model_type = hf.get("model_type")
+    family = {"llama": "llama", "phi": "phi", "phi-msft": "phi-msft"}.get(model_type)
+    if family is None:
+        raise ValueError(f"{where}: model_type {model_type!r} is not supported (llama, phi, phi-msft)")
+
+    def need(key):
+        if key not in hf:
+            raise ValueError(f"{where}: field {key!r} is missing")
+        return hf[key]
+
+    def first(v):  # Llama 3 lists several eos ids; the tokenizer keeps them all
+        return v[0] if isinstance(v, list) and v else v
+
+    theta, partial, scaling = _rope_from_hf(hf)
+    common = dict(bos_id=first(hf.get("bos_token_id")), eos_id=first(hf.get("eos_token_id")),
+                  rope_theta=theta, rope_scaling=scaling)
+    try:
+        if family == "llama":
+            if hf.get("hidden_act", "silu") != "silu":
+                raise ValueError(f"hidden_act {hf['hidden_act']!r} (LLaMA here means SwiGLU with silu)")
+            n_heads = need("num_attention_heads")
+            config = ModelConfig(
+                vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
+                n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                head_dim=hf.get("head_dim"), hidden_dim=need("intermediate_size"),
+                max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+                norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", attn_bias=hf.get("attention_bias", False),
+                mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False),
+                dropout=hf.get("attention_dropout", 0.0), **common)
+        elif family == "phi":
+            if hf.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"hidden_act {hf['hidden_act']!r} (supported: gelu_new)")
+            if hf.get("qk_layernorm"):
+                raise ValueError("qk_layernorm=true is not supported")
+            n_heads = need("num_attention_heads")
+            config = ModelConfig(
+                vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
+                n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                head_dim=hf.get("head_dim"), hidden_dim=need("intermediate_size"),
+                max_seq_len=hf.get("max_position_embeddings", 2048), norm="layernorm",
+                norm_eps=hf.get("layer_norm_eps", 1e-5), mlp="gelu", parallel_block=True, attn_bias=True,
+                mlp_bias=True, lm_head_bias=True, tie_embeddings=hf.get("tie_word_embeddings", False),
+                dropout=hf.get("resid_pdrop", 0.0), partial_rotary_factor=partial or 0.5, **common)
+        else:  # phi-msft
+            if hf.get("activation_function", "gelu_new") != "gelu_new":
+                raise ValueError(f"activation_function {hf['activation_function']!r} (supported: gelu_new)")
+            dim, n_heads = need("n_embd"), need("n_head")
+            config = ModelConfig(
+                vocab_size=need("vocab_size"), dim=dim, n_layers=need("n_layer"), n_heads=n_heads,
+                n_kv_heads=hf.get("n_head_kv") or n_heads, hidden_dim=hf.get("n_inner") or 4 * dim,
+                max_seq_len=hf.get("n_positions", 2048), norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                mlp="gelu", parallel_block=True, attn_bias=True, mlp_bias=True, lm_head_bias=True,
+                tie_embeddings=hf.get("tie_word_embeddings", False), dropout=hf.get("resid_pdrop", 0.0),
+                partial_rotary_factor=need("rotary_dim") / (dim // n_heads), **common)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    return config, family
+
+
+def load_gguf(path, dtype=None):
+    """(ModelConfig, state_dict) from a LLaMA-architecture GGUF file, every tensor dequantized to fp32 (or dtype)."""
+    try:
+        import numpy as np
+        from gguf import GGUFReader, dequantize
+    except ImportError:
+        raise ImportError("reading .gguf files needs the gguf package: pip install gguf") from None
+    from tqdm import tqdm
+    reader = GGUFReader(path)
+
+    def field(key, default=KeyError):
+        f = reader.fields.get(key)
+        if f is None:
+            if default is KeyError:
+                raise ValueError(f"{path}: GGUF metadata {key!r} is missing")
+            return default
+        return f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r}; only 'llama' is supported")
+    dim, n_heads = field("llama.embedding_length"), field("llama.attention.head_count")
+    n_kv_heads = field("llama.attention.head_count_kv", n_heads)
+    head_dim = field("llama.attention.key_length", dim // n_heads)
+    if field("llama.rope.dimension_count", head_dim) != head_dim:
+        raise ValueError(f"{path}: llama.rope.dimension_count != head_dim (partial rotary) is not supported")
+    scaling = None
+    kind = field("llama.rope.scaling.type", "none")
+    if kind in ("linear", "yarn"):
+        scaling = {"rope_type": kind, "factor": field("llama.rope.scaling.factor")}
+        if kind == "yarn":
+            scaling["original_max_position_embeddings"] = field("llama.rope.scaling.original_context_length")
+    elif kind != "none":
+        raise ValueError(f"{path}: llama.rope.scaling.type {kind!r} is not supported")
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1) are not supported")
+    vocab = field("llama.vocab_size", None) or int(tensors["token_embd.weight"].shape[1])
+    config = ModelConfig(
+        vocab_size=vocab, dim=dim, n_layers=field("llama.block_count"), n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=head_dim, hidden_dim=field("llama.feed_forward_length"), max_seq_len=field("llama.context_length"),
+        norm="rmsnorm", norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")), mlp="swiglu",
+        tie_embeddings="output.weight" not in tensors, rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+        rope_scaling=scaling, bos_id=field("tokenizer.ggml.bos_token_id", None),
+        eos_id=field("tokenizer.ggml.eos_token_id", None))
+
+    state_dict = {}
+    for name, t in tqdm(tensors.items(), desc=f"dequantizing {os.path.basename(path)}", leave=False):
+        ours = rename(name, GGUF_NAMES)
+        if ours is None:
+            raise ValueError(f"{path}: tensor {name!r} is not part of a llama model")
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGML lists the fastest-moving dimension first
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
+        if name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, n_heads)
+        elif name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, n_kv_heads)
+        state_dict[ours] = w.to(dtype) if dtype is not None else w
+    return config, state_dict
+
+
+def unpermute_qk(w, n_heads):
+    """llama.cpp's converter reorders each head's q/k rows from rotate-half pairs (i, i + d/2) to adjacent pairs
+    (2i, 2i+1) for its interleaved RoPE kernel; put them back."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def family_of(config):
+    """Which transformers class can hold this config: 'llama' or 'phi'; an error for mixtures of the two."""
+    c = config
+    if c.norm == "rmsnorm" and c.mlp == "swiglu" and not c.parallel_block and not c.lm_head_bias \
+            and c.partial_rotary_factor == 1.0:
+        return "llama"
+    if c.norm == "layernorm" and c.mlp == "gelu" and c.parallel_block and c.attn_bias and c.mlp_bias \
+            and c.lm_head_bias:
+        return "phi"
+    raise ValueError("this ModelConfig mixes LLaMA and Phi features; transformers has no class that holds it "
+                     "(LLaMA: rmsnorm, swiglu, sequential blocks, full rotary, no lm_head bias; Phi: layernorm, gelu, "
+                     "parallel blocks, biases everywhere)")
+
+
+def hf_config(config, dtype):
+    c = config
+    family = family_of(c)
+    rope_parameters = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
+    if family == "phi":
+        rope_parameters["partial_rotary_factor"] = c.partial_rotary_factor
+    out = {
+        "architectures": ["LlamaForCausalLM" if family == "llama" else "PhiForCausalLM"],
+        "model_type": family,
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.hidden_dim,
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim, "max_position_embeddings": c.max_seq_len,
+        "tie_word_embeddings": c.tie_embeddings, "attention_dropout": c.dropout,
+        # both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta + rope_scaling
+        "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling, "rope_parameters": rope_parameters,
+        "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+        "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
+    }
+    if family == "llama":
+        out.update(hidden_act="silu", rms_norm_eps=c.norm_eps, attention_bias=c.attn_bias, mlp_bias=c.mlp_bias)
+    else:
+        out.update(hidden_act="gelu_new", layer_norm_eps=c.norm_eps, partial_rotary_factor=c.partial_rotary_factor,
+                   qk_layernorm=False, resid_pdrop=c.dropout, embd_pdrop=c.dropout)
+    return out
+
+
+def save_checkpoint(model, folder):
+    from safetensors.torch import save_file
+    config = model.config
+    family = family_of(config)
+    to_hf = {ours: hf for hf, ours in NAMES[family].items()}
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if config.tie_embeddings and name == "lm_head.weight":
+            continue  # transformers re-ties it from tie_word_embeddings
+        tensors[rename(name, to_hf)] = t.detach().to("cpu").contiguous()
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    dtype = str(model.embed.weight.dtype).removeprefix("torch.")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config(config, dtype), f, indent=2)
+
+
+def main():
+    import configurator
+    from model import Transformer
+    src = ""  # a checkpoint folder or a .gguf file
+    out = ""  # the folder to write
+    dtype = ""  # "", "float32", "bfloat16" or "float16"; "" keeps the stored dtype
+    cfg = configurator.apply(locals(), sys.argv[1:])
+    if not cfg["src"] or not cfg["out"]:
+        sys.exit("usage: python convert.py --src=<checkpoint folder or .gguf> --out=<folder> [--dtype=bfloat16]")
+    model = Transformer.from_pretrained(cfg["src"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None)
+    model.save_pretrained(cfg["out"])
+    print(f"wrote {cfg['out']}/config.json and model.safetensors ({model.num_params(False) / 1e6:.1f}M params)")
+    try:
+        from tokenizer import Tokenizer
+    except ImportError:
+        print("tokenizer.py not found: the tokenizer was not copied")
+        return
+    Tokenizer.from_pretrained(cfg["src"]).save_pretrained(cfg["out"])
+    print(f"wrote the tokenizer to {cfg['out']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,736 @@
+"""The one training loop that pretraining, SFT and DPO all run on.
+
+A script builds a model, a batch function and (optionally) a loss function and a frozen reference model, then:
+
+    trainer = Trainer(cfg, model, train_batch, val_batch, loss_fn=lm_loss, ref_model=None)
+    trainer.fit()
+
+- `cfg` is the script's resolved config dict (configurator.apply); the keys of TrainConfig below are read from it.
+- `train_batch(step, micro)` returns a tuple of CPU tensors for optimizer step `step` and micro-batch `micro`
+  in [0, grad_accum). `micro` is *global*: each rank draws its own slice of the indices, so one process with
+  grad_accum=4 and four processes with grad_accum=4 see the same global batch. Because a batch is a pure function
+  of (step, micro), the data position is just the step: resume and every parallel backend get the same data.
+- `val_batch(i)` returns batch i in [0, eval_iters); the same windows at every evaluation.
+- `loss_fn(model, batch, ref_model)` returns a scalar loss, or (loss, {name: float tensor}) for extra metrics
+  that are averaged and logged. `batch` is already on the device. Pretraining and SFT use `lm_loss` (batches of
+  (input ids, labels with -100 = no loss)); DPO passes its preference loss and a reference model, which the
+  trainer moves to the device, freezes and keeps replicated on every rank. Run chosen and rejected sequences
+  through `model` in ONE forward (concatenated): DDP and FSDP expect one forward per backward.
+
+Parallelism: `parallel="ddp"` is plain single-process training, or DDP when launched by torchrun with several
+processes; "fsdp" is FSDP2 fully_shard per block with sharded (torch.distributed.checkpoint) checkpoints;
+"deepspeed" is ZeRO 1/2/3 from a JSON config. `grad_accum` is the global number of micro-batches per optimizer
+step and is divided among the processes, so a config means the same global batch however it is launched.
+"""
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out"
+    max_iters: int = 1000            # optimizer steps
+    batch_size: int = 16             # sequences per micro-batch per process
+    grad_accum: int = 1              # micro-batches per optimizer step, summed over all processes
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5             # the cosine decays to this
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0          # 0: max_iters
+    weight_decay: float = 0.1        # on matrices (dim >= 2) only; norms and biases are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0           # 0: no clipping (the norm is still logged)
+    dtype: str = "auto"              # auto (bfloat16 where supported) | float32 | bfloat16 | float16
+    device: str = "auto"             # auto | cpu | cuda
+    compile: bool = False            # torch.compile (minutes of warm-up on CPU; worth it on GPU)
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"            # ddp (single process unless torchrun starts several) | fsdp | deepspeed
+    deepspeed_config: str = "config/ds_zero2.json"
+    init_from: str = "scratch"       # scratch | resume | a checkpoint path (read by the script)
+    seed: int = 1337
+    eval_interval: int = 250         # evaluate and checkpoint every this many steps
+    eval_iters: int = 20
+    log_interval: int = 10
+    keep_last: int = 3               # checkpoints kept besides the best one
+    max_nan_skips: int = 10          # abort after this many non-finite losses in a row
+    peak_flops: float = 0.0          # for MFU; 0: known default for the device (see default_peak_flops)
+    wandb_mode: str = "off"          # off | online | offline
+    wandb_project: str = "tinyllm"
+    wandb_run_name: str = ""
+
+
+def lm_loss(model, batch, ref_model=None):
+    """Next-token cross-entropy over the labels that are not -100 (pretraining, SFT)."""
+    x, y = batch
+    return model(x, y)[1]
+
+
+# ----------------------------------------------------------------------------------------------- small helpers
+
+def log(*args):
+    if int(os.environ.get("RANK", 0)) == 0:
+        from tqdm import tqdm
+        tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+        sys.stdout.flush()
+
+
+# Dense bf16 peak FLOP/s per device. This CPU: AMD EPYC (Zen 4, AVX512-BF16), a 4096x4096 bf16 matmul measured
+# 410 GFLOP/s with 2 threads (fp32: 185), so about 2.05e11 per thread; other CPUs: set peak_flops.
+GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+CPU_PEAK_FLOPS_PER_THREAD = 2.05e11
+
+
+def default_peak_flops(device):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
+    return CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads()
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
+        name = "bfloat16" if ok else "float16"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"dtype={name!r}: expected auto, float32, bfloat16 or float16")
+    return name
+
+
+def cosine_lr_factor(step, c):
+    """Linear warmup, then cosine from learning_rate to min_lr at lr_decay_iters (nanoGPT), as a multiplier."""
+    decay_iters = c.lr_decay_iters or c.max_iters
+    if step < c.warmup_iters:
+        lr = c.learning_rate * (step + 1) / (c.warmup_iters + 1)
+    elif step > decay_iters:
+        lr = c.min_lr
+    else:
+        ratio = (step - c.warmup_iters) / max(1, decay_iters - c.warmup_iters)
+        lr = c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+    return lr / c.learning_rate if c.learning_rate else 0.0
+
+
+def make_optimizer(model, c, device):
+    """AdamW, decaying matrices only (weights of linears and embeddings); fused kernels where torch has them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu")
+    try:
+        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=fused)
+    except (RuntimeError, TypeError):  # an older torch without the fused kernel for this device
+        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2))
+
+
+def rng_state():
+    """This process's RNG states as tensors and primitives, so torch.load(weights_only=True) can read them."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fsync_tree(path):
+    """Flush every file under `path` (and the directories) to disk before the checkpoint is made visible."""
+    for root, _, files in os.walk(path):
+        for name in files + ["."]:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def atomic_write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_dirs(out_dir):
+    """Complete checkpoints (a checkpoint becomes visible only by the final rename), oldest first."""
+    return sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt", "step_*")) if not d.endswith(".tmp"))
+
+
+def latest_checkpoint(out_dir):
+    dirs = checkpoint_dirs(out_dir)
+    return dirs[-1] if dirs else None
+
+
+def read_trainer_state(ckpt_dir):
+    return torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=True)
+
+
+def check_data_dir(data_dir, model_vocab_size):
+    """meta.json against the model's vocabulary and the tokenizer saved beside the data. Returns the meta dict and
+    the tokenizer directory (None when the data dir holds no tokenizer)."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"{meta_path}: not found; make the data directory with data_process.py")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    for key in ("dtype", "vocab_size"):
+        if key not in meta:
+            raise SystemExit(f"{meta_path}: field '{key}' is missing")
+    if meta["vocab_size"] > model_vocab_size:
+        raise SystemExit(f"{meta_path}: vocab_size={meta['vocab_size']} but the model has only {model_vocab_size} "
+                         "embeddings; set vocab_size to at least the data's (0 takes it from meta.json)")
+    has_tok = any(os.path.isfile(os.path.join(data_dir, f)) for f in ("tokenizer.model", "tokenizer.json"))
+    if not has_tok:
+        log(f"warning: {data_dir} holds no tokenizer (tokenizer.model / tokenizer.json): tokenizer checksum NOT "
+            "checked, and the exported model folder will have no tokenizer")
+        return meta, None
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(data_dir)
+    if "tokenizer_sha256" not in meta:
+        raise SystemExit(f"{meta_path}: field 'tokenizer_sha256' is missing; re-run data_process.py")
+    if tok.checksum() != meta["tokenizer_sha256"]:
+        raise SystemExit(f"{meta_path}: tokenizer_sha256 {meta['tokenizer_sha256'][:12]}... does not match the "
+                         f"tokenizer in {data_dir} ({tok.checksum()[:12]}...): the data was tokenized with another "
+                         "tokenizer; re-run data_process.py with this one")
+    if tok.vocab_size != meta["vocab_size"]:
+        raise SystemExit(f"{meta_path}: vocab_size={meta['vocab_size']} but the tokenizer has {tok.vocab_size}")
+    log(f"data: {meta_path} matches the tokenizer in {data_dir} (sha256 {meta['tokenizer_sha256'][:12]}...)")
+    return meta, data_dir
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+def setup_distributed(parallel, device_name):
+    """Start the process group when torchrun/deepspeed started several processes, or FSDP/DeepSpeed is asked
+    for (they need one even alone). Returns (rank, world_size, device)."""
+    if parallel not in ("ddp", "fsdp", "deepspeed"):
+        raise SystemExit(f"parallel={parallel!r}: expected ddp, fsdp or deepspeed")
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 and parallel == "ddp":
+        return 0, 1, torch.device(device_name)
+    if "RANK" not in os.environ:  # one process without a launcher: a group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_name == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device(device_name)
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_distributed():
+    # the barrier first: gloo aborts intermittently when one rank tears down while another still talks
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+class Trainer:
+    def __init__(self, cfg, model, train_batch, val_batch=None, loss_fn=lm_loss, ref_model=None, tokenizer_dir=None):
+        self.cfg = dict(cfg)
+        self.c = c = TrainConfig(**{f.name: cfg[f.name] for f in fields(TrainConfig) if f.name in cfg})
+        self.train_batch, self.val_batch, self.loss_fn = train_batch, val_batch, loss_fn
+        self.tokenizer_dir = tokenizer_dir
+        self.rank, self.world, self.device = setup_distributed(c.parallel, c.device)
+        self.master = self.rank == 0
+        if c.grad_accum % self.world:
+            raise SystemExit(f"grad_accum={c.grad_accum} must be a multiple of the {self.world} processes")
+        self.accum = c.grad_accum // self.world
+        self.dtype = resolve_dtype(c.dtype, self.device)
+        self.mode = c.parallel if (self.world > 1 or c.parallel != "ddp") else "single"
+        if self.device.type == "cpu" and self.world > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # torchrun sets 1 thread per process; the deepspeed launcher sets nothing, and the processes of one
+            # machine would each take every core
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        # dropout etc. differ per rank; the data does not depend on these generators (see train_batch)
+        torch.manual_seed(c.seed + self.rank)
+        np.random.seed(c.seed + self.rank)
+        random.seed(c.seed + self.rank)
+
+        self.raw_model = model
+        self.model_cls = type(model)  # before FSDP swaps the class; the HF export builds a fresh one from it
+        model.gradient_checkpointing = c.activation_checkpointing
+        model.to(self.device).train()  # from_pretrained hands models over in eval mode
+        self.ref_model = ref_model.to(self.device).eval().requires_grad_(False) if ref_model is not None else None
+        self.scaler = None
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.dtype)
+        self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        self.optimizer = self.scheduler = None
+        self.engine = None
+        if self.mode == "deepspeed":
+            self._setup_deepspeed(model)
+        else:
+            if self.mode == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+                for layer in model.layers:
+                    fully_shard(layer)
+                fully_shard(model)
+            if c.compile:  # in place, so state_dict keys stay clean; per block under FSDP (its hooks break graphs)
+                for m in (model.layers if self.mode == "fsdp" else [model]):
+                    m.compile()
+            self.model = model
+            if self.mode == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
+                self.model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.optimizer = make_optimizer(model, c, self.device)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: cosine_lr_factor(s, c))
+            if self.dtype == "float16":
+                self.scaler = torch.amp.GradScaler(self.device.type)
+
+        self.step = 0
+        self.best_val_loss, self.best_step = float("inf"), -1
+        self.nan_skips_total = 0
+        self.tokens_seen = 0
+        self.stop_signal = 0
+        self.resumed = False
+        self.seq_len = 0
+        self.wandb = None
+        self.t_start, self.train_time = 0.0, 0.0  # wall clock and time in training steps, carried over resumes
+        self.ckpt_root = os.path.join(c.out_dir, "ckpt")
+        self.metrics_path = os.path.join(c.out_dir, "metrics.jsonl")
+        if self.master:
+            os.makedirs(self.ckpt_root, exist_ok=True)
+            for d in glob.glob(os.path.join(self.ckpt_root, "*.tmp")):  # left by a run killed while saving
+                shutil.rmtree(d, ignore_errors=True)
+        barrier()
+
+    def _setup_deepspeed(self, model):
+        try:
+            import deepspeed
+        except ImportError:
+            raise SystemExit("parallel=deepspeed: the deepspeed package is not installed (pip install deepspeed)")
+        c = self.c
+        if self.device.type == "cpu":
+            # DeepSpeed JIT-compiles a shared-memory all-reduce on CPU (minutes, on first use) that only its
+            # inference kernels call; training collectives go through torch.distributed (gloo) either way.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if not os.path.isfile(c.deepspeed_config):
+            raise SystemExit(f"deepspeed_config={c.deepspeed_config}: file not found (examples: config/ds_zero*.json)")
+        with open(c.deepspeed_config) as f:
+            ds_cfg = json.load(f)
+        # the batch, clipping and precision come from this script's config, so they mean the same as without DS
+        ours = {"train_micro_batch_size_per_gpu": c.batch_size, "gradient_accumulation_steps": self.accum,
+                "train_batch_size": c.batch_size * c.grad_accum, "gradient_clipping": c.grad_clip}
+        for key, value in ours.items():
+            if key in ds_cfg and ds_cfg[key] != value:
+                raise SystemExit(f"{c.deepspeed_config}: '{key}'={ds_cfg[key]} conflicts with this run's {value}; "
+                                 "remove it from the JSON and set batch_size / grad_accum / grad_clip instead")
+            ds_cfg[key] = value
+        ds_cfg["bf16"] = {"enabled": self.dtype == "bfloat16"}
+        ds_cfg["fp16"] = {"enabled": self.dtype == "float16"}
+        ds_cfg.setdefault("steps_per_print", 10 ** 9)
+        self.autocast = nullcontext()  # DeepSpeed holds the model in bf16/fp16 itself
+        if c.compile:
+            model.compile()
+        # the scheduler is built on DeepSpeed's own (ZeRO) optimizer, so DS gets a function that makes it
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model, c, self.device), config=ds_cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr_factor(s, c)))
+        self.model = self.engine
+        self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+
+    # -------------------------------------------------------------------------------------------- one step
+
+    def _to_device(self, batch):
+        pin = self.device.type == "cuda"
+        return tuple(t.pin_memory().to(self.device, non_blocking=True) if pin else t.to(self.device) for t in batch)
+
+    def _compute_loss(self, batch):
+        with self.autocast:
+            out = self.loss_fn(self.model, batch, self.ref_model)
+        return out if isinstance(out, tuple) else (out, {})
+
+    def train_step(self):
+        """One optimizer step over this rank's micro-batches. Returns (loss, grad_norm, extra metrics, skipped)."""
+        c, model = self.c, self.model
+        loss_sum = torch.zeros((), device=self.device)
+        extras = {}
+        for k in range(self.accum):
+            micro = self.rank * self.accum + k
+            batch = self._to_device(self.train_batch(self.step, micro))
+            self.seq_len = batch[0].shape[-1]
+            self.tokens_seen += batch[0].numel() * self.world
+            last = k == self.accum - 1
+            sync = model.no_sync() if self.mode == "ddp" and not last else nullcontext()
+            with sync:
+                loss, metrics = self._compute_loss(batch)
+                if self.engine is not None:
+                    self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+                    self.engine.step()          # an optimizer step only at the accumulation boundary
+                elif self.scaler is not None:
+                    self.scaler.scale(loss / self.accum).backward()
+                else:
+                    (loss / self.accum).backward()
+            loss_sum += loss.detach().float() / self.accum
+            for name, v in metrics.items():
+                extras[name] = extras.get(name, 0.0) + torch.as_tensor(v, device=self.device).detach().float() / self.accum
+        # one collective and one host sync per step: the loss, the extra metrics and the stop flag of every rank
+        stop = torch.tensor(float(self.stop_signal > 0), device=self.device)
+        packed = torch.stack([loss_sum, stop, *extras.values()])
+        if self.world > 1:
+            dist.all_reduce(packed)
+            packed[0] /= self.world
+            packed[2:] /= self.world
+        if self.engine is not None:
+            norm = self.engine.get_global_grad_norm()
+            norm = torch.tensor(float("nan") if norm is None else float(norm))
+        else:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), c.grad_clip or float("inf"))
+            if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+                norm = norm.full_tensor()
+        values = torch.cat([packed, norm.reshape(1).to(packed)]).tolist()
+        loss, stop, norm = values[0], values[1], values[-1]
+        if stop > 0 and not self.stop_signal:
+            self.stop_signal = signal.SIGTERM  # another rank was signalled
+        skipped = not math.isfinite(loss) or (self.scaler is None and self.engine is None and not math.isfinite(norm))
+        if self.engine is None:
+            if self.scaler is not None:  # the scaler skips steps with inf/nan gradients on its own
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            elif not skipped:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        self.step += 1
+        return loss, norm, dict(zip(extras, values[2:-1])), skipped
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean loss over val_batch(0 .. eval_iters-1), split across ranks. Every rank runs the same number of
+        forwards (FSDP and ZeRO-3 gather weights collectively); padding batches count zero."""
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)
+        n = self.c.eval_iters
+        for j in range(math.ceil(n / self.world)):
+            i = j * self.world + self.rank
+            loss, _ = self._compute_loss(self._to_device(self.val_batch(i % n)))
+            if i < n:
+                total += torch.stack([loss.float(), torch.ones((), device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+
+    def _trainer_state(self):
+        state = {"step": self.step, "config": self.cfg, "best_val_loss": self.best_val_loss,
+                 "best_step": self.best_step, "nan_skips_total": self.nan_skips_total,
+                 "tokens_seen": self.tokens_seen, "data_position": {"next_step": self.step},
+                 "elapsed_s": time.time() - self.t_start, "train_time_s": self.train_time,
+                 "world_size": self.world, "parallel": self.mode,
+                 "model_config": asdict(self.raw_model.config) if hasattr(self.raw_model, "config") else {}}
+        if self.engine is None:
+            state["scheduler"] = self.scheduler.state_dict()
+            state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
+        return state
+
+    def save_checkpoint(self, reason=""):
+        """Write out_dir/ckpt/step_NNNNNNNN atomically: everything goes into a .tmp directory, is fsynced, and
+        only then renamed, so a kill at any moment leaves either the old set of checkpoints or the new one."""
+        name = f"step_{self.step:08d}"
+        final, tmp = os.path.join(self.ckpt_root, name), os.path.join(self.ckpt_root, name + ".tmp")
+        if self.master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        state = self._trainer_state()
+        if self.mode in ("single", "ddp"):
+            state["model"] = self.raw_model.state_dict()
+            state["optimizer"] = self.optimizer.state_dict()
+        elif self.mode == "fsdp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            msd, osd = get_state_dict(self.model, self.optimizer)
+            dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=tmp)
+        else:
+            self.engine.save_checkpoint(tmp, tag="deepspeed")
+        if self.master:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        barrier()
+        if self.master:
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            fd = os.open(self.ckpt_root, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            if self.best_step >= 0:
+                atomic_write_json({"best_step": self.best_step, "best_val_loss": self.best_val_loss,
+                                   "dir": f"step_{self.best_step:08d}"}, os.path.join(self.ckpt_root, "best.json"))
+            keep = set(checkpoint_dirs(self.c.out_dir)[-self.c.keep_last:]) if self.c.keep_last > 0 else set()
+            keep |= {final, os.path.join(self.ckpt_root, f"step_{self.best_step:08d}")}
+            for d in checkpoint_dirs(self.c.out_dir):
+                if d not in keep:
+                    shutil.rmtree(d, ignore_errors=True)
+            log(f"checkpoint: {final}{' (' + reason + ')' if reason else ''}")
+        barrier()
+
+    def load_checkpoint(self, path):
+        state = read_trainer_state(path)
+        saved_by = state["parallel"] if state["parallel"] != "single" else "ddp"  # the same files
+        if saved_by != (self.mode if self.mode != "single" else "ddp"):
+            raise SystemExit(f"{path}: saved with parallel={saved_by}; resume it with --parallel={saved_by}")
+        if self.mode in ("single", "ddp"):
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif self.mode == "fsdp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+            msd, osd = get_state_dict(self.model, self.optimizer)
+            sd = {"model": msd, "optimizer": osd}
+            dcp.load(sd, checkpoint_id=path)
+            set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        else:
+            self.engine.load_checkpoint(path, tag="deepspeed")
+        if self.engine is None:
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
+        self.nan_skips_total, self.tokens_seen = state["nan_skips_total"], state["tokens_seen"]
+        self.t_start, self.train_time = time.time() - state["elapsed_s"], state["train_time_s"]  # clocks go on
+        rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
+        if os.path.isfile(rng_path):
+            set_rng_state(torch.load(rng_path, weights_only=True))
+        else:
+            log(f"warning: {rng_path} missing (resumed with more processes?): this rank's RNG starts fresh")
+        self.resumed = True
+        log(f"resumed from {path} at step {self.step}")
+
+    def full_state_dict(self):
+        """The whole model's weights on CPU, on rank 0 (None elsewhere); collective under FSDP and ZeRO-3."""
+        if self.mode == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.mode == "deepspeed" and self.zero_stage == 3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(self.raw_model.parameters()), modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in self.raw_model.state_dict().items()} if self.master else None
+        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()} if self.master else None
+
+    def export_hf(self):
+        """out_dir/hf: config.json + model.safetensors (model.save_pretrained) and the data's tokenizer."""
+        sd = self.full_state_dict()
+        if not self.master:
+            return
+        if not hasattr(self.model_cls, "save_pretrained"):
+            log("warning: model.py has no save_pretrained yet: no HF-format export")
+            return
+        out = os.path.join(self.c.out_dir, "hf")
+        fresh = self.model_cls(self.raw_model.config)
+        fresh.load_state_dict({k: v.float() for k, v in sd.items()})
+        fresh.save_pretrained(out)
+        if self.tokenizer_dir:
+            from tokenizer import Tokenizer
+            Tokenizer.from_pretrained(self.tokenizer_dir).save_pretrained(out)
+        log(f"model exported to {out}" + ("" if self.tokenizer_dir else " (without a tokenizer)"))
+
+    # -------------------------------------------------------------------------------------------- logging
+
+    def _clocks(self):
+        return {"elapsed_s": round(time.time() - self.t_start, 3), "train_time_s": round(self.train_time, 3)}
+
+    def _record(self, rec):
+        if self.master:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    def _start_wandb(self):
+        self.wandb = None
+        if self.c.wandb_mode == "off" or not self.master:
+            return
+        if self.c.wandb_mode not in ("online", "offline"):
+            raise SystemExit(f"wandb_mode={self.c.wandb_mode!r}: expected off, online or offline")
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("wandb_mode is not 'off' but the wandb package is not installed (pip install wandb)")
+        wandb.init(project=self.c.wandb_project, name=self.c.wandb_run_name or None, config=self.cfg,
+                   mode=self.c.wandb_mode, dir=self.c.out_dir)
+        self.wandb = wandb
+
+    def plot_losses(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        with open(self.metrics_path) as f:
+            recs = [json.loads(line) for line in f]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in ("train_loss", "val_loss"):
+            pts = [(r["step"], r[key]) for r in recs if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = os.path.join(self.c.out_dir, "loss.png")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        log(f"loss curve: {path}")
+
+    # -------------------------------------------------------------------------------------------- the loop
+
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+        log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+
+    def fit(self):
+        c = self.c
+        self.t_start = time.time()
+        try:
+            if self.master:
+                log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in self.cfg.items()))
+                atomic_write_json(self.cfg, os.path.join(c.out_dir, "config.json"))
+            if c.init_from == "resume":
+                path = latest_checkpoint(c.out_dir)
+                if path is None:
+                    raise SystemExit(f"init_from=resume: no checkpoint in {self.ckpt_root}")
+                self.load_checkpoint(path)
+            if self.master:  # the metrics of a killed run past the checkpoint are replaced by the resumed run's
+                recs = []
+                if self.resumed and os.path.isfile(self.metrics_path):
+                    with open(self.metrics_path) as f:
+                        recs = [r for r in map(json.loads, f) if r["step"] <= self.step]
+                with open(self.metrics_path, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in recs)
+            self._start_wandb()
+            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                self._loop()
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+        except (SystemExit, KeyboardInterrupt):
+            teardown_distributed()  # decisions every rank took together: leave through the barrier
+            raise
+        except BaseException:
+            if dist.is_initialized():  # one rank failed: no barrier, the others may never reach it
+                dist.destroy_process_group()
+            raise
+        teardown_distributed()
+
+    def _loop(self):
+        from tqdm import tqdm
+        c = self.c
+        n_params = self.raw_model.num_params() if hasattr(self.raw_model, "num_params") else 0
+        peak = c.peak_flops or default_peak_flops(self.device)
+        log(f"parallel={self.mode} world={self.world} device={self.device} dtype={self.dtype} "
+            f"params={n_params / 1e6:.2f}M (excl. embeddings) global batch={c.batch_size * c.grad_accum} seqs "
+            f"MFU peak={peak:.3g} FLOP/s per device")
+        bar = tqdm(total=c.max_iters, initial=self.step, disable=None if self.master else True, dynamic_ncols=True,
+                   leave=False)
+        interval_time, interval_tokens, nan_in_row = 0.0, 0, 0
+        last_eval_step = self.step if self.resumed else -1  # the checkpoint being resumed was saved after its eval
+        while True:
+            at_end = self.step >= c.max_iters
+            if (self.step % c.eval_interval == 0 or at_end) and self.step != last_eval_step:
+                last_eval_step = self.step
+                if self.val_batch is not None:
+                    val_loss = self.evaluate()
+                    if val_loss < self.best_val_loss:
+                        self.best_val_loss, self.best_step = val_loss, self.step
+                    log(f"step {self.step}: val loss {val_loss:.4f} (best {self.best_val_loss:.4f} at step "
+                        f"{self.best_step})")
+                    self._record({"step": self.step, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
+                                  **self._clocks()})
+                if self.step > 0:
+                    self.save_checkpoint()
+            if at_end:
+                break
+            if self.stop_signal:
+                self.save_checkpoint(reason=f"stopped by {signal.Signals(self.stop_signal).name}")
+                log(f"stopped at step {self.step}; continue with init_from=resume")
+                bar.close()
+                raise SystemExit(128 + self.stop_signal)
+            t0, tokens0 = time.time(), self.tokens_seen
+            lr = self.scheduler.get_last_lr()[0]
+            loss, norm, extras, skipped = self.train_step()
+            dt = time.time() - t0
+            self.train_time += dt
+            interval_time += dt
+            interval_tokens += self.tokens_seen - tokens0
+            bar.update(1)
+            if skipped:
+                nan_in_row += 1
+                self.nan_skips_total += 1
+                log(f"step {self.step}: non-finite loss {loss} / grad norm {norm}: step skipped "
+                    f"({nan_in_row} in a row, {self.nan_skips_total} in all)")
+                if nan_in_row >= c.max_nan_skips:
+                    raise SystemExit(f"aborting: {nan_in_row} non-finite losses in a row (max_nan_skips="
+                                     f"{c.max_nan_skips}); lower learning_rate, use bfloat16 instead of float16, or "
+                                     "check the data")
+            else:
+                nan_in_row = 0
+            if self.step % c.log_interval == 0 or self.step == c.max_iters:
+                tok_s = interval_tokens / max(interval_time, 1e-9)
+                flops = self.raw_model.flops_per_token(self.seq_len) if hasattr(self.raw_model, "flops_per_token") else 0
+                mfu = flops * tok_s / (peak * self.world) if peak else 0.0
+                eta = (c.max_iters - self.step) * interval_time / c.log_interval
+                extra = "".join(f" | {k} {v:.4f}" for k, v in extras.items())
+                log(f"step {self.step}/{c.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
+                    f"{tok_s / 1e3:.1f}k tok/s | MFU {100 * mfu:.1f}%{extra} | ETA {eta / 60:.1f} min")
+                bar.set_postfix(loss=f"{loss:.3f}")
+                self._record({"step": self.step, "train_loss": loss, "lr": lr, "grad_norm": norm,
+                              "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 5),
+                              **self._clocks(), **extras})
+                interval_time, interval_tokens = 0.0, 0
+        bar.close()
+        self.export_hf()
+        if self.master:
+            self.plot_losses()
+            if self.nan_skips_total:
+                log(f"{self.nan_skips_total} steps were skipped for non-finite losses")
+            log(f"done: {self.step} steps, {self.tokens_seen / 1e6:.2f}M tokens, {time.time() - self.t_start:.1f}s; "
+                f"best val loss {self.best_val_loss:.4f} at step {self.best_step}")
+        if self.wandb is not None:
+            self.wandb.finish()
+

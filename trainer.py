@@ -155,15 +155,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
 def fsync_tree(path):
     """Flush every file under `path` (and the directories) to disk before the checkpoint is made visible."""
     for root, _, files in os.walk(path):
         for name in files + ["."]:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync(os.path.join(root, name))
 
 
 def atomic_write_json(obj, path):
@@ -250,16 +252,16 @@ def setup_distributed(parallel, device_name):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def teardown_distributed():
-    # the barrier first: gloo aborts intermittently when one rank tears down while another still talks
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def teardown_distributed():
+    # the barrier first: gloo aborts intermittently when one rank tears down while another still talks
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -495,9 +497,7 @@ class Trainer:
             fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
-            fd = os.open(self.ckpt_root, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+            fsync(self.ckpt_root)  # the rename itself
             if self.best_step >= 0:
                 atomic_write_json({"best_step": self.best_step, "best_val_loss": self.best_val_loss,
                                    "dir": f"step_{self.best_step:08d}"}, os.path.join(self.ckpt_root, "best.json"))

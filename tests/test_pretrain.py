@@ -337,3 +337,15 @@ def test_keeps_the_last_k_and_the_best_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["best.json", "step_00000003", "step_00000012"]
     assert json.load(open(tmp_path / "ckpt" / "best.json")) == {"best_step": 3, "best_val_loss": 1.0,
                                                                  "dir": "step_00000003"}
+
+
+def test_activation_checkpointing_trains_the_same_weights(tmp_path):
+    runs = []
+    for ckpt in (False, True):
+        trainer = tiny_trainer(tmp_path / str(ckpt), lambda m, b, r: m(b[0], b[1])[1], max_iters=4,
+                               activation_checkpointing=ckpt)
+        trainer.fit()
+        assert trainer.raw_model.gradient_checkpointing == ckpt
+        runs.append(trainer.raw_model.state_dict())
+    for k in runs[0]:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=0, atol=1e-6, msg=k)

@@ -1,17 +1,17 @@
 # run.sh's pretraining: a ~1M-parameter LLaMA on the embedded Python-docs corpus (~0.2M tokens, vocab 4096),
-# a few minutes on 2 CPU cores. bf16 autocast: this CPU's bf16 matmul is several times its fp32.
+# about two minutes on 2 CPU cores. bf16 autocast: this CPU's bf16 matmul is several times its fp32.
 out_dir = "out/pydocs"
 dim = 128
 n_layers = 4
 n_heads = 4
 n_kv_heads = 2
-batch_size = 16
-block_size = 256
-max_iters = 600
+batch_size = 12
+block_size = 128
+max_iters = 300
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 30
 eval_interval = 100
-eval_iters = 8
+eval_iters = 4
 log_interval = 20
 dtype = "bfloat16"

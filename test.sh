@@ -2,4 +2,6 @@
 # The test command: bootstraps .venv, then runs the suite (GPU tests skip without CUDA). Extra args go to pytest.
 set -e
 source "$(dirname "$0")/setup.sh"
+# tiny models: one thread each avoids oversubscribing 2 cores (torchrun does the same per process)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pytest -q tests "$@"

@@ -1,5 +1,5 @@
 # run.sh's pretraining: a ~1M-parameter LLaMA on the embedded Python-docs corpus (~0.2M tokens, vocab 4096),
-# about two minutes on 2 CPU cores. bf16 autocast: this CPU's bf16 matmul is several times its fp32.
+# about two minutes on 2 CPU cores (one thread: see run.sh). bf16 autocast: this CPU's bf16 matmul is several times its fp32.
 out_dir = "out/pydocs"
 dim = 128
 n_layers = 4
@@ -7,7 +7,7 @@ n_heads = 4
 n_kv_heads = 2
 batch_size = 12
 block_size = 128
-max_iters = 300
+max_iters = 600
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 30

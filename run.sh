@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default corpus (text that ships with Python: pydoc topics and stdlib
-# docstrings), on CPU, in minutes:  tokenizer -> token streams -> pretraining -> sample -> evaluation.
+# docstrings), on CPU, in minutes:  tokenizer -> token streams -> pretraining -> sample -> evaluation -> quantization.
 # Everything goes under $RUN_DIR (default out/run). Stages that finished are not redone on a second run of this
 # script unless FRESH=1; pretraining resumes from its last checkpoint if it was interrupted.
 set -euo pipefail
@@ -13,27 +13,33 @@ RUN_DIR=${RUN_DIR:-out/run}
 mkdir -p "$RUN_DIR"
 step() { printf '\n=== %s\n' "$*"; }
 
-step "1/5 train a tokenizer (sentencepiece BPE, byte fallback) on the embedded corpus"
+step "1/6 train a tokenizer (sentencepiece BPE, byte fallback) on the embedded corpus"
 [ -f "$RUN_DIR/tokenizer/tokenizer.model" ] || \
   python train_tokenizer.py --vocab_size=4096 --out_dir="$RUN_DIR/tokenizer"
 
-step "2/5 clean, dedup and tokenize the corpus into uint16 token streams"
+step "2/6 clean, dedup and tokenize the corpus into uint16 token streams"
 [ -f "$RUN_DIR/data/meta.json" ] || \
   python data_process.py --tokenizer="$RUN_DIR/tokenizer" --out_dir="$RUN_DIR/data"
 
-step "3/5 pretrain a small LLaMA-style model (config/pydocs.py)"
+step "3/6 pretrain a small LLaMA-style model (config/pydocs.py)"
 [ -f "$RUN_DIR/pretrain/hf/config.json" ] || {
   init=scratch; ls "$RUN_DIR"/pretrain/ckpt/step_* >/dev/null 2>&1 && init=resume
   python pretrain.py config/pydocs.py --data_dir="$RUN_DIR/data" --out_dir="$RUN_DIR/pretrain" --init_from=$init
 }
 
-step "4/5 sample from it"
+step "4/6 sample from it"
 python eval.py --ckpt="$RUN_DIR/pretrain/hf" --task=generate --chat=False --max_new_tokens=80 \
   --data=<(printf 'The for statement\nA class is\n')
 
-step "5/5 evaluate: held-out perplexity"
+step "5/6 evaluate: held-out perplexity"
 python eval.py --ckpt="$RUN_DIR/pretrain/hf" --task=ppl --data="$RUN_DIR/data/val.bin" --dtype=float32 \
   --out="$RUN_DIR/eval_pretrain.json"
+
+step "6/6 quantize to int8 (and its perplexity), export a q8_0 GGUF for llama.cpp / ollama"
+python quant_model.py --ckpt="$RUN_DIR/pretrain/hf" --mode=int8 --out="$RUN_DIR/int8"
+python eval.py --ckpt="$RUN_DIR/int8" --task=ppl --data="$RUN_DIR/data/val.bin" --dtype=float32 \
+  --out="$RUN_DIR/eval_int8.json"
+python quant_model.py --ckpt="$RUN_DIR/pretrain/hf" --mode=gguf --gguf_type=q8_0 --out="$RUN_DIR/model-q8_0.gguf"
 
 cat <<EOT
 
@@ -41,6 +47,7 @@ Done. Where everything went:
   $RUN_DIR/tokenizer/          tokenizer.model + tokenizer.json (transformers-loadable)
   $RUN_DIR/data/               train.bin, val.bin, meta.json (cleaning and dedup counts)
   $RUN_DIR/pretrain/           ckpt/, metrics.jsonl, loss.png, hf/ (the model, transformers format)
-  $RUN_DIR/eval_pretrain.json  held-out perplexity
+  $RUN_DIR/eval_pretrain.json  held-out perplexity (eval_int8.json: the same for the int8 model in int8/)
+  $RUN_DIR/model-q8_0.gguf     for llama.cpp / ollama
 Chat with it:  .venv/bin/python chat.py --ckpt=$RUN_DIR/pretrain/hf
 EOT

@@ -73,6 +73,15 @@ def final_state(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt", ckpts[-1], "state.pt"), weights_only=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process trainers here are tiny: one thread is faster, and much faster when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_data_dir(str(tmp_path_factory.mktemp("data")))

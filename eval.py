@@ -32,7 +32,8 @@ Tasks
 Multiple-choice scoring (lm-evaluation-harness's loglikelihood requests): for each choice the text context + sep +
 choice is tokenized as a whole, and the tokens from the context's own token count on are the choice's tokens (so a
 token merged across the boundary counts for the choice). The model scores them in one forward pass; batches are
-right-padded, which cannot change a causal model's scores of the real tokens. Three accuracies:
+right-padded, which cannot change a causal model's scores of the real tokens (beyond float rounding: in bf16 a
+different batch can flip close calls, so figures meant to match a reference use --dtype=float32). Three accuracies:
   acc        argmax of the summed log-probability of the choice tokens
   acc_token  argmax of the mean log-probability per choice token (summed / number of choice tokens)
   acc_norm   argmax of the summed log-probability / len(choice) in characters: lm-evaluation-harness's acc_norm

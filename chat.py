@@ -14,7 +14,8 @@ import torch
 import configurator
 
 # ---------------------------------------------------------------------------------------------------- config
-ckpt = ""             # any checkpoint eval.load_model reads (folder, .gguf, quantized folder)
+ckpt = ""             # any checkpoint eval.load_model reads (folder, .gguf, quantized folder, LoRA adapter)
+lora_base = ""        # a LoRA adapter's base ("" = the one its adapter_config.json names)
 system = ""           # system prompt ("" = none, or the template's own default)
 max_new_tokens = 256
 temperature = 0.7     # 0 = greedy
@@ -119,7 +120,7 @@ def main():
         raise SystemExit("--ckpt=PATH is required")
     from eval import load_model
     torch.manual_seed(seed)
-    model, tok = load_model(ckpt, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
+    model, tok = load_model(ckpt, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype, lora_base)
     repl(model, tok, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
 
 

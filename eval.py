@@ -61,7 +61,8 @@ from tqdm import tqdm
 import configurator
 
 # ---------------------------------------------------------------------------------------------------- config
-ckpt = ""             # checkpoint: folder, .gguf or quantized folder
+ckpt = ""             # checkpoint: folder, .gguf, quantized folder or LoRA adapter folder (PEFT format)
+lora_base = ""        # a LoRA adapter's base checkpoint ("" = the adapter config's base_model_name_or_path)
 task = "hellaswag"    # ppl | hellaswag | arc | mmlu | ceval | cmmlu | mc | generate | chat
 data = ""             # the task's data: file or folder (see the docstring)
 split = ""            # "" = the task's usual split (hellaswag val, arc test, mmlu/cmmlu test, ceval val)
@@ -110,16 +111,19 @@ environmental_impact_assessment_engineer=环境影响评价工程师 tax_account
 
 # ---------------------------------------------------------------------------------------------------- loading
 
-def load_model(ckpt, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) of any checkpoint this project reads, in eval mode; every task loads through here."""
+def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
+    """(model, tokenizer) of any checkpoint this project reads, in eval mode; every task loads through here.
+    A LoRA adapter folder is loaded onto its base (lora_base, else the one its config names) and merged."""
     from model import Transformer
     from tokenizer import Tokenizer
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not os.path.exists(ckpt):
         raise SystemExit(f"checkpoint not found: {ckpt!r}")
     if os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, "adapter_config.json")):
-        raise SystemExit(f"{ckpt}: a LoRA adapter folder; adapters are not supported yet (the project has no "
-                         f"lora.py): merge the adapter into its base model and evaluate that folder")
+        import lora
+        model, base = lora.load(ckpt, base=lora_base, device=device, dtype=dtype, merge=True)
+        has_tokenizer = any(os.path.isfile(os.path.join(ckpt, f)) for f in ("tokenizer.json", "tokenizer.model"))
+        return model.eval(), Tokenizer.from_pretrained(ckpt if has_tokenizer else base)
     quant = _quantization_config(ckpt)
     if quant is not None:
         if quant.get("quant_method") != "tinyllm":
@@ -601,7 +605,7 @@ def main():
         raise SystemExit(f"--task={task} needs --data=PATH")
     torch.manual_seed(seed)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_model(ckpt, dev, dtype)
+    model, tok = load_model(ckpt, dev, dtype, lora_base)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     if task == "chat":
         import chat as chat_repl

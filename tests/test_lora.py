@@ -1,0 +1,140 @@
+"""lora.py against peft (the reference): adapters move both ways between peft on transformers and our Transformer
+with equal logits, merging changes nothing, only the adapters train, and eval.py takes an adapter as --ckpt."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+transformers.logging.set_verbosity_error()
+
+import lora  # noqa: E402
+from model import Transformer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V = 101
+IDS = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def hf_base(tmp_path, family="llama"):
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, initializer_range=0.2)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(intermediate_size=96, **common))
+    else:
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(intermediate_size=128, partial_rotary_factor=0.5,
+                                                                  **common))
+    path = tmp_path / "base"
+    model.save_pretrained(path)
+    return model.eval(), str(path)
+
+
+@pytest.mark.parametrize("family,targets,rslora", [("llama", ["q_proj", "v_proj", "down_proj"], False),
+                                                   ("llama", "all-linear", True),
+                                                   ("phi", ["q_proj", "dense", "fc1"], False)])
+def test_peft_adapter_loads_with_equal_logits(tmp_path, family, targets, rslora):
+    hf, base = hf_base(tmp_path, family)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_rslora=rslora)
+    torch.manual_seed(2)  # init_lora_weights=False: B random too, so the adapter changes the output
+    peft_model = peft.get_peft_model(hf, config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours, found = lora.load(str(tmp_path / "adapter"), base=base)
+    assert found == base and lora.lora_layers(ours)
+    with torch.no_grad():
+        want = peft_model(IDS).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(IDS).logits
+        got = ours(IDS)[0]
+    assert (want - plain).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    lora.merge_lora(ours)
+    assert not lora.lora_layers(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS)[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_our_adapter_loads_in_peft(tmp_path):
+    hf, base = hf_base(tmp_path)
+    ours = Transformer.from_pretrained(base)
+    names = lora.add_lora(ours, rank=4, alpha=16, targets="q_proj,k_proj,o_proj,up_proj")
+    assert len(names) == 8
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    with torch.no_grad():
+        before = ours(IDS)[0]
+        for m in lora.lora_layers(ours).values():
+            m.lora_B.normal_(0, 0.05)
+        after = ours(IDS)[0]
+    torch.testing.assert_close(before, hf(IDS).logits, atol=1e-4, rtol=1e-4)  # B = 0: the base model exactly
+    lora.save_adapter(ours, tmp_path / "adapter", base=base)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["lora_alpha"] == 16 and saved["base_model_name_or_path"] == base
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(base)
+    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(after, peft_model(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_only_adapters_get_gradients(tmp_path):
+    _, base = hf_base(tmp_path)
+    model = Transformer.from_pretrained(base).train()
+    lora.add_lora(model, rank=2, alpha=4, dropout=0.1, targets="all")
+    loss = model(IDS)[0].logsumexp(-1).mean()
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(n.endswith(("lora_A", "lora_B")) for n in grads)
+    assert set(lora.lora_state_dict(model)) == {n for n, _ in model.named_parameters() if n.endswith(("lora_A",
+                                                                                                     "lora_B"))}
+
+
+def test_bad_adapters_fail_clearly(tmp_path):
+    hf, base = hf_base(tmp_path)
+    model = Transformer.from_pretrained(base)
+    with pytest.raises(ValueError, match="no linear layer named.*its linear layers are"):
+        lora.add_lora(model, targets="query")
+    folder = tmp_path / "adapter"
+    peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(folder)
+    with pytest.raises(SystemExit, match="base model .* not found"):
+        lora.load(str(folder), base=str(tmp_path / "nowhere"))
+    torch.manual_seed(0)
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="has shape .* is base_model_name_or_path the adapter's base"):
+        lora.load(str(folder), base=str(tmp_path / "other"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match="use_dora=True is not supported"):
+        lora.load(str(folder), base=base)
+
+
+def test_eval_takes_an_adapter_as_ckpt(tmp_path):
+    from test_eval import char_tokenizer_folder, tiny_transformer
+    base = str(tmp_path / "base")
+    tok = char_tokenizer_folder(base)
+    tiny_transformer(tok.vocab_size, max_seq_len=128).save_pretrained(base)
+    model = Transformer.from_pretrained(base)
+    lora.add_lora(model, rank=4, alpha=8, targets="q_proj,v_proj")
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_B.normal_(0, 0.2)
+    adapter = str(tmp_path / "adapter")
+    lora.save_adapter(model, adapter, base=base)
+    text = tmp_path / "doc.txt"
+    text.write_text("the cat sat on the mat. " * 6)
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "eval.py", f"--ckpt={adapter}", "--task=ppl", f"--data={text}", "--dtype=float32",
+           f"--out={out}", "--block_size=64"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    import eval as ev
+    tokens = tok.encode(text.read_text()) + [tok.eos_id]
+    want = ev.perplexity(model.eval(), tokens, 64)["ppl"]
+    assert json.loads(out.read_text())["results"]["ppl"]["ppl"] == pytest.approx(want, rel=1e-5)
+    assert want != pytest.approx(ev.perplexity(Transformer.from_pretrained(base), tokens, 64)["ppl"], rel=1e-3)

@@ -206,32 +206,27 @@ def config_from_hf(hf, where):
     common = dict(bos_id=first(hf.get("bos_token_id")), eos_id=first(hf.get("eos_token_id")),
                   rope_theta=theta, rope_scaling=scaling)
     try:
+        if family in ("llama", "phi"):  # transformers' own classes share the size fields
+            n_heads = need("num_attention_heads")
+            common.update(vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
+                          n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                          head_dim=hf.get("head_dim"), hidden_dim=need("intermediate_size"),
+                          max_seq_len=hf.get("max_position_embeddings", 2048),
+                          tie_embeddings=hf.get("tie_word_embeddings", False))
         if family == "llama":
             if hf.get("hidden_act", "silu") != "silu":
                 raise ValueError(f"hidden_act {hf['hidden_act']!r} (LLaMA here means SwiGLU with silu)")
-            n_heads = need("num_attention_heads")
-            config = ModelConfig(
-                vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
-                n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                head_dim=hf.get("head_dim"), hidden_dim=need("intermediate_size"),
-                max_seq_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
-                norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", attn_bias=hf.get("attention_bias", False),
-                mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False),
-                dropout=hf.get("attention_dropout", 0.0), **common)
+            config = ModelConfig(norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
+                                 attn_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+                                 dropout=hf.get("attention_dropout", 0.0), **common)
         elif family == "phi":
             if hf.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
                 raise ValueError(f"hidden_act {hf['hidden_act']!r} (supported: gelu_new)")
             if hf.get("qk_layernorm"):
                 raise ValueError("qk_layernorm=true is not supported")
-            n_heads = need("num_attention_heads")
-            config = ModelConfig(
-                vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
-                n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                head_dim=hf.get("head_dim"), hidden_dim=need("intermediate_size"),
-                max_seq_len=hf.get("max_position_embeddings", 2048), norm="layernorm",
-                norm_eps=hf.get("layer_norm_eps", 1e-5), mlp="gelu", parallel_block=True, attn_bias=True,
-                mlp_bias=True, lm_head_bias=True, tie_embeddings=hf.get("tie_word_embeddings", False),
-                dropout=hf.get("resid_pdrop", 0.0), partial_rotary_factor=partial or 0.5, **common)
+            config = ModelConfig(norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5), mlp="gelu",
+                                 parallel_block=True, attn_bias=True, mlp_bias=True, lm_head_bias=True,
+                                 dropout=hf.get("resid_pdrop", 0.0), partial_rotary_factor=partial or 0.5, **common)
         else:  # phi-msft
             if hf.get("activation_function", "gelu_new") != "gelu_new":
                 raise ValueError(f"activation_function {hf['activation_function']!r} (supported: gelu_new)")

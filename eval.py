@@ -8,7 +8,8 @@
     python eval.py --ckpt=out/sft --task=chat                                      # the REPL of chat.py
 
 --ckpt takes our checkpoint folders (they are transformers folders: config.json + model.safetensors + tokenizer),
-transformers Llama/Phi folders, .gguf files and the quantized folders quant_model.py writes.
+transformers Llama/Phi folders, .gguf files, the quantized folders quant_model.py writes, and LoRA adapter folders
+(PEFT format; loaded onto the base their adapter_config.json names, or --lora_base, and merged: see lora.py).
 
 Tasks
   ppl        mean loss and perplexity of a token stream: a .bin of data_process.py (its meta.json gives the dtype; a
@@ -549,11 +550,7 @@ def load_tokens(path, tok):
     tokens = []
     for f in files:
         if ".jsonl" in f:
-            docs = []
-            for where, d in read_jsonl(f):
-                if not isinstance(d, dict) or not isinstance(d.get("text"), str):
-                    raise SystemExit(f"{where}: expected {{\"text\": str}}")
-                docs.append(d["text"])
+            docs = jsonl_strings(f, "text")
         else:
             with _open_text(f) as fh:
                 docs = [fh.read()]
@@ -644,15 +641,20 @@ def main():
         print(f"wrote {out}")
 
 
+def jsonl_strings(path, key):
+    """The string field `key` of every record of a .jsonl file; a record without it is an error naming its line."""
+    out = []
+    for where, d in read_jsonl(path):
+        if not isinstance(d, dict) or not isinstance(d.get(key), str):
+            raise SystemExit(f"{where}: expected {{\"{key}\": str}}")
+        out.append(d[key])
+    return out
+
+
 def load_prompts(path):
     """Prompts of a .txt (one per line) or .jsonl {"prompt"} file."""
     if ".jsonl" in path:
-        prompts = []
-        for where, d in read_jsonl(path):
-            if not isinstance(d, dict) or not isinstance(d.get("prompt"), str):
-                raise SystemExit(f"{where}: expected {{\"prompt\": str}}")
-            prompts.append(d["prompt"])
-        return prompts
+        return jsonl_strings(path, "prompt")
     with _open_text(path) as f:
         return [line.rstrip("\n") for line in f if line.strip()]
 

@@ -9,6 +9,7 @@ modeling_llama / modeling_phi (tests/test_model.py holds us to them); checkpoint
 Inference: setup_cache() preallocates a static KV cache; generate() runs one prefill, then one-token decode steps
 (decode_step compiles with torch.compile(fullgraph=True)). Left-padded batches carry their pad lengths in the cache.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -223,10 +224,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        dtype = q.dtype
+        # PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32 at short sequences
+        # (T=64: 14 vs 5 ms per layer, BENCHMARKS.md), so CPU training attends in fp32 (autocast would undo a cast)
+        fp32 = self.training and q.device.type == "cpu" and dtype == torch.bfloat16
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+            if fp32:
+                q, k, v = q.float(), k.float(), v.float()
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
 
 
 class SwiGLU(nn.Module):

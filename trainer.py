@@ -573,7 +573,8 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- logging
 
     def _clocks(self):
-        return {"elapsed_s": round(time.time() - self.t_start, 3), "train_time_s": round(self.train_time, 3)}
+        return {"elapsed_s": round(time.time() - self.t_start, 3), "train_time_s": round(self.train_time, 3),
+                "time": round(time.time(), 3)}  # unix time: lines up runs with outside clocks (bench_pretrain.py)
 
     def _record(self, rec):
         if self.master:

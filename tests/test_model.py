@@ -312,6 +312,33 @@ def test_training_contract():
     assert model.layers[0].attn.o_proj.weight.std() < 0.5 * model.layers[0].attn.q_proj.weight.std()
 
 
+def test_cpu_bf16_training_attends_in_fp32(monkeypatch):
+    """Under bf16 autocast, CPU training windows <= 256 reach SDPA in fp32 (a speed choice), longer ones and
+    inference in bf16; the loss agrees with the all-bf16 path within bf16 rounding."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, max_seq_len=512)).train()
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: seen.append(q.dtype) or sdpa(q, *a, **k))
+    idx = torch.randint(0, V, (2, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx.roll(-1, 1))[1]
+        assert seen == [torch.float32] * 2
+        model(torch.randint(0, V, (1, 300)))
+        assert seen[2:] == [torch.bfloat16] * 2
+        model.eval()
+        with torch.no_grad():
+            model(idx)
+        assert seen[4:] == [torch.bfloat16] * 2
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda q, k, v, **kw: sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw))
+        model.train()
+        all_bf16 = model(idx, idx.roll(-1, 1))[1]
+    assert abs(loss.item() - all_bf16.item()) < 0.02
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_own_checkpoint_roundtrip(tmp_path):
     """Our folder is a transformers folder; every ModelConfig field that matters survives it."""
     cfg = ModelConfig(vocab_size=V, dim=48, n_layers=2, n_heads=6, n_kv_heads=3, head_dim=16, hidden_dim=80,

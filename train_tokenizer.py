@@ -33,6 +33,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 import configurator
+from default_data import default_documents  # the embedded corpus: text that ships with Python
 from tokenizer import BOS, EOS, IM_END, IM_START, PAD, UNK, Tokenizer, _tokenizers_from_spm
 
 input = ""  # comma-separated files, folders or globs; empty: the embedded default corpus
@@ -127,11 +128,6 @@ def sample_lines(lines, budget, rng):
             neg_key, evicted = heapq.heappop(heap)
             threshold, total = -neg_key, total - len(evicted)
     return [line for _, line in heap]
-
-
-def default_documents():
-    from data_process import default_documents as docs  # the embedded corpus: text that ships with Python
-    return docs()
 
 
 # ---- training ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ on a transformers LLaMA/Phi loads here:
 import json
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -122,18 +123,24 @@ def _name_tables(config):
     return {ours: hf for hf, ours in table.items()}, table
 
 
+def _rename_module(name, table):
+    """A module path through one of convert.py's name tables (which map parameters); None when not in it."""
+    import convert
+    renamed = convert.rename(name + ".weight", table)
+    return renamed and renamed.removesuffix(".weight")
+
+
 def save_adapter(model, folder, base=""):
     """Write the adapters as a PEFT folder; `base` is recorded as base_model_name_or_path (use an absolute path or
     a hub id so the folder can be loaded from anywhere)."""
     from safetensors.torch import save_file
-    import convert
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
     to_hf, _ = _name_tables(model.config)
     tensors, hf_targets = {}, set()
     for name, m in layers.items():
-        hf = convert.rename(name + ".weight", to_hf).removesuffix(".weight")
+        hf = _rename_module(name, to_hf)
         hf_targets.add(hf.rpartition(".")[2])
         for ab in ("lora_A", "lora_B"):
             tensors[f"base_model.model.{hf}.{ab}.weight"] = getattr(m, ab).detach().to("cpu").contiguous()
@@ -175,7 +182,6 @@ def read_adapter_config(folder):
 def load_adapter(model, folder):
     """Add the adapters of a PEFT LoRA folder to `model` (whose weights must be the adapter's base)."""
     from safetensors.torch import load_file
-    import convert
     config = read_adapter_config(folder)
     targets = config["target_modules"]
     if isinstance(targets, str) and targets != "all-linear":  # PEFT also takes a regex; we take lists
@@ -184,7 +190,7 @@ def load_adapter(model, folder):
     # the targets name transformers' modules: pick ours whose transformers name they match
     linear = [n for n, m in model.named_modules() if hasattr(m, "in_features")]
     ours = [n for n in linear if n != "lm_head"] if targets == "all-linear" else \
-        [n for n in linear if _matches(convert.rename(n + ".weight", to_hf).removesuffix(".weight"), targets)]
+        [n for n in linear if _matches(_rename_module(n, to_hf) or n, targets)]
     if not ours:
         raise SystemExit(f"{folder}: target_modules {targets} match no linear layer of the base model")
     add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), ours,
@@ -195,17 +201,11 @@ def load_adapter(model, folder):
     layers = lora_layers(model)
     loaded = set()
     for key, tensor in load_file(path).items():
-        # base_model.model.<hf module>.lora_A[.default].weight
-        hf_module, ab = None, None
-        for part in ("lora_A", "lora_B"):
-            if f".{part}." in key:
-                hf_module, ab = key.split(f".{part}.")[0], part
-        ours = None
-        if hf_module and hf_module.startswith("base_model.model."):
-            ours = convert.rename(hf_module.removeprefix("base_model.model.") + ".weight", from_hf)
-        ours = ours and ours.removesuffix(".weight")
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.\w+)?\.weight", key)  # [.adapter name]
+        ours = m and _rename_module(m.group(1), from_hf)
         if ours not in layers:
             raise SystemExit(f"{path}: tensor {key!r} does not belong to a LoRA layer of this base model")
+        ab = m.group(2)
         param = getattr(layers[ours], ab)
         if tuple(tensor.shape) != tuple(param.shape):
             raise SystemExit(f"{path}: {key} has shape {tuple(tensor.shape)}, the base model needs "

@@ -16,9 +16,10 @@ import sys
 import numpy as np
 import torch
 
+from checkpoint import latest_checkpoint, read_trainer_state
 import configurator
 from model import ModelConfig, Transformer
-from trainer import Trainer, check_data_dir, latest_checkpoint, read_trainer_state
+from trainer import Trainer, check_data_dir
 
 # -- data and output
 data_dir = "data/pretrain"

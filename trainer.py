@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
+
 
 @dataclass
 class TrainConfig:
@@ -133,62 +135,6 @@ def make_optimizer(model, c, device):
         return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=fused)
     except (RuntimeError, TypeError):  # an older torch without the fused kernel for this device
         return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2))
-
-
-def rng_state():
-    """This process's RNG states as tensors and primitives, so torch.load(weights_only=True) can read them."""
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-def fsync_tree(path):
-    """Flush every file under `path` (and the directories) to disk before the checkpoint is made visible."""
-    for root, _, files in os.walk(path):
-        for name in files + ["."]:
-            fsync(os.path.join(root, name))
-
-
-def atomic_write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_dirs(out_dir):
-    """Complete checkpoints (a checkpoint becomes visible only by the final rename), oldest first."""
-    return sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt", "step_*")) if not d.endswith(".tmp"))
-
-
-def latest_checkpoint(out_dir):
-    dirs = checkpoint_dirs(out_dir)
-    return dirs[-1] if dirs else None
-
-
-def read_trainer_state(ckpt_dir):
-    return torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=True)
 
 
 def check_data_dir(data_dir, model_vocab_size):
@@ -491,26 +437,21 @@ class Trainer:
             self.engine.save_checkpoint(tmp, tag="deepspeed")
         if self.master:
             torch.save(state, os.path.join(tmp, "state.pt"))
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        torch.save(checkpoint.rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
         barrier()
         if self.master:
-            fsync_tree(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-            fsync(self.ckpt_root)  # the rename itself
+            checkpoint.publish(tmp, final)
             if self.best_step >= 0:
-                atomic_write_json({"best_step": self.best_step, "best_val_loss": self.best_val_loss,
-                                   "dir": f"step_{self.best_step:08d}"}, os.path.join(self.ckpt_root, "best.json"))
-            keep = set(checkpoint_dirs(self.c.out_dir)[-self.c.keep_last:]) if self.c.keep_last > 0 else set()
-            keep |= {final, os.path.join(self.ckpt_root, f"step_{self.best_step:08d}")}
-            for d in checkpoint_dirs(self.c.out_dir):
-                if d not in keep:
-                    shutil.rmtree(d, ignore_errors=True)
+                checkpoint.atomic_write_json({"best_step": self.best_step, "best_val_loss": self.best_val_loss,
+                                              "dir": f"step_{self.best_step:08d}"},
+                                             os.path.join(self.ckpt_root, "best.json"))
+            checkpoint.prune(self.c.out_dir, self.c.keep_last, keep={final, os.path.join(
+                self.ckpt_root, f"step_{self.best_step:08d}")})
             log(f"checkpoint: {final}{' (' + reason + ')' if reason else ''}")
         barrier()
 
     def load_checkpoint(self, path):
-        state = read_trainer_state(path)
+        state = checkpoint.read_trainer_state(path)
         saved_by = state["parallel"] if state["parallel"] != "single" else "ddp"  # the same files
         if saved_by != (self.mode if self.mode != "single" else "ddp"):
             raise SystemExit(f"{path}: saved with parallel={saved_by}; resume it with --parallel={saved_by}")
@@ -536,7 +477,7 @@ class Trainer:
         self.t_start, self.train_time = time.time() - state["elapsed_s"], state["train_time_s"]  # clocks go on
         rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
         if os.path.isfile(rng_path):
-            set_rng_state(torch.load(rng_path, weights_only=True))
+            checkpoint.set_rng_state(torch.load(rng_path, weights_only=True))
         else:
             log(f"warning: {rng_path} missing (resumed with more processes?): this rank's RNG starts fresh")
         self.resumed = True
@@ -557,9 +498,6 @@ class Trainer:
         """out_dir/hf: config.json + model.safetensors (model.save_pretrained) and the data's tokenizer."""
         sd = self.full_state_dict()
         if not self.master:
-            return
-        if not hasattr(self.model_cls, "save_pretrained"):
-            log("warning: model.py has no save_pretrained yet: no HF-format export")
             return
         out = os.path.join(self.c.out_dir, "hf")
         fresh = self.model_cls(self.raw_model.config)
@@ -630,9 +568,9 @@ class Trainer:
         try:
             if self.master:
                 log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in self.cfg.items()))
-                atomic_write_json(self.cfg, os.path.join(c.out_dir, "config.json"))
+                checkpoint.atomic_write_json(self.cfg, os.path.join(c.out_dir, "config.json"))
             if c.init_from == "resume":
-                path = latest_checkpoint(c.out_dir)
+                path = checkpoint.latest_checkpoint(c.out_dir)
                 if path is None:
                     raise SystemExit(f"init_from=resume: no checkpoint in {self.ckpt_root}")
                 self.load_checkpoint(path)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import gptq
 import quant_model as qm
 from model import ModelConfig, Transformer
 
@@ -147,8 +148,8 @@ def test_gptq_output_error_below_rtn(bits, group_size, act_order):
     w = weights_with_outliers(64, k, seed=1)
     x_calib, x_test = correlated_inputs(2048, k, seed=2), correlated_inputs(2048, k, seed=3)
     H = 2 * x_calib.T @ x_calib / len(x_calib)
-    U, perm, dead = qm.gptq_inverse_hessian(H, 0.01, act_order)
-    codes, scale, zero = qm.gptq_quantize(w, U, perm, dead, bits, group_size)
+    U, perm, dead = gptq.gptq_inverse_hessian(H, 0.01, act_order)
+    codes, scale, zero = gptq.gptq_quantize(w, U, perm, dead, bits, group_size)
     w_gptq = qm.group_dequantize(codes, scale, zero, bits, group_size)
     s, z = qm.group_params(w, bits, group_size)
     w_rtn = qm.group_dequantize(qm.group_quantize(w, s, z, bits, group_size), s, z, bits, group_size)
@@ -161,8 +162,8 @@ def test_gptq_output_error_below_rtn(bits, group_size, act_order):
 def test_gptq_with_uncorrelated_inputs_is_rtn():
     """With H = I no column can compensate another: GPTQ reduces to round-to-nearest exactly."""
     w = weights_with_outliers(32, 256)
-    U, perm, dead = qm.gptq_inverse_hessian(torch.eye(256), 0.0, False)
-    codes, scale, zero = qm.gptq_quantize(w, U, perm, dead, 4, 64)
+    U, perm, dead = gptq.gptq_inverse_hessian(torch.eye(256), 0.0, False)
+    codes, scale, zero = gptq.gptq_quantize(w, U, perm, dead, 4, 64)
     s, z = qm.group_params(w, 4, 64)
     assert torch.equal(scale, s) and torch.equal(zero, z)
     assert torch.equal(codes, qm.group_quantize(w, s, z, 4, 64))
@@ -174,7 +175,7 @@ def test_gptq_model_is_sequential_and_closer_than_rtn(family):
     base = tiny_model(config)
     torch.manual_seed(1)
     calib, held_out = torch.randint(0, 320, (32, 64)), torch.randint(0, 320, (8, 64))
-    groups = qm._shared_input_groups(base.layers[0], qm.block_inputs(base, calib[:1], 1))
+    groups = gptq._shared_input_groups(base.layers[0], gptq.block_inputs(base, calib[:1], 1))
     name = {m: n for n, m in base.layers[0].named_modules()}
     names = [[name[m] for m in g] for g in groups]
     if family == "llama":  # true-sequential order: q/k/v share a Hessian, then o, then gate/up, then down
@@ -435,3 +436,23 @@ def test_gguf_export_carries_smollm2_tokenizer(tmp_path):
     assert back.chat_template == tok.chat_template and back.eos_id == tok.eos_id == 2
     for text in TEXTS + ["x  1234 = 56", tok.apply_chat_template(CHAT)]:
         assert back.encode(text) == tok.encode(text)
+
+
+def test_cli_gptq_writes_every_layer(tmp_path, sp_tokenizer):
+    """`python quant_model.py --mode=gptq` end to end: GPTQ's layers (built in gptq.py) are the QuantLinear the
+    script saves, and the folder loads back through eval.load_model."""
+    src = tmp_path / "model"
+    tiny_model(llama_config(vocab_size=sp_tokenizer.vocab_size)).save_pretrained(src)
+    sp_tokenizer.save_pretrained(str(src))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(TEXTS * 40))
+    out = tmp_path / "gptq"
+    proc = subprocess.run([sys.executable, "quant_model.py", f"--ckpt={src}", "--mode=gptq", "--group_size=32",
+                           f"--calib={calib}", "--calib_samples=4", "--calib_seq_len=16", f"--out={out}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modules = json.load(open(out / "config.json"))["quantization_config"]["modules"]
+    assert len(modules) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    import eval as ev
+    model, _ = ev.load_model(str(out))
+    assert sum(isinstance(m, qm.QuantLinear) for m in model.modules()) == 14

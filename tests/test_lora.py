@@ -138,3 +138,32 @@ def test_eval_takes_an_adapter_as_ckpt(tmp_path):
     want = ev.perplexity(model.eval(), tokens, 64)["ppl"]
     assert json.loads(out.read_text())["results"]["ppl"]["ppl"] == pytest.approx(want, rel=1e-5)
     assert want != pytest.approx(ev.perplexity(Transformer.from_pretrained(base), tokens, 64)["ppl"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_peft_adapter_on_smollm2(smollm2, tmp_path):
+    """Real weights: a peft adapter on transformers' SmolLM2-135M-Instruct, loaded here onto the same GGUF."""
+    _, hf, tok, gguf_path = smollm2
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False)
+    peft_model = peft.get_peft_model(hf, config).eval()
+    try:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.05)  # a fine-tune-sized update, not a random rewrite of the model
+        peft_model.save_pretrained(tmp_path / "adapter")
+        ids = torch.tensor([tok("<|im_start|>user\nName three primary colours.<|im_end|>\n")["input_ids"]])
+        with torch.no_grad():
+            want = peft_model(ids).logits
+            with peft_model.disable_adapter():
+                base = peft_model(ids).logits
+    finally:
+        peft_model.unload()  # the fixture's model is shared: take the adapters out again
+    import eval as ev
+    ours, _ = ev.load_model(str(tmp_path / "adapter"), "cpu", "float32", lora_base=gguf_path)
+    with torch.no_grad():
+        got = ours(ids)[0]
+    assert (want - base).abs().max() > 0.05
+    assert (got - want).abs().max() <= 2e-3

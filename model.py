@@ -225,9 +225,9 @@ class Attention(nn.Module):
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         dtype = q.dtype
-        # PyTorch's CPU flash-attention backward is slower in bf16 than in fp32 at short sequences (T=64: 14 vs
-        # 4 ms; T=1024: 38 vs 45; bench_pretrain.py --attention), so short CPU training windows attend in fp32
-        # (autocast would undo the cast, hence its own off switch)
+        # PyTorch's CPU flash-attention backward is slower in bf16 than in fp32 at short sequences (ms, bf16 vs
+        # fp32: T=64 14 vs 4, T=1024 38 vs 45; bench_pretrain.py --attention), so short CPU training windows attend
+        # in fp32 (autocast would undo the cast, hence its own off switch)
         fp32 = self.training and q.device.type == "cpu" and dtype == torch.bfloat16 and T <= 256
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             if fp32:

@@ -12,6 +12,7 @@ import pytest
 
 import chat_data
 import data_process as dp
+import dedup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -294,13 +295,13 @@ def test_minhash_estimates_jaccard_similarity():
         b = [w if rng.random() > rng.random() * 0.5 else rng.choice(vocab) for w in a]
         x, y = " ".join(a), " ".join(b)
         exact = len(shingles(x) & shingles(y)) / len(shingles(x) | shingles(y))
-        sig = dp.minhash([x, y], 5, 128)
+        sig = dedup.minhash([x, y], 5, 128)
         errors.append(np.mean(sig[0] == sig[1]) - exact)
     assert abs(np.mean(errors)) < 0.02 and np.std(errors) < 0.06  # ~sqrt(J(1-J)/128) for classic MinHash
-    single = dp.minhash(["only one text here"], 5, 128)
-    assert np.array_equal(single[0], dp.minhash(["other", "only one text here"], 5, 128)[1])
+    single = dedup.minhash(["only one text here"], 5, 128)
+    assert np.array_equal(single[0], dedup.minhash(["other", "only one text here"], 5, 128)[1])
     texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 400))) for _ in range(20)]
-    assert np.array_equal(dp.minhash(texts, 5, 128), dp.minhash(texts, 5, 128, chunk=50))  # pieces merge exactly
+    assert np.array_equal(dedup.minhash(texts, 5, 128), dedup.minhash(texts, 5, 128, chunk=50))  # pieces merge exactly
 
 
 # -------------------------------------------------------------------------------------------------- bad input

@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn as nn
 
-from quant_model import QuantLinear, _swap_modules, group_params
+from model import swap_modules
+from quant_model import QuantLinear, group_params
 
 
 def gptq_inverse_hessian(H, damp_frac, act_order):
@@ -186,5 +187,5 @@ def gptq_quantize_model(model, calib_tokens, bits, group_size, act_order=False, 
         if head.weight is model.embed.weight:
             head.weight = nn.Parameter(head.weight.detach().clone())  # untie: the embedding stays float
         quantize_group([head], hessian(head, lambda x, a, k: head(model.norm(x))))
-    _swap_modules(model, quantized)
+    swap_modules(model, quantized)
     return quantized

@@ -23,6 +23,8 @@ import re
 import torch
 import torch.nn as nn
 
+from model import Transformer, swap_modules
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
@@ -69,11 +71,6 @@ class LoRALinear(nn.Module):
         return out
 
 
-def _replace(model, name, module):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def _matches(name, targets):
     """PEFT's rule for a list of target modules: the full module name, or its ending after a dot."""
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -92,8 +89,7 @@ def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=ALL_LINEAR, use_rsl
     if not chosen:
         names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if hasattr(m, "in_features")})
         raise ValueError(f"no linear layer named {list(targets)} in the model; its linear layers are {names}")
-    for name in chosen:
-        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, use_rslora))
+    swap_modules(model, {n: LoRALinear(model.get_submodule(n), rank, alpha, dropout, use_rslora) for n in chosen})
     return chosen
 
 
@@ -103,8 +99,7 @@ def lora_layers(model):
 
 def merge_lora(model):
     """Fold every adapter into its layer's weight; the model has plain nn.Linear layers afterwards."""
-    for name, layer in lora_layers(model).items():
-        _replace(model, name, layer.merged())
+    swap_modules(model, {name: layer.merged() for name, layer in lora_layers(model).items()})
     return model
 
 
@@ -222,7 +217,6 @@ def load_adapter(model, folder):
 def load(folder, base=None, device=None, dtype=None, merge=False):
     """A Transformer with the adapter of `folder` on its base (`base`, else the adapter config's
     base_model_name_or_path; a relative path is tried from the adapter folder, then from the working directory)."""
-    from model import Transformer
     config = read_adapter_config(folder)
     base = base or config.get("base_model_name_or_path") or ""
     if not base:

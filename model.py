@@ -506,6 +506,14 @@ class Transformer(nn.Module):
         convert.save_checkpoint(self, path)
 
 
+def swap_modules(model, new_modules):
+    """Replace the modules named in new_modules ({dotted name: module}) inside model (quantisation, LoRA)."""
+    for name, new in new_modules.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+
+
 # ----------------------------------------------------------------------------- sampling (transformers' semantics)
 
 def _banned_ngram_tokens(tokens, n):

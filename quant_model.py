@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import configurator
+from model import Transformer, swap_modules
 
 # ----------------------------------------------------------------------------------------------------------------
 ckpt = ""                 # our/HF model folder or a .gguf file
@@ -253,14 +254,6 @@ class QuantEmbedding(nn.Module):
         return w.view(*idx.shape, -1).to(self.weight.dtype)
 
 
-def _swap_modules(model, new_modules):
-    """Replace the modules named in new_modules ({dotted name: module}) inside model."""
-    for name, new in new_modules.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, new)
-
-
 # ---------------------------------------------------------------------------------------------- whole models
 def quantize_model(model, mode, bits=4, group_size=128, calib_tokens=None, act_order=False, damp_frac=0.01,
                    lm_head=False, embed=False, progress=True):
@@ -280,9 +273,9 @@ def quantize_model(model, mode, bits=4, group_size=128, calib_tokens=None, act_o
     shared = embed and lm_head and model.lm_head.weight is emb.weight  # tied: one quantised table serves both
     if embed:  # first, so that GPTQ calibrates on what the quantised model computes
         table = QuantLinear.from_weight(emb.weight, None, bits, group_size)
-        _swap_modules(model, {"embed": QuantEmbedding(table, emb.weight.dtype)})
+        swap_modules(model, {"embed": QuantEmbedding(table, emb.weight.dtype)})
         if shared:
-            _swap_modules(model, {"lm_head": table})
+            swap_modules(model, {"lm_head": table})
     if mode == "gptq":
         if calib_tokens is None:
             raise ValueError("gptq needs calibration tokens (--calib)")
@@ -292,7 +285,7 @@ def quantize_model(model, mode, bits=4, group_size=128, calib_tokens=None, act_o
     else:
         targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
                    and (n.startswith("layers.") or n == "lm_head" and lm_head and not shared)}
-        _swap_modules(model, {n: QuantLinear.from_weight(m.weight, m.bias, bits, group_size)
+        swap_modules(model, {n: QuantLinear.from_weight(m.weight, m.bias, bits, group_size)
                               for n, m in targets.items()})
     return {"quant_method": "tinyllm", "mode": mode, "bits": bits, "group_size": None if bits == 8 else group_size,
             "act_order": act_order if mode == "gptq" else None, "lm_head": lm_head, "embed": embed,
@@ -351,7 +344,6 @@ def save_quantized(model, out_dir, quant_config, tok=None):
 def load_quantized(path, device=None):
     """The model save_quantized wrote into `path` (a folder), with its quantised layers, in eval mode."""
     import convert
-    from model import Transformer
     from safetensors.torch import load_file
     config_path = os.path.join(path, "config.json")
     with open(config_path) as f:
@@ -375,7 +367,7 @@ def load_quantized(path, device=None):
         else:
             new[name] = QuantLinear(old.in_features, old.out_features, old.bias is not None, q["bits"],
                                     q["group_size"])
-    _swap_modules(model, new)
+    swap_modules(model, new)
     expected = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} {v.dtype} (expected {tuple(expected[k].shape)} {expected[k].dtype})"
              for k, v in state.items() if k in expected and (v.shape != expected[k].shape or

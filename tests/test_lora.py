@@ -14,24 +14,18 @@ transformers.logging.set_verbosity_error()
 
 import lora  # noqa: E402
 from model import Transformer  # noqa: E402
+from test_model import V, hf_llama, hf_phi  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-V = 101
 IDS = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
 def hf_base(tmp_path, family="llama"):
-    torch.manual_seed(0)
-    common = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128, initializer_range=0.2)
-    if family == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(intermediate_size=96, **common))
-    else:
-        model = transformers.PhiForCausalLM(transformers.PhiConfig(intermediate_size=128, partial_rotary_factor=0.5,
-                                                                  **common))
+    """A tiny random transformers model (test_model's), saved as the adapter's base folder."""
+    model = hf_llama() if family == "llama" else hf_phi()
     path = tmp_path / "base"
     model.save_pretrained(path)
-    return model.eval(), str(path)
+    return model, str(path)
 
 
 @pytest.mark.parametrize("family,targets,rslora", [("llama", ["q_proj", "v_proj", "down_proj"], False),
@@ -101,10 +95,7 @@ def test_bad_adapters_fail_clearly(tmp_path):
     peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(folder)
     with pytest.raises(SystemExit, match="base model .* not found"):
         lora.load(str(folder), base=str(tmp_path / "nowhere"))
-    torch.manual_seed(0)
-    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4))
-    other.save_pretrained(tmp_path / "other")
+    hf_llama(hidden_size=32, intermediate_size=48).save_pretrained(tmp_path / "other")
     with pytest.raises(SystemExit, match="has shape .* is base_model_name_or_path the adapter's base"):
         lora.load(str(folder), base=str(tmp_path / "other"))
     cfg = json.loads((folder / "adapter_config.json").read_text())

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from model import ModelConfig
+from model import ModelConfig, Transformer
 
 # transformers module path -> ours; "{}" stands for the layer index, the parameter name (weight/bias) follows
 LLAMA_NAMES = {
@@ -85,6 +85,23 @@ def rename(name, table):
 
 
 # ----------------------------------------------------------------------------- loading
+
+def from_pretrained(path, device=None, dtype=None):
+    """A Transformer from a transformers folder (LlamaForCausalLM / PhiForCausalLM, incl. microsoft/phi-2's original
+    naming; sharded or not), this project's own checkpoint folder (the same format), or a LLaMA .gguf file.
+    Returns the model in eval mode; dtype=None keeps the stored dtype (fp32 for GGUF)."""
+    config, state_dict = load_checkpoint(path, dtype=dtype)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    check_state_dict(path, state_dict, {k: tuple(v.shape) for k, v in expected.items()})
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.to(device=device).eval()
+
 
 def load_checkpoint(path, dtype=None):
     """(ModelConfig, state_dict in model.py's names) from a checkpoint folder or a .gguf file."""
@@ -352,7 +369,8 @@ def hf_config(config, dtype):
     return out
 
 
-def save_checkpoint(model, folder):
+def save_pretrained(model, folder):
+    """Write config.json + model.safetensors that transformers.AutoModelForCausalLM.from_pretrained loads."""
     from safetensors.torch import save_file
     config = model.config
     family = family_of(config)
@@ -371,15 +389,14 @@ def save_checkpoint(model, folder):
 
 def main():
     import configurator
-    from model import Transformer
     src = ""  # a checkpoint folder or a .gguf file
     out = ""  # the folder to write
     dtype = ""  # "", "float32", "bfloat16" or "float16"; "" keeps the stored dtype
     cfg = configurator.apply(locals(), sys.argv[1:])
     if not cfg["src"] or not cfg["out"]:
         sys.exit("usage: python convert.py --src=<checkpoint folder or .gguf> --out=<folder> [--dtype=bfloat16]")
-    model = Transformer.from_pretrained(cfg["src"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None)
-    model.save_pretrained(cfg["out"])
+    model = from_pretrained(cfg["src"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None)
+    save_pretrained(model, cfg["out"])
     print(f"wrote {cfg['out']}/config.json and model.safetensors ({model.num_params(False) / 1e6:.1f}M params)")
     try:
         from tokenizer import Tokenizer

@@ -484,26 +484,14 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
-        """Load a transformers folder (LlamaForCausalLM / PhiForCausalLM, incl. microsoft/phi-2's original
-        naming; sharded or not), this project's own checkpoint folder (the same format), or a LLaMA .gguf file.
-        Returns the model in eval mode; dtype=None keeps the stored dtype (fp32 for GGUF)."""
+        """Deprecated: use convert.from_pretrained (model.py imports nothing of the project)."""
         import convert
-        config, state_dict = convert.load_checkpoint(path, dtype=dtype)
-        with torch.device("meta"):
-            model = cls(config)
-        expected = model.state_dict()
-        if config.tie_embeddings:
-            expected.pop("lm_head.weight")
-        convert.check_state_dict(path, state_dict, {k: tuple(v.shape) for k, v in expected.items()})
-        model.load_state_dict(state_dict, strict=False, assign=True)
-        if config.tie_embeddings:
-            model.lm_head.weight = model.embed.weight
-        return model.to(device=device).eval()
+        return convert.from_pretrained(path, device, dtype)
 
     def save_pretrained(self, path):
-        """Write config.json + model.safetensors that transformers.AutoModelForCausalLM.from_pretrained loads."""
+        """Deprecated: use convert.save_pretrained(model, path)."""
         import convert
-        convert.save_checkpoint(self, path)
+        convert.save_pretrained(self, path)
 
 
 def swap_modules(model, new_modules):

@@ -5,18 +5,13 @@
     python data_process.py --format=sft --input=sft.jsonl --tokenizer=out/tok --out_dir=data/sft
     python data_process.py --bench=True --tokenizer=out/tok                            # MB/s and peak RSS
 
-Inputs (`input`: comma-separated files, folders and globs; `.gz` is read transparently, everything streams):
-  .txt (and files without extension): `txt_split` = "line" (a document per line), "blank" (blank-line separated),
-      "file" (one document per file), or any other string: a line equal to it ends a document ("%", "<|endoftext|>").
-  .jsonl / .json (a JSON list, one object, or JSON Lines) / .csv (a header row) / .parquet (needs pyarrow):
-      `text_field` names the field or column; a comma-separated list tries each in turn, a list value has its items
-      joined by newlines and a nested object is searched for the same names (chinese-poetry: paragraphs,content,para);
-      "#N" is column N of a headerless CSV. Folders skip `exclude` names and unknown extensions (both reported).
+Inputs (`input`: comma-separated files, folders and globs; .txt/.jsonl/.json/.csv/.parquet, .gz read transparently,
+everything streams) are read by readers.py, whose docstring says what `txt_split`, `text_field` and `exclude` do.
   No --input: default_data.default_documents(), the language-reference topics of pydoc_data plus the docstrings of ~70 stdlib
   modules (~0.85 MB, deterministic for a Python version); with --format=sft/dpo, ~1,250 question -> first-sentence
   records derived from them (default_sft_records / default_dpo_records), the same ~10% of items held out in both.
-Bad input (bytes that are not `encoding`, malformed JSON, a missing field, an invalid chat record) stops with
-`path:line: what`; with `lenient=True` such records are skipped, counted and listed in meta.json instead.
+Bad input (bytes that are not `encoding`, malformed JSON, a missing field, a broken .gz, an invalid chat record)
+stops with `path:line: what`; with `lenient=True` such records are skipped, counted and listed in meta.json instead.
 
 Cleaning (pretrain text; SFT/DPO text only loses ANSI codes and control characters), in this order:
   1. ANSI escape sequences and control characters (all of Unicode Cc except \\t and \\n; \\r\\n -> \\n; zero-width
@@ -54,10 +49,6 @@ transcripts. Roles must alternate (user first, optional system), contents be non
 (trailing unanswered user turns are dropped, counted). A record with "split": "train"/"val" keeps that split.
 """
 import collections
-import csv
-import fnmatch
-import glob
-import gzip
 import hashlib
 import itertools
 import json
@@ -73,6 +64,7 @@ from tqdm import tqdm
 import configurator
 from dedup import NearDedup, minhash
 from default_data import default_documents, default_dpo_records, default_sft_records
+from readers import EXCLUDE as _EXCLUDE, Issues, check_options, expand_inputs, iter_documents, iter_records
 
 # -------------------------------------------------------------------------------------------------------- config
 input = ""                 # files, folders, globs (comma-separated); empty: the embedded Python-docs corpus
@@ -82,7 +74,7 @@ format = "pretrain"        # pretrain | sft | dpo
 val_fraction = 0.1
 text_field = "text"        # field / column holding the text; "a,b" tries a then b; "#N": column N of a headerless csv
 txt_split = "line"         # line | blank | file | a separator line such as "%"
-exclude = "SOURCE.json,README*,LICENSE*"  # file-name globs skipped inside folders and globs
+exclude = _EXCLUDE         # file-name globs skipped inside folders and globs
 encoding = "utf-8"         # of the input files: utf-8, gb18030 (GBK/GB2312 Chinese), latin-1 ...
 nfkc = True
 cjk_punct = True           # the CJK punctuation rule (module docstring, step 4)
@@ -108,267 +100,6 @@ def config(**overrides):
     scope = dict(_DEFAULTS)
     return configurator.apply(scope, [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}"
                                       for k, v in overrides.items()])
-
-
-# ------------------------------------------------------------------------------------------------------- readers
-_KINDS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-csv.field_size_limit(2**31 - 1)
-
-
-_GAP, _LIST_GAP = re.compile(r"\s*"), re.compile(r"[\s,]*")
-
-
-class _Bad(tuple):
-    """A reader's complaint about one place in a file: (line, message)."""
-
-
-def _kind(path):
-    base = path[:-3] if path.endswith(".gz") else path
-    ext = os.path.splitext(os.path.basename(base))[1].lower()
-    return _KINDS.get(ext, "txt" if ext == "" else None)
-
-
-def expand_inputs(spec, exclude_globs=exclude):
-    """Comma-separated files/folders/globs -> (sorted file list, skipped files). Missing paths stop with an error."""
-    patterns = [p for p in exclude_globs.split(",") if p]
-    files, skipped = [], []
-
-    def add(path, explicit):
-        name = os.path.basename(path)
-        if not explicit and any(fnmatch.fnmatch(name, p) for p in patterns):
-            skipped.append(path)
-        elif _kind(path) or explicit:  # an explicitly named file of unknown extension is read as text
-            files.append(path)
-        else:
-            skipped.append(path)
-
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        is_glob = any(c in part for c in "*?[")
-        matches = sorted(glob.glob(part, recursive=True)) if is_glob else [part]
-        if not matches or not (is_glob or os.path.exists(part)):
-            raise SystemExit(f"{part}: no such file or folder")
-        for m in matches:
-            if os.path.isdir(m):
-                for root, dirs, names in os.walk(m):
-                    dirs.sort()
-                    for name in sorted(names):
-                        add(os.path.join(root, name), False)
-            else:
-                add(m, not is_glob)
-    if not files:
-        raise SystemExit(f"{spec}: no readable files (skipped: {', '.join(skipped[:5]) or 'none'})")
-    return files, skipped
-
-
-def _lines(path, encoding="utf-8"):
-    """(line number, text) per line, gunzipping .gz; a line that does not decode comes back as _Bad."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                text = raw.decode(encoding)
-            except UnicodeDecodeError as e:
-                yield n, _Bad((n, f"not valid {encoding} (byte {e.start} of the line: "
-                                  f"{raw[e.start:e.start + 4]!r}; see --encoding)"))
-                continue
-            yield n, text[1:] if n == 1 and text.startswith("\ufeff") else text
-
-
-def _read_txt(path, split, encoding):
-    doc, start = [], 0
-    for n, line in _lines(path, encoding):
-        if isinstance(line, _Bad):
-            yield line
-            continue
-        line = line.rstrip("\r\n")
-        if split == "line":
-            if line.strip():
-                yield line, n
-            continue
-        end = (not line.strip()) if split == "blank" else (split != "file" and line.strip() == split)
-        if end:
-            if doc:
-                yield "\n".join(doc), start
-            doc = []
-        elif line.strip() or doc:
-            start = start if doc else n
-            doc.append(line)
-    if doc:
-        yield "\n".join(doc), start
-
-
-def _read_jsonl(path, encoding):
-    for n, line in _lines(path, encoding):
-        if isinstance(line, _Bad):
-            yield line
-        elif line.strip():
-            try:
-                yield json.loads(line), n
-            except json.JSONDecodeError as e:
-                yield _Bad((n, f"malformed JSON: {e.msg} (column {e.colno})"))
-
-
-def _read_json(path, encoding):
-    """Stream the items of a JSON list (or a sequence of JSON values: one object, JSON Lines) without loading the
-    whole file: raw_decode over a buffer of whole lines, topped up 64K characters at a time (more while an item is
-    incomplete). A malformed item stops the file: past it there is no telling where the next item starts."""
-    decoder, src, bad = json.JSONDecoder(), _lines(path, encoding), []
-    buf, pos, line, eof, in_list = "", 0, 1, False, None
-
-    def more(want):  # keep buf[pos:], append whole lines worth at least `want` characters (or all that is left)
-        nonlocal buf, pos, eof
-        parts, size = [buf[pos:]], 0
-        while size < want and not eof:
-            n, text = next(src, (None, None))
-            if text is None or isinstance(text, _Bad):
-                eof = True
-                bad.extend([_Bad((text[0], text[1] + " (rest of the file skipped)"))] if text else [])
-            else:
-                parts.append(text)
-                size += len(text)
-        buf, pos = "".join(parts), 0
-
-    while True:
-        m = (_LIST_GAP if in_list else _GAP).match(buf, pos)
-        line, pos = line + buf.count("\n", pos, m.end()), m.end()
-        if pos == len(buf):
-            if eof:
-                break
-            more(1 << 16)
-            continue
-        if in_list is None:
-            in_list = buf[pos] == "["
-            pos += in_list
-            continue
-        if in_list and buf[pos] == "]":
-            break
-        try:
-            obj, end = decoder.raw_decode(buf, pos)
-        except json.JSONDecodeError as e:
-            if not eof and e.pos >= buf.rfind("\n", 0, len(buf) - 1) + 1:  # maybe just incomplete: read more
-                more(max(len(buf) - pos, 1 << 16))
-                continue
-            if not bad:
-                yield _Bad((line + buf.count("\n", pos, e.pos), f"malformed JSON: {e.msg} (rest of the file skipped)"))
-            break
-        yield obj, line
-        line, pos = line + buf.count("\n", pos, end), end
-    yield from bad
-
-
-def _read_csv(path, fields, encoding):
-    bad, where = [], [0]
-
-    def text_lines():
-        for n, line in _lines(path, encoding):
-            where[0] = n
-            if isinstance(line, _Bad):
-                bad.append(line)
-            else:
-                yield line
-
-    reader = csv.reader(text_lines())
-    if fields[0].startswith("#"):
-        col = int(fields[0][1:])
-    else:
-        header = next(reader, [])
-        col = next((header.index(f) for f in fields if f in header), None)
-        if col is None:
-            yield _Bad((1, f"no column {'/'.join(fields)} (columns: {', '.join(header)})"))
-            return
-    for row in reader:
-        yield from bad
-        bad.clear()
-        if len(row) <= col:
-            yield _Bad((where[0], f"row has {len(row)} columns, needs column {col + 1}"))
-        else:
-            yield row[col], where[0]
-    yield from bad
-
-
-def _read_parquet(path, fields, encoding=None):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SystemExit(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)")
-    pf = pq.ParquetFile(path)
-    col = next((f for f in fields if f in pf.schema_arrow.names), None)
-    if col is None:
-        yield _Bad((1, f"no column {'/'.join(fields)} (columns: {', '.join(pf.schema_arrow.names)})"))
-        return
-    row = 0
-    for batch in pf.iter_batches(columns=[col], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            yield value, row
-
-
-def read_file(path, cfg):
-    """Yield (value, line) per document/record of one file (a str, or a decoded JSON value), or _Bad((line, msg))."""
-    kind, fields, enc = _kind(path) or "txt", cfg["text_field"].split(","), cfg["encoding"]
-    if kind == "txt":
-        return _read_txt(path, cfg["txt_split"], enc)
-    if kind in ("json", "jsonl"):
-        return (_read_json if kind == "json" else _read_jsonl)(path, enc)
-    return (_read_csv if kind == "csv" else _read_parquet)(path, fields, enc)
-
-
-class Issues:
-    """Bad records: stop with `path:line: message`, or (lenient) count them and keep a few examples."""
-
-    def __init__(self, lenient):
-        self.lenient, self.count, self.examples = lenient, 0, []
-
-    def __call__(self, path, line, msg):
-        where = f"{path}:{line}: {msg}"
-        if not self.lenient:
-            raise SystemExit(f"{where}\n(pass --lenient=True to skip such records; they are counted in meta.json)")
-        self.count += 1
-        if len(self.examples) < 20:
-            self.examples.append(where)
-
-
-def _flatten(value, fields):
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "\n".join(t for t in (_flatten(v, fields) for v in value) if t)
-    if isinstance(value, dict):
-        return next((_flatten(value[f], fields) for f in fields if f in value), "")
-    return "" if value is None else str(value)
-
-
-def record_text(rec, fields):
-    """The document text of a JSON record (see text_field); raises ValueError naming what is missing."""
-    if isinstance(rec, str):
-        return rec
-    if not isinstance(rec, dict):
-        raise ValueError(f"expected an object with field {'/'.join(fields)}, got {type(rec).__name__}")
-    for f in fields:
-        if f in rec:
-            return _flatten(rec[f], fields)
-    raise ValueError(f"missing field {'/'.join(fields)} (record has: {', '.join(list(rec)[:12])})")
-
-
-def iter_records(files, cfg, issues, sources):
-    """(value, path, line) over all files; bad places go to `issues`; per-file counts go into `sources`."""
-    for path in files:
-        sources[path] = 0
-        for item in read_file(path, cfg):
-            if isinstance(item, _Bad):
-                issues(path, *item)
-            else:
-                sources[path] += 1
-                yield item[0], path, item[1]
-
-
-def iter_documents(files, cfg, issues, sources):
-    fields = cfg["text_field"].split(",")
-    for value, path, line in iter_records(files, cfg, issues, sources):
-        try:
-            yield record_text(value, fields)
-        except ValueError as e:
-            sources[path] -= 1
-            issues(path, line, str(e))
 
 
 # ------------------------------------------------------------------------------------------------------ cleaning
@@ -612,9 +343,7 @@ def run(cfg, tok=None):
     """Do what the config says; `tok` (an object with the Tokenizer interface) overrides cfg["tokenizer"]."""
     if cfg["format"] not in ("pretrain", "sft", "dpo"):
         raise SystemExit(f"format must be pretrain, sft or dpo, not {cfg['format']!r}")
-    if cfg["txt_split"] not in ("line", "blank", "file") and cfg["txt_split"].strip().isalpha():  # a typo, surely
-        raise SystemExit(f"txt_split must be line, blank, file or a separator line such as % or <|endoftext|>, "
-                         f"not {cfg['txt_split']!r}")
+    check_options(cfg["txt_split"], cfg["encoding"])
     if cfg["minhash_perms"] < 1 or cfg["minhash_perms"] & (cfg["minhash_perms"] - 1) or cfg["shingle"] < 1:
         raise SystemExit("minhash_perms must be a power of two and shingle at least 1")
     tok_source = tok

@@ -1,0 +1,338 @@
+"""Raw text files -> documents: the one reader of corpora, for data_process.py, train_tokenizer.py and eval.py.
+
+    files, skipped = expand_inputs("corpus/,more.jsonl.gz,web/*.csv")
+    for text in iter_texts("corpus/", text_field="text", txt_split="blank", lenient=True): ...
+    for where, obj in read_jsonl("eval.jsonl"): ...         # where = "path:line"
+
+Inputs (`spec`: comma-separated files, folders and globs; `.gz` is read transparently, everything streams):
+  .txt (and files without extension): `txt_split` = "line" (a document per line), "blank" (blank-line separated),
+      "file" (one document per file), or any other string: a line equal to it ends a document ("%", "<|endoftext|>").
+  .jsonl / .json (a JSON list, one object, or JSON Lines) / .csv (a header row) / .parquet (needs pyarrow):
+      `text_field` names the field or column; a comma-separated list tries each in turn, a list value has its items
+      joined by newlines and a nested object is searched for the same names (chinese-poetry: paragraphs,content,para);
+      "#N" is column N of a headerless CSV. Folders skip `exclude` names and unknown extensions (both reported).
+Bad input (bytes that are not `encoding`, malformed JSON, a missing field, a broken .gz) stops with
+`path:line: what`; with `lenient=True` such places are skipped and counted instead.
+"""
+import codecs
+import csv
+import fnmatch
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import zlib
+
+EXCLUDE = "SOURCE.json,README*,LICENSE*"  # file-name globs skipped inside folders and globs
+
+_KINDS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+csv.field_size_limit(2**31 - 1)
+
+
+_GAP, _LIST_GAP = re.compile(r"\s*"), re.compile(r"[\s,]*")
+
+
+class _Bad(tuple):
+    """A reader's complaint about one place in a file: (line, message)."""
+
+
+def _kind(path):
+    base = path[:-3] if path.endswith(".gz") else path
+    ext = os.path.splitext(os.path.basename(base))[1].lower()
+    return _KINDS.get(ext, "txt" if ext == "" else None)
+
+
+def expand_inputs(spec, exclude=EXCLUDE):
+    """Comma-separated files/folders/globs -> (sorted file list, skipped files). Missing paths stop with an error."""
+    patterns = [p for p in exclude.split(",") if p]
+    files, skipped = [], []
+
+    def add(path, explicit):
+        name = os.path.basename(path)
+        if not explicit and any(fnmatch.fnmatch(name, p) for p in patterns):
+            skipped.append(path)
+        elif _kind(path) or explicit:  # an explicitly named file of unknown extension is read as text
+            files.append(path)
+        else:
+            skipped.append(path)
+
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        is_glob = any(c in part for c in "*?[")
+        matches = sorted(glob.glob(part, recursive=True)) if is_glob else [part]
+        if not matches or not (is_glob or os.path.exists(part)):
+            raise SystemExit(f"{part}: no such file or folder")
+        for m in matches:
+            if os.path.isdir(m):
+                for root, dirs, names in os.walk(m):
+                    dirs.sort()
+                    for name in sorted(names):
+                        add(os.path.join(root, name), False)
+            else:
+                add(m, not is_glob)
+    if not files:
+        raise SystemExit(f"{spec}: no readable files (skipped: {', '.join(skipped[:5]) or 'none'})")
+    return files, skipped
+
+
+def _lines(path, encoding="utf-8"):
+    """(line number, text) per line, gunzipping .gz; a line that does not decode comes back as _Bad, and so does a
+    file that cannot be read on (a broken .gz: line None, nothing more is read from it)."""
+    gz, n = path.endswith(".gz"), 0
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode(encoding)
+                except UnicodeDecodeError as e:
+                    yield n, _Bad((n, f"not valid {encoding} (byte {e.start} of the line: "
+                                      f"{raw[e.start:e.start + 4]!r}; see --encoding)"))
+                    continue
+                del raw  # a very long line: do not hold its bytes and its text at once
+                yield n, text[1:] if n == 1 and text.startswith("\ufeff") else text
+    except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz; zlib.error: corrupt deflate data
+        what = ("not a gzip file" if n == 0 and isinstance(e, gzip.BadGzipFile) else
+                f"broken gzip data after line {n}" if gz else "cannot read it")
+        yield None, _Bad((None, f"{what} ({e})"))
+
+
+def _read_txt(path, split, encoding):
+    doc, start = [], 0
+    for n, line in _lines(path, encoding):
+        if isinstance(line, _Bad):
+            yield line
+            continue
+        line = line.rstrip("\r\n")
+        if split == "line":
+            if line.strip():
+                yield line, n
+            continue
+        end = (not line.strip()) if split == "blank" else (split != "file" and line.strip() == split)
+        if end:
+            if doc:
+                yield "\n".join(doc), start
+            doc = []
+        elif line.strip() or doc:
+            start = start if doc else n
+            doc.append(line)
+    if doc:
+        yield "\n".join(doc), start
+
+
+def _read_jsonl(path, encoding):
+    for n, line in _lines(path, encoding):
+        if isinstance(line, _Bad):
+            yield line
+        elif line.strip():
+            try:
+                yield json.loads(line), n
+            except json.JSONDecodeError as e:
+                yield _Bad((n, f"malformed JSON: {e.msg} (column {e.colno})"))
+
+
+def _read_json(path, encoding):
+    """Stream the items of a JSON list (or a sequence of JSON values: one object, JSON Lines) without loading the
+    whole file: raw_decode over a buffer of whole lines, topped up 64K characters at a time (more while an item is
+    incomplete). A malformed item stops the file: past it there is no telling where the next item starts."""
+    decoder, src, bad = json.JSONDecoder(), _lines(path, encoding), []
+    buf, pos, line, eof, in_list = "", 0, 1, False, None
+
+    def more(want):  # keep buf[pos:], append whole lines worth at least `want` characters (or all that is left)
+        nonlocal buf, pos, eof
+        parts, size = [buf[pos:]], 0
+        while size < want and not eof:
+            n, text = next(src, (None, None))
+            if text is None or isinstance(text, _Bad):
+                eof = True
+                bad.extend([_Bad((text[0], text[1] + " (rest of the file skipped)"))] if text else [])
+            else:
+                parts.append(text)
+                size += len(text)
+        buf, pos = "".join(parts), 0
+
+    while True:
+        m = (_LIST_GAP if in_list else _GAP).match(buf, pos)
+        line, pos = line + buf.count("\n", pos, m.end()), m.end()
+        if pos == len(buf):
+            if eof:
+                break
+            more(1 << 16)
+            continue
+        if in_list is None:
+            in_list = buf[pos] == "["
+            pos += in_list
+            continue
+        if in_list and buf[pos] == "]":
+            break
+        try:
+            obj, end = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError as e:
+            if not eof and e.pos >= buf.rfind("\n", 0, len(buf) - 1) + 1:  # maybe just incomplete: read more
+                more(max(len(buf) - pos, 1 << 16))
+                continue
+            if not bad:
+                yield _Bad((line + buf.count("\n", pos, e.pos), f"malformed JSON: {e.msg} (rest of the file skipped)"))
+            break
+        yield obj, line
+        line, pos = line + buf.count("\n", pos, end), end
+    yield from bad
+
+
+def _read_csv(path, fields, encoding):
+    bad, where = [], [0]
+
+    def text_lines():
+        for n, line in _lines(path, encoding):
+            where[0] = n
+            if isinstance(line, _Bad):
+                bad.append(line)
+            else:
+                yield line
+
+    reader = csv.reader(text_lines())
+    if fields[0].startswith("#"):
+        col = int(fields[0][1:])
+    else:
+        header = next(reader, [])
+        col = next((header.index(f) for f in fields if f in header), None)
+        if col is None:
+            yield _Bad((1, f"no column {'/'.join(fields)} (columns: {', '.join(header)})"))
+            return
+    for row in reader:
+        yield from bad
+        bad.clear()
+        if len(row) <= col:
+            yield _Bad((where[0], f"row has {len(row)} columns, needs column {col + 1}"))
+        else:
+            yield row[col], where[0]
+    yield from bad
+
+
+def _read_parquet(path, fields, encoding=None):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)")
+    pf = pq.ParquetFile(path)
+    col = next((f for f in fields if f in pf.schema_arrow.names), None)
+    if col is None:
+        yield _Bad((1, f"no column {'/'.join(fields)} (columns: {', '.join(pf.schema_arrow.names)})"))
+        return
+    row = 0
+    for batch in pf.iter_batches(columns=[col], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield value, row
+
+
+def check_options(txt_split, encoding):
+    """Stop on a txt_split or encoding that cannot be meant, before any reading."""
+    if txt_split not in ("line", "blank", "file") and txt_split.strip().isalpha():  # a typo, surely
+        raise SystemExit(f"txt_split must be line, blank, file or a separator line such as % or <|endoftext|>, "
+                         f"not {txt_split!r}")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise SystemExit(f"encoding {encoding!r} is unknown (e.g. utf-8, gb18030, latin-1)") from None
+
+
+def read_file(path, opts):
+    """Yield (value, line) per document/record of one file (a str, or a decoded JSON value), or _Bad((line, msg)).
+    `opts`: a mapping with text_field, txt_split and encoding (data_process.py's config has them)."""
+    kind, fields, enc = _kind(path) or "txt", opts["text_field"].split(","), opts["encoding"]
+    if kind == "txt":
+        return _read_txt(path, opts["txt_split"], enc)
+    if kind in ("json", "jsonl"):
+        return (_read_json if kind == "json" else _read_jsonl)(path, enc)
+    return (_read_csv if kind == "csv" else _read_parquet)(path, fields, enc)
+
+
+def _where(path, line, msg):
+    return f"{path}:{line}: {msg}" if line is not None else f"{path}: {msg}"
+
+
+class Issues:
+    """Bad records: stop with `path:line: message`, or (lenient) count them and keep a few examples."""
+
+    def __init__(self, lenient):
+        self.lenient, self.count, self.examples = lenient, 0, []
+
+    def __call__(self, path, line, msg):
+        where = _where(path, line, msg)
+        if not self.lenient:
+            raise SystemExit(f"{where}\n(pass --lenient=True to skip such records and count them)")
+        self.count += 1
+        if len(self.examples) < 20:
+            self.examples.append(where)
+
+    def summary(self):
+        return f"skipped {self.count} bad record(s), e.g. {self.examples[0]}" if self.count else ""
+
+
+def _flatten(value, fields):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(t for t in (_flatten(v, fields) for v in value) if t)
+    if isinstance(value, dict):
+        return next((_flatten(value[f], fields) for f in fields if f in value), "")
+    return "" if value is None else str(value)
+
+
+def record_text(rec, fields):
+    """The document text of a JSON record (see text_field); raises ValueError naming what is missing."""
+    if isinstance(rec, str):
+        return rec
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected an object with field {'/'.join(fields)}, got {type(rec).__name__}")
+    for f in fields:
+        if f in rec:
+            return _flatten(rec[f], fields)
+    raise ValueError(f"missing field {'/'.join(fields)} (record has: {', '.join(list(rec)[:12])})")
+
+
+def iter_records(files, opts, issues, sources):
+    """(value, path, line) over all files; bad places go to `issues`; per-file counts go into `sources`."""
+    for path in files:
+        sources[path] = 0
+        for item in read_file(path, opts):
+            if isinstance(item, _Bad):
+                issues(path, *item)
+            else:
+                sources[path] += 1
+                yield item[0], path, item[1]
+
+
+def iter_documents(files, opts, issues, sources):
+    """The document text of every record (record_text), like iter_records."""
+    fields = opts["text_field"].split(",")
+    for value, path, line in iter_records(files, opts, issues, sources):
+        try:
+            yield record_text(value, fields)
+        except ValueError as e:
+            sources[path] -= 1
+            issues(path, line, str(e))
+
+
+def iter_texts(spec, text_field="text", txt_split="line", encoding="utf-8", lenient=False, exclude=EXCLUDE):
+    """The documents of comma-separated files/folders/globs. Bad places stop with `path:line: what`; lenient: they
+    are skipped and counted, with a one-line summary on stderr at the end."""
+    check_options(txt_split, encoding)
+    files, skipped = expand_inputs(spec, exclude)
+    if skipped:
+        print(f"{spec}: skipped {len(skipped)} file(s): {', '.join(skipped[:8])}", file=sys.stderr)
+    issues = Issues(lenient)
+    yield from iter_documents(files, {"text_field": text_field, "txt_split": txt_split, "encoding": encoding},
+                              issues, {})
+    if issues.count:
+        print(f"{spec}: {issues.summary()}", file=sys.stderr)
+
+
+def read_jsonl(path, encoding="utf-8"):
+    """(where, value) for each non-empty line of a JSON Lines file (.gz allowed), where = "path:line"; a malformed
+    line or a broken file stops with `path:line: what`."""
+    for item in _read_jsonl(path, encoding):
+        if isinstance(item, _Bad):
+            raise SystemExit(_where(path, *item))
+        yield f"{path}:{item[1]}", item[0]

@@ -1,0 +1,41 @@
+"""readers.py: the public entry points (iter_texts, read_jsonl) and broken files; the formats themselves are
+covered by test_data_process.py's reader tests."""
+import gzip
+import json
+
+import pytest
+
+import readers
+
+
+def test_iter_texts_reads_files_folders_and_fields(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("one\n\ntwo\n", encoding="utf-8")
+    (tmp_path / "c" / "b.jsonl").write_text('{"body": "three"}\n', encoding="utf-8")
+    (tmp_path / "c" / "SOURCE.json").write_text('{"not": "read"}', encoding="utf-8")
+    assert list(readers.iter_texts(str(tmp_path / "c"), text_field="body,text")) == ["one", "two", "three"]
+    (tmp_path / "d.txt").write_text("p1\np1b\n\np2\n", encoding="utf-8")
+    assert list(readers.iter_texts(str(tmp_path / "d.txt"), txt_split="blank")) == ["p1\np1b", "p2"]
+
+
+def test_iter_texts_lenient_summary_and_bad_options(tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": broken\n{"other": 1}\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"m\.jsonl:2: malformed JSON"):
+        list(readers.iter_texts(str(path)))
+    assert list(readers.iter_texts(str(path), lenient=True)) == ["ok"]
+    assert "skipped 2 bad record(s), e.g. " in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="encoding 'utf-9' is unknown"):
+        list(readers.iter_texts(str(path), encoding="utf-9"))
+    with pytest.raises(SystemExit, match="txt_split must be line, blank, file"):
+        list(readers.iter_texts(str(path), txt_split="lines"))
+
+
+def test_read_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "e.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"q": "1"}) + "\n\n" + json.dumps(["x"]) + "\n{bad\n")
+    rows = readers.read_jsonl(str(path))
+    assert next(rows) == (f"{path}:1", {"q": "1"}) and next(rows) == (f"{path}:3", ["x"])
+    with pytest.raises(SystemExit, match=r"e\.jsonl\.gz:4: malformed JSON"):
+        next(rows)

@@ -2,19 +2,20 @@
 
 The layouts read (alpaca, sharegpt, messages; prompt/chosen/rejected, sharegpt with chosen/rejected, hh-rlhf
 transcripts) and the on-disk form written are described in data_process.py's docstring; data_process.py reads the
-files and calls prepare_chat(). Trainers read the result back with load_sft() / load_dpo().
+files and calls prepare_chat(). Trainers read the result back with data.load_sft() / data.load_dpo().
 """
 import collections
 import itertools
-import json
 import os
 import re
 
 import numpy as np
 from tqdm import tqdm
 
-from data_process import (_W, _batches, _check_ids, _parallel_map, _report, _SplitWriter, _workers, _write_meta,
-                          choose_dtype, strip_control)
+import data
+import workers
+from clean import strip_control
+
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
           "bot": "assistant", "model": "assistant", "system": "system"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -162,7 +163,7 @@ def _render_pieces(tok, msgs):
 
 def _encode_sft(convs):
     """Worker: conversations -> [(ids, mask)] with mask 1 on the assistant pieces."""
-    tok, out = _W["tok"], []
+    tok, out = workers.state["tok"], []
     for msgs in convs:
         pieces = [p for p in _render_pieces(tok, msgs) if p[0]]
         ids = tok.encode_batch([p[0] for p in pieces])
@@ -174,7 +175,7 @@ def _encode_sft(convs):
 def _encode_dpo(records):
     """Worker: (prompt, chosen, rejected) -> token id arrays; the replies are what the template adds after the
     generation prompt for each of them."""
-    tok, out = _W["tok"], []
+    tok, out = workers.state["tok"], []
     for prompt, chosen, rejected in records:
         head = tok.apply_chat_template(prompt, add_generation_prompt=True)
         texts = [head]
@@ -199,7 +200,7 @@ def prepare_chat(cfg, tok, tok_source, records, sources, issues):
     """--format=sft|dpo: convert, validate, tokenize and write the records (layouts in the module docstring)."""
     out, sft, max_len = cfg["out_dir"], cfg["format"] == "sft", cfg["max_len"]
     os.makedirs(out, exist_ok=True)
-    dt, counts, splits = choose_dtype(tok.vocab_size, cfg["dtype"]), collections.Counter(), []
+    dt, counts, splits = data.choose_dtype(tok.vocab_size, cfg["dtype"]), collections.Counter(), []
 
     def converted():
         for rec, path, line in records:
@@ -218,9 +219,9 @@ def prepare_chat(cfg, tok, tok_source, records, sources, issues):
 
     names = [f"{s}{x}" for s in ("train", "val") for x in ((".bin", "_mask.bin") if sft else (".bin",))]
     tokens, index = {"train": 0, "val": 0}, {"train": [], "val": []}
-    results = _parallel_map(_encode_sft if sft else _encode_dpo, _batches(converted(), max_items=64),
-                            _workers(cfg), (tok_source, cfg))
-    with _SplitWriter(out, names) as writer:
+    results = workers.parallel_map(_encode_sft if sft else _encode_dpo, workers.batches(converted(), max_items=64),
+                                   workers.count(cfg["num_workers"]), (tok_source, cfg))
+    with data.SplitWriter(out, names) as writer:
         bar = None
         for k, enc in enumerate(_template_errors_exit(itertools.chain.from_iterable(results), cfg)):
             bar = tqdm(desc="records", unit="rec") if bar is None else bar  # after the fork: no tqdm thread there
@@ -245,7 +246,7 @@ def prepare_chat(cfg, tok, tok_source, records, sources, issues):
                     c, r = c[:max_len - len(p)], r[:max_len - len(p)]
                 ids = np.concatenate([p, c, r])
                 index[split].append((o, o + len(p), o + len(p) + len(c), o + len(ids)))
-            _check_ids(ids, tok.vocab_size)
+            data.check_ids(ids, tok.vocab_size)
             writer.write(f"{split}.bin", ids, dt)
             tokens[split] += len(ids)
         if bar is not None:
@@ -258,60 +259,8 @@ def prepare_chat(cfg, tok, tok_source, records, sources, issues):
         rows = np.array([0] + rows if sft else rows, dtype=np.int64)
         np.save(os.path.join(out, f"{split}_idx.npy"), rows if sft else rows.reshape(-1, 4))
     counts.update(skipped_bad_records=issues.count, kept=len(index["train"]) + len(index["val"]))
-    meta = _write_meta(out, tok, dt, cfg, {
+    return data.write_meta(out, tok, dt, cfg, {
         "train_records": len(index["train"]), "val_records": len(index["val"]), "train_tokens": tokens["train"],
         "val_tokens": tokens["val"], "max_len": max_len, "sources": list(sources),
         "counts": dict(sorted(counts.items())), "skipped_examples": issues.examples})
-    _report(meta)
-    return meta
 
-
-class SFTData:
-    """Memmapped SFT records: data[i] -> (input_ids, labels) int64, labels = -100 where nothing is trained."""
-
-    def __init__(self, tokens, mask, offsets):
-        self.tokens, self.mask, self.offsets = tokens, mask, offsets
-
-    def __len__(self):
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        a, b = self.offsets[i], self.offsets[i + 1]
-        ids = self.tokens[a:b].astype(np.int64)
-        return ids, np.where(self.mask[a:b] == 1, ids, -100)
-
-
-class DPOData:
-    """Memmapped preference records: data[i] -> (prompt_ids, chosen_ids, rejected_ids) int64."""
-
-    def __init__(self, tokens, index):
-        self.tokens, self.index = tokens, index
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, i):
-        p, c, r, e = self.index[i]
-        return tuple(self.tokens[a:b].astype(np.int64) for a, b in ((p, c), (c, r), (r, e)))
-
-
-def _open_split(data_dir, split, fmt):
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: missing (make it with python data_process.py --format={fmt})")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != fmt:
-        raise SystemExit(f"{path}: format is {meta.get('format')!r}, expected {fmt!r}")
-    tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
-    return meta, tokens, np.load(os.path.join(data_dir, f"{split}_idx.npy"))
-
-
-def load_sft(data_dir, split):
-    meta, tokens, offsets = _open_split(data_dir, split, "sft")
-    return SFTData(tokens, np.memmap(os.path.join(data_dir, f"{split}_mask.bin"), dtype=np.uint8, mode="r"), offsets)
-
-
-def load_dpo(data_dir, split):
-    meta, tokens, index = _open_split(data_dir, split, "dpo")
-    return DPOData(tokens, index)

@@ -13,17 +13,8 @@ everything streams) are read by readers.py, whose docstring says what `txt_split
 Bad input (bytes that are not `encoding`, malformed JSON, a missing field, a broken .gz, an invalid chat record)
 stops with `path:line: what`; with `lenient=True` such records are skipped, counted and listed in meta.json instead.
 
-Cleaning (pretrain text; SFT/DPO text only loses ANSI codes and control characters), in this order:
-  1. ANSI escape sequences and control characters (all of Unicode Cc except \\t and \\n; \\r\\n -> \\n; zero-width
-     space, BOM, word joiner, soft hyphen) are removed.
-  2. NFKC: full-width letters/digits/space become ASCII and compatibility ideographs are unified - and full-width
-     punctuation such as '，！？：；（）' becomes ASCII too (also lossy bits: '²' -> '2', '①' -> '1'); '…' is kept.
-  3. Runs of one repeated mark among 。，、！？；：,!?; collapse to one ("。。。。。" -> "。"); '...', '……', '——' stay.
-  4. CJK punctuation rule (documents with CJK only), undoing step 2 in Chinese/Japanese: , ! ? : ; become ，！？：；when the
-     character right before or after is CJK (Han, kana, CJK punctuation), and spaces after them before CJK go;
-     '.' becomes '。' only between a Han character and whitespace/Han/end (so 3.14, v1.2, 文件.txt stay);
-     a parenthesised span containing CJK becomes （...）. Elsewhere punctuation stays half-width.
-  5. Optional final period (`final_period`): a document ending in a letter/digit gets '。' after Han, else '.'.
+Cleaning (pretrain text; SFT/DPO text only loses ANSI codes and control characters): clean.py's rules 1-5
+(control characters, NFKC, repeated marks, CJK punctuation, optional final period), then
   6. Documents shorter than `min_chars` are dropped; exact duplicates (blake2b of the cleaned text) and near
      duplicates (one-permutation MinHash over character `shingle`-grams, LSH bands, confirmed when the estimated
      Jaccard similarity >= `near_dup_threshold`; ~2.5 KB of RAM per kept document, so a million documents need
@@ -34,11 +25,11 @@ On-disk layouts (np.memmap friendly; dtype uint16, or uint32 when vocab_size > 6
             Documents go to val greedily so val holds `val_fraction` of the tokens, deterministically.
   sft:      {split}.bin tokens, {split}_mask.bin uint8 (1 = an assistant token that is trained on: each reply and its
             end-of-turn marker as the chat template renders them, ChatML "reply<|im_end|>\n"), {split}_idx.npy int64
-            record offsets (n + 1). load_sft(dir, split)[i] -> (input_ids, labels), labels -100 where the mask is 0
+            record offsets (n + 1). data.load_sft(dir, split)[i] -> (input_ids, labels), labels -100 where the mask is 0
             (not shifted). Records longer than `max_len` are cut (counted; dropped when no reply token is left).
   dpo:      {split}.bin tokens (prompt, chosen, rejected of each record back to back), {split}_idx.npy int64 (n, 4)
-            = prompt start, chosen start, rejected start, end. load_dpo(dir, split)[i] -> (prompt, chosen, rejected);
-            the prompt ends with the generation prompt, the replies with the end-of-turn marker. Over `max_len`
+            = prompt start, chosen start, rejected start, end. data.load_dpo(dir, split)[i] -> (prompt, chosen,
+            rejected); the prompt ends with the generation prompt, the replies with the end-of-turn marker. Over `max_len`
             (counted): the prompt keeps its last max_len/2 tokens at most, then the replies are cut.
   Every data dir also holds meta.json (dtype, vocab_size, token counts, tokenizer_sha256, bos/eos ids, sources,
   counts) and the tokenizer (save_pretrained), so trainers can check they use the same one.
@@ -53,15 +44,17 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import sys
 import time
-import unicodedata
 
 import numpy as np
 from tqdm import tqdm
 
 import configurator
+import data
+import workers
+from chat_data import prepare_chat
+from clean import clean_text
 from dedup import NearDedup, minhash
 from default_data import default_documents, default_dpo_records, default_sft_records
 from readers import EXCLUDE as _EXCLUDE, Issues, check_options, expand_inputs, iter_documents, iter_records
@@ -102,97 +95,10 @@ def config(**overrides):
                                       for k, v in overrides.items()])
 
 
-# ------------------------------------------------------------------------------------------------------ cleaning
-_CJK = "\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0002ffff"
-_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff"
-_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u2060\ufeff\u00ad]")
-_REPEATED = re.compile(r"([。，、！？；：,!?;])\1+")
-_FULLWIDTH = {",": "，", "!": "！", "?": "？", ":": "：", ";": "；"}
-_TO_FULLWIDTH = re.compile(f"(?<=[{_CJK}])[,!?:;]|[,!?:;](?=[{_CJK}])")
-_SPACE_AFTER_FULLWIDTH = re.compile(f"([，！？：；])[ \t]+(?=[{_CJK}])")
-_PERIOD = re.compile(f"(?<=[{_HAN}])\\.(?=[\\s{_HAN}]|\\Z)")
-_PARENS = re.compile(f"\\(([^()\\n]*[{_CJK}][^()\\n]*)\\)")
-_IS_HAN, _HAS_CJK = re.compile(f"[{_HAN}]"), re.compile(f"[{_CJK}]")
-
-
-def strip_control(text, counts=None):
-    """Step 1 of the cleaning: ANSI escape codes, control characters (keeping \\t and \\n), \\r\\n -> \\n."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text, n_ansi = _ANSI.subn("", text)
-    text, n_ctrl = _CONTROL.subn("", text)
-    if counts is not None:
-        counts["ansi_codes_removed"] += n_ansi
-        counts["control_chars_removed"] += n_ctrl
-    return text
-
-
-def clean_text(text, cfg, counts):
-    """The pretraining cleaning rules (module docstring); `counts` collects what the steps changed."""
-    raw, text = text, strip_control(text, counts)
-    if cfg["nfkc"]:
-        text = "…".join(unicodedata.normalize("NFKC", t) for t in text.split("…"))  # NFKC makes … into ...
-    if cfg["collapse_punct"]:
-        text, n = _REPEATED.subn(r"\1", text)
-        counts["punct_runs_collapsed"] += n
-    if cfg["cjk_punct"] and _HAS_CJK.search(text):
-        text, n1 = _TO_FULLWIDTH.subn(lambda m: _FULLWIDTH[m.group()], text)
-        text, n2 = _PERIOD.subn("。", text)
-        text, n3 = _PARENS.subn(r"（\1）", text)
-        text = _SPACE_AFTER_FULLWIDTH.sub(r"\1", text)
-        counts["punct_made_fullwidth"] += n1 + n2 + 2 * n3  # mostly marks that NFKC had made ASCII
-    text = text.strip()
-    if cfg["final_period"] and text and text[-1].isalnum():
-        text += "。" if _IS_HAN.match(text[-1]) else "."
-        counts["final_period_added"] += 1
-    counts["docs_changed_by_cleaning"] += text != raw.strip()
-    return text
-
-
-# ------------------------------------------------------------------------------------------------ worker pool
-_W = {}
-
-
-def _init_worker(tok_source, cfg):
-    if isinstance(tok_source, str):
-        from tokenizer import Tokenizer
-        tok_source = Tokenizer.from_pretrained(tok_source)
-    _W.update(tok=tok_source, cfg=cfg)
-
-
-def _parallel_map(fn, items, num_workers, initargs):
-    """map(fn, items) in order over worker processes, with at most 2 batches per worker in flight, so memory stays
-    flat however long `items` is (Pool.imap would read the whole input ahead)."""
-    if num_workers <= 1:
-        _init_worker(*initargs)
-        yield from map(fn, items)
-        return
-    import multiprocessing as mp
-    with mp.get_context().Pool(num_workers, _init_worker, initargs) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= 2 * num_workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-def _batches(items, max_chars=1 << 20, max_items=512):
-    batch, size = [], 0
-    for item in items:
-        batch.append(item)
-        size += len(item) if isinstance(item, str) else 1
-        if size >= max_chars or len(batch) >= max_items:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
+# ------------------------------------------------------------------------------------------------- pretraining
 def _clean_and_encode(docs):
     """Worker: clean, hash, sign and tokenize a batch of documents."""
-    tok, cfg = _W["tok"], _W["cfg"]
+    tok, cfg = workers.state["tok"], workers.state["cfg"]
     counts = collections.Counter(docs_read=len(docs), bytes_in=sum(len(d.encode("utf-8")) for d in docs))
     kept = []
     for doc in docs:
@@ -209,43 +115,6 @@ def _clean_and_encode(docs):
     return counts, flat, lens, hashes, sigs
 
 
-def choose_dtype(vocab_size, forced="auto"):
-    need = np.uint16 if vocab_size <= 65535 else np.uint32
-    if forced == "auto":
-        return need
-    if forced not in ("uint16", "uint32"):
-        raise SystemExit(f"dtype must be auto, uint16 or uint32, not {forced!r}")
-    if np.dtype(forced).itemsize < np.dtype(need).itemsize and vocab_size > 65536:
-        raise SystemExit(f"vocab_size {vocab_size} is too large for dtype {forced} (ids up to {vocab_size - 1} "
-                         f"do not fit in 16 bits): use --dtype=uint32 or auto")
-    return np.dtype(forced).type
-
-
-def _check_ids(ids, vocab_size):
-    if ids.size and (ids.max() >= vocab_size or ids.min() < 0):
-        raise SystemExit(f"the tokenizer produced id {int(ids.max())} outside its vocab_size {vocab_size}")
-
-
-class _SplitWriter:
-    """Appends arrays to {name}.tmp files, renamed when the `with` block ends well and removed when it fails, so an
-    error never leaves a half-written dataset behind."""
-
-    def __init__(self, out, names):
-        self.paths = {n: os.path.join(out, n) for n in names}
-        self.files = {n: open(p + ".tmp", "wb") for n, p in self.paths.items()}
-
-    def write(self, name, arr, dtype):
-        arr.astype(dtype, copy=False).tofile(self.files[name])
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        for n, f in self.files.items():
-            f.close()
-            (os.remove(self.paths[n] + ".tmp") if exc_type else os.replace(self.paths[n] + ".tmp", self.paths[n]))
-
-
 def _usage():
     """(peak RSS MB of this process, of its largest finished child, CPU seconds of both), None off Unix."""
     try:
@@ -258,33 +127,19 @@ def _usage():
             round(me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime, 2))
 
 
-def _workers(cfg):
-    return cfg["num_workers"] or os.cpu_count() or 1
-
-
-def _write_meta(out, tok, dtype, cfg, extra):
-    meta = {"format": cfg["format"], "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, **extra,
-            "tokenizer_sha256": tok.checksum(), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "config": {k: v for k, v in cfg.items() if k not in ("bench",)}}
-    with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
-    tok.save_pretrained(out)
-    return meta
-
-
 def prepare_pretrain(cfg, tok, tok_source, docs, sources, issues):
     """Clean, dedup, tokenize (in worker processes) and write train.bin/val.bin/meta.json; returns the meta dict."""
     out, t0 = cfg["out_dir"], time.time()
     os.makedirs(out, exist_ok=True)
-    dt, counts, seen = choose_dtype(tok.vocab_size, cfg["dtype"]), collections.Counter(), set()
+    dt, counts, seen = data.choose_dtype(tok.vocab_size, cfg["dtype"]), collections.Counter(), set()
     near = NearDedup(cfg["near_dup_threshold"], cfg["minhash_perms"]) if cfg["near_dedup"] else None
     tokens, ndocs, bar = {"train": 0, "val": 0}, {"train": 0, "val": 0}, None
-    with _SplitWriter(out, ["train.bin", "val.bin"]) as writer:
-        for c, flat, lens, hashes, sigs in _parallel_map(_clean_and_encode, _batches(docs), _workers(cfg),
-                                                         (tok_source, cfg)):
+    with data.SplitWriter(out, ["train.bin", "val.bin"]) as writer:
+        for c, flat, lens, hashes, sigs in workers.parallel_map(_clean_and_encode, workers.batches(docs),
+                                                                workers.count(cfg["num_workers"]), (tok_source, cfg)):
             bar = tqdm(desc="documents", unit="doc") if bar is None else bar  # after the fork: no tqdm thread there
             counts.update(c)
-            _check_ids(flat, tok.vocab_size)
+            data.check_ids(flat, tok.vocab_size)
             keys = near.band_keys(sigs) if near is not None and len(lens) else None
             parts, starts = {"train": [], "val": []}, np.concatenate([[0], np.cumsum(lens)])
             for i, n in enumerate(lens):
@@ -315,14 +170,12 @@ def prepare_pretrain(cfg, tok, tok_source, docs, sources, issues):
     rss_main, rss_workers, cpu = _usage()
     counts.update(skipped_bad_records=issues.count, kept=ndocs["train"] + ndocs["val"])
     run_stats = {"seconds": round(seconds, 2), "mb_per_s": round(counts["bytes_in"] / 1e6 / max(seconds, 1e-9), 3),
-                 "cpu_seconds": cpu, "workers": _workers(cfg), "peak_rss_main_mb": rss_main,
+                 "cpu_seconds": cpu, "workers": workers.count(cfg["num_workers"]), "peak_rss_main_mb": rss_main,
                  "peak_rss_worker_mb": rss_workers}
-    meta = _write_meta(out, tok, dt, cfg, {
+    return data.write_meta(out, tok, dt, cfg, {
         "train_tokens": tokens["train"], "val_tokens": tokens["val"], "train_docs": ndocs["train"],
         "val_docs": ndocs["val"], "sources": list(sources), "source_documents": dict(sources),
         "counts": dict(sorted(counts.items())), "skipped_examples": issues.examples, "run": run_stats})
-    _report(meta)
-    return meta
 
 
 def _report(meta):
@@ -372,9 +225,11 @@ def run(cfg, tok=None):
         docs = [r for r, _, _ in records]
         sources[name] = len(records)
     if cfg["format"] == "pretrain":
-        return prepare_pretrain(cfg, tok, tok_source, docs, sources, issues)
-    from chat_data import prepare_chat  # imported here: chat_data builds on this module
-    return prepare_chat(cfg, tok, tok_source, records, sources, issues)
+        meta = prepare_pretrain(cfg, tok, tok_source, docs, sources, issues)
+    else:
+        meta = prepare_chat(cfg, tok, tok_source, records, sources, issues)
+    _report(meta)
+    return meta
 
 
 def run_bench(cfg):
@@ -392,20 +247,20 @@ def run_bench(cfg):
     print(f"{'corpus':<16} {'workers':>7} {'MB in':>7} {'seconds':>8} {'MB/s':>6} {'CPU s':>6} {'tokens':>10} "
           f"{'RSS main MB':>11} {'RSS worker MB':>13}")
     for path, extra in corpora:
-        for workers in (1, 2):
+        for n_workers in (1, 2):
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = [sys.executable, os.path.abspath(__file__), f"--input={path}", f"--tokenizer={cfg['tokenizer']}",
-                       f"--out_dir={tmp}", f"--num_workers={workers}", *extra]
+                       f"--out_dir={tmp}", f"--num_workers={n_workers}", *extra]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
                 with open(os.path.join(tmp, "meta.json"), encoding="utf-8") as f:
                     meta = json.load(f)
             r = meta["run"]
-            print(f"{os.path.basename(path.rstrip('/')):<16} {workers:>7} {meta['counts']['bytes_in'] / 1e6:>7.2f} "
+            print(f"{os.path.basename(path.rstrip('/')):<16} {n_workers:>7} {meta['counts']['bytes_in'] / 1e6:>7.2f} "
                   f"{r['seconds']:>8.2f} {r['mb_per_s']:>6.2f} {r['cpu_seconds']:>6} "
                   f"{meta['train_tokens'] + meta['val_tokens']:>10,} "
-                  f"{r['peak_rss_main_mb']:>11} {r['peak_rss_worker_mb'] if workers > 1 else '-':>13}")
+                  f"{r['peak_rss_main_mb']:>11} {r['peak_rss_worker_mb'] if n_workers > 1 else '-':>13}")
 
 
 if __name__ == "__main__":

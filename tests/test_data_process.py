@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import chat_data
+import data
 import data_process as dp
 import dedup
 
@@ -74,12 +75,12 @@ def docs_of(tmp_path, **kw):
 
 def write(path, text, gz=False):
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8") if isinstance(text, str) else text
+    raw = text.encode("utf-8") if isinstance(text, str) else text
     if gz:
         with gzip.open(path, "wb") as f:
-            f.write(data)
+            f.write(raw)
     else:
-        path.write_bytes(data)
+        path.write_bytes(raw)
     return str(path)
 
 
@@ -260,7 +261,7 @@ def test_dtype_uint32_for_big_vocab(tmp_path):
     meta = dp.run(cfg(tmp_path, input=path, val_fraction=0.0), tok=tok)
     _, ids = read_bin(str(tmp_path / "out"), "train")
     assert meta["dtype"] == "uint32" and ids.dtype == np.uint32 and 6 + 0xFFFD in ids  # 65539 survives
-    assert dp.choose_dtype(65535) is np.uint16 and dp.choose_dtype(65536) is np.uint32
+    assert data.choose_dtype(65535) is np.uint16 and data.choose_dtype(65536) is np.uint32
     with pytest.raises(SystemExit, match="vocab_size 70000 is too large for dtype uint16"):
         dp.run(cfg(tmp_path, input=path, dtype="uint16"), tok=tok)
 
@@ -431,17 +432,17 @@ def test_sft_mask_covers_exactly_the_assistant_replies(tmp_path):
     tok = CharTokenizer()
     meta = dp.run(cfg(tmp_path, input=path, format="sft", max_len=100), tok=tok)
     assert meta["counts"]["truncated"] == 2 and meta["counts"]["dropped_no_reply_left"] == 1
-    data = chat_data.load_sft(str(tmp_path / "out"), "train")
-    ids, labels = data[0]
+    records = data.load_sft(str(tmp_path / "out"), "train")
+    ids, labels = records[0]
     assert tok.decode(ids) == tok.apply_chat_template(chat_data.to_conversation(recs[0]), add_generation_prompt=False)
     trained = np.flatnonzero(labels != -100)
     runs = np.split(trained, np.flatnonzero(np.diff(trained) > 1) + 1)
     assert [tok.decode(ids[r]) for r in runs] == [f"a1{IM_END}\n", f"a2 中文{IM_END}\n"]
     assert np.array_equal(labels[trained], ids[trained])
-    ids, labels = chat_data.load_sft(str(tmp_path / "out"), "val")[0]  # the greedy split sends record 1 to val
+    ids, labels = data.load_sft(str(tmp_path / "out"), "val")[0]  # the greedy split sends record 1 to val
     assert len(ids) == 100 and tok.decode(ids[labels != -100]) == "y" * (100 - len(tok.encode(
         tok.apply_chat_template(conv(("user", "x" * 50))))))
-    assert len(data) + meta["val_records"] == 22
+    assert len(records) + meta["val_records"] == 22
 
 
 def test_dpo_layout_and_truncation(tmp_path):
@@ -450,7 +451,7 @@ def test_dpo_layout_and_truncation(tmp_path):
     path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in recs))
     tok = CharTokenizer()
     meta = dp.run(cfg(tmp_path, input=path, format="dpo", max_len=200), tok=tok)
-    train, val = (chat_data.load_dpo(str(tmp_path / "out"), s) for s in ("train", "val"))
+    train, val = (data.load_dpo(str(tmp_path / "out"), s) for s in ("train", "val"))
     assert len(train) + len(val) == 11 and meta["counts"]["truncated"] == 1 and len(val) >= 1
     p, c, r = train[0]
     assert tok.decode(p) == f"{IM_START}user\nquestion 0{IM_END}\n{IM_START}assistant\n"
@@ -531,14 +532,14 @@ def test_sft_and_dpo_with_real_tokenizer(tmp_path, bpe):
              "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
     path = write(tmp_path / "r.json", json.dumps(recs, ensure_ascii=False))
     dp.run(cfg(tmp_path, input=path, format="sft", tokenizer=bpe, out_dir=str(tmp_path / "sft")))
-    ids, labels = chat_data.load_sft(str(tmp_path / "sft"), "train")[0]
+    ids, labels = data.load_sft(str(tmp_path / "sft"), "train")[0]
     assert tok.decode(ids) == f"{IM_START}user\nQ 0 狐狸?{IM_END}\n{IM_START}assistant\nA 0 狗。{IM_END}\n"
     assert tok.decode(ids[labels != -100]) == f"A 0 狗。{IM_END}\n"
     recs = [{"prompt": r["conversations"][0]["value"], "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in recs]
     path = write(tmp_path / "p.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in recs))
     dp.run(cfg(tmp_path, input=path, format="dpo", tokenizer=bpe, out_dir=str(tmp_path / "dpo")))
-    p, c, r = chat_data.load_dpo(str(tmp_path / "dpo"), "train")[0]
+    p, c, r = data.load_dpo(str(tmp_path / "dpo"), "train")[0]
     assert tok.decode(np.concatenate([p, c])) == tok.apply_chat_template(
         conv(("user", "Q 0 狐狸?"), ("assistant", "good 0")), add_generation_prompt=False)
     assert tok.decode(r) == f"bad 0{IM_END}\n"

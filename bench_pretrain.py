@@ -198,10 +198,11 @@ def bench_shakespeare():
         cfg = json.load(f)
 
     # the reference, on the same val windows as ours
+    from data import open_data_dir
     from pretrain import PretrainData
     if cfg["block_size"] != 64:
         raise SystemExit(f"{config}: block_size must be 64, nanoGPT's, for both to be scored on the same windows")
-    val = PretrainData(data_dir, "uint16", 64, cfg["batch_size"], cfg["seed"])
+    val = PretrainData(open_data_dir(data_dir), 64, cfg["batch_size"], cfg["seed"])
     val_batches = [val.val_batch(i) for i in range(cfg["eval_iters"])]
     print(f"reference: nanoGPT CPU recipe, {ref_iters} iters", flush=True)
     t0 = time.time()

@@ -162,12 +162,15 @@ class DataDir:
                     raise SystemExit(f"{mask}: missing or not one byte per token of {path}; {MAKE_IT} again")
 
 
-def open_data_dir(data_dir, fmt="pretrain", tokenizer=None, splits=("train", "val")):
+def open_data_dir(data_dir, fmt="pretrain", tokenizer=None, vocab_size=None, splits=("train", "val")):
     """Open a data directory for reading as format `fmt`, checked against the model's `tokenizer` (a Tokenizer;
-    None: the model brings none, e.g. a fresh one that takes the data's). Refuses a format, tokenizer or size
-    mismatch; warns once when the data records no tokenizer to check against."""
+    None: the model brings none, e.g. a fresh one that takes the data's) and its `vocab_size` (embedding rows).
+    Refuses a format, tokenizer, vocabulary or size mismatch; warns when the data records no tokenizer."""
     meta = read_meta(data_dir)
     path = os.path.join(data_dir, "meta.json")
+    if vocab_size is not None and meta["vocab_size"] > vocab_size:
+        raise SystemExit(f"{path}: vocab_size={meta['vocab_size']} but the model has only {vocab_size} embeddings; "
+                         f"set vocab_size to at least the data's (0 takes it from meta.json)")
     if meta["format"] != fmt:
         raise SystemExit(f"{path}: this is {meta['format']} data, not {fmt} data; make {fmt} data with "
                          f"python data_process.py --format={fmt}")

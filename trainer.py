@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+from model import ModelConfig, Transformer
 
 
 @dataclass
@@ -75,6 +76,37 @@ class TrainConfig:
     wandb_run_name: str = ""
 
 
+CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda"),
+           "parallel": ("ddp", "fsdp", "deepspeed"), "wandb_mode": ("off", "online", "offline")}
+AT_LEAST_ONE = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
+                "max_nan_skips")
+NOT_NEGATIVE = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip",
+                "keep_last", "peak_flops")
+
+
+def train_config(cfg):
+    """The TrainConfig of a script's resolved config, every value checked before any work starts: a zero or
+    negative count or interval, an unknown choice or an out_dir that is a file stops here, naming the key."""
+    c = TrainConfig(**{f.name: cfg[f.name] for f in fields(TrainConfig) if f.name in cfg})
+    for key in AT_LEAST_ONE:
+        if getattr(c, key) < 1:
+            raise SystemExit(f"{key}={getattr(c, key)}: must be at least 1")
+    for key in NOT_NEGATIVE:
+        if getattr(c, key) < 0:
+            raise SystemExit(f"{key}={getattr(c, key)}: must not be negative")
+    for key, options in CHOICES.items():
+        if getattr(c, key) not in options and not (key == "device" and getattr(c, key).startswith("cuda:")):
+            raise SystemExit(f"{key}={getattr(c, key)!r}: expected one of {', '.join(options)}")
+    if c.min_lr > c.learning_rate:
+        raise SystemExit(f"min_lr={c.min_lr} is above learning_rate={c.learning_rate}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(c, key) < 1:
+            raise SystemExit(f"{key}={getattr(c, key)}: must be in [0, 1)")
+    if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
+        raise SystemExit(f"out_dir={c.out_dir}: is a file, not a folder")
+    return c
+
+
 def lm_loss(model, batch, ref_model=None):
     """Next-token cross-entropy over the labels that are not -100 (pretraining, SFT)."""
     x, y = batch
@@ -107,13 +139,13 @@ def resolve_dtype(name, device):
     if name == "auto":
         ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
         name = "bfloat16" if ok else "float16"
-    if name not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"dtype={name!r}: expected auto, float32, bfloat16 or float16")
     return name
 
 
-def cosine_lr_factor(step, c):
-    """Linear warmup, then cosine from learning_rate to min_lr at lr_decay_iters (nanoGPT), as a multiplier."""
+def cosine_lr(step, c):
+    """Linear warmup, then cosine from learning_rate to min_lr at lr_decay_iters (nanoGPT). A pure function of the
+    step and the config, set on the optimizer every step: a resumed run follows the schedule its own config asks
+    for, never one stored in the checkpoint."""
     decay_iters = c.lr_decay_iters or c.max_iters
     if step < c.warmup_iters:
         lr = c.learning_rate * (step + 1) / (c.warmup_iters + 1)
@@ -122,7 +154,7 @@ def cosine_lr_factor(step, c):
     else:
         ratio = (step - c.warmup_iters) / max(1, decay_iters - c.warmup_iters)
         lr = c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
-    return lr / c.learning_rate if c.learning_rate else 0.0
+    return lr
 
 
 def make_optimizer(model, c, device):
@@ -137,37 +169,49 @@ def make_optimizer(model, c, device):
         return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2))
 
 
-def check_data_dir(data_dir, model_vocab_size):
-    """meta.json against the model's vocabulary and the tokenizer saved beside the data. Returns the meta dict and
-    the tokenizer directory (None when the data dir holds no tokenizer)."""
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise SystemExit(f"{meta_path}: not found; make the data directory with data_process.py")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    for key in ("dtype", "vocab_size"):
-        if key not in meta:
-            raise SystemExit(f"{meta_path}: field '{key}' is missing")
-    if meta["vocab_size"] > model_vocab_size:
-        raise SystemExit(f"{meta_path}: vocab_size={meta['vocab_size']} but the model has only {model_vocab_size} "
-                         "embeddings; set vocab_size to at least the data's (0 takes it from meta.json)")
-    has_tok = any(os.path.isfile(os.path.join(data_dir, f)) for f in ("tokenizer.model", "tokenizer.json"))
-    if not has_tok:
-        log(f"warning: {data_dir} holds no tokenizer (tokenizer.model / tokenizer.json): tokenizer checksum NOT "
-            "checked, and the exported model folder will have no tokenizer")
-        return meta, None
+def build_model(init_from, out_dir, scratch_config):
+    """(model, tokenizer) a run starts from; the tokenizer is None where the model brings none (a fresh model takes
+    the data's). scratch: Transformer(scratch_config); resume: the newest checkpoint's architecture (Trainer.fit
+    loads its weights); a model folder or .gguf: its weights in fp32 (master weights, whatever is stored)."""
+    if init_from == "scratch":
+        return Transformer(scratch_config), None
+    if init_from == "resume":
+        path = checkpoint.latest_checkpoint(out_dir)
+        if path is None:
+            raise SystemExit(f"init_from=resume: no checkpoint in {out_dir}/ckpt")
+        saved = ModelConfig(**checkpoint.read_trainer_state(path)["model_config"])
+        ignored = [f"{f.name}={getattr(scratch_config, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+                   for f in fields(ModelConfig) if getattr(scratch_config, f.name) != getattr(saved, f.name)
+                   and f.name not in ("vocab_size", "bos_id", "eos_id")]
+        if ignored:
+            log(f"init_from=resume: the model's shape comes from {path}; ignored: {', '.join(ignored)}")
+        return Transformer(saved), None
+    if not os.path.exists(init_from):
+        raise SystemExit(f"init_from={init_from}: no such model folder or .gguf (or use scratch / resume)")
+    import convert
     from tokenizer import Tokenizer
-    tok = Tokenizer.from_pretrained(data_dir)
-    if "tokenizer_sha256" not in meta:
-        raise SystemExit(f"{meta_path}: field 'tokenizer_sha256' is missing; re-run data_process.py")
-    if tok.checksum() != meta["tokenizer_sha256"]:
-        raise SystemExit(f"{meta_path}: tokenizer_sha256 {meta['tokenizer_sha256'][:12]}... does not match the "
-                         f"tokenizer in {data_dir} ({tok.checksum()[:12]}...): the data was tokenized with another "
-                         "tokenizer; re-run data_process.py with this one")
-    if tok.vocab_size != meta["vocab_size"]:
-        raise SystemExit(f"{meta_path}: vocab_size={meta['vocab_size']} but the tokenizer has {tok.vocab_size}")
-    log(f"data: {meta_path} matches the tokenizer in {data_dir} (sha256 {meta['tokenizer_sha256'][:12]}...)")
-    return meta, data_dir
+    model = convert.from_pretrained(init_from, dtype=torch.float32)
+    has_tokenizer = init_from.endswith(".gguf") or any(
+        os.path.isfile(os.path.join(init_from, f)) for f in ("tokenizer.json", "tokenizer.model"))
+    if not has_tokenizer:
+        log(f"warning: {init_from} holds no tokenizer: the data's tokenizer is NOT checked against the model's")
+    return model, Tokenizer.from_pretrained(init_from) if has_tokenizer else None
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl; a line a kill cut short (or any unreadable one) is dropped with a warning
+    naming it, so it never stops a resume."""
+    recs = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or "step" not in rec:
+                    raise ValueError("not a record with a step")
+                recs.append(rec)
+            except ValueError:
+                log(f"warning: {path}:{n}: unreadable metrics line dropped ({line.strip()[:60]!r})")
+    return recs
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -175,8 +219,6 @@ def check_data_dir(data_dir, model_vocab_size):
 def setup_distributed(parallel, device_name):
     """Start the process group when torchrun/deepspeed started several processes, or FSDP/DeepSpeed is asked
     for (they need one even alone). Returns (rank, world_size, device)."""
-    if parallel not in ("ddp", "fsdp", "deepspeed"):
-        raise SystemExit(f"parallel={parallel!r}: expected ddp, fsdp or deepspeed")
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -215,7 +257,7 @@ def teardown_distributed():
 class Trainer:
     def __init__(self, cfg, model, train_batch, val_batch=None, loss_fn=lm_loss, ref_model=None, tokenizer_dir=None):
         self.cfg = dict(cfg)
-        self.c = c = TrainConfig(**{f.name: cfg[f.name] for f in fields(TrainConfig) if f.name in cfg})
+        self.c = c = train_config(cfg)
         self.train_batch, self.val_batch, self.loss_fn = train_batch, val_batch, loss_fn
         self.tokenizer_dir = tokenizer_dir
         self.rank, self.world, self.device = setup_distributed(c.parallel, c.device)
@@ -243,7 +285,7 @@ class Trainer:
         self.scaler = None
         amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.dtype)
         self.autocast = torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-        self.optimizer = self.scheduler = None
+        self.optimizer = None
         self.engine = None
         if self.mode == "deepspeed":
             self._setup_deepspeed(model)
@@ -261,7 +303,6 @@ class Trainer:
                 from torch.nn.parallel import DistributedDataParallel
                 self.model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.optimizer = make_optimizer(model, c, self.device)
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: cosine_lr_factor(s, c))
             if self.dtype == "float16":
                 self.scaler = torch.amp.GradScaler(self.device.type)
 
@@ -310,14 +351,20 @@ class Trainer:
         self.autocast = nullcontext()  # DeepSpeed holds the model in bf16/fp16 itself
         if c.compile:
             model.compile()
-        # the scheduler is built on DeepSpeed's own (ZeRO) optimizer, so DS gets a function that makes it
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model, c, self.device), config=ds_cfg,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr_factor(s, c)))
+        # the optimizer returned is DeepSpeed's (ZeRO) wrapper; set_hyperparameters writes into its param groups
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model, c, self.device), config=ds_cfg)
         self.model = self.engine
         self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
 
     # -------------------------------------------------------------------------------------------- one step
+
+    def set_hyperparameters(self):
+        """This step's learning rate, and the config's betas and weight decay (matrices only): an optimizer state
+        loaded on resume carries the old run's values, and the config of the run being resumed wins."""
+        c = self.c
+        for group, decay in zip(self.optimizer.param_groups, (c.weight_decay, 0.0)):  # make_optimizer's order
+            group.update(lr=cosine_lr(self.step, c), betas=(c.beta1, c.beta2), weight_decay=decay)
 
     def _to_device(self, batch):
         pin = self.device.type == "cuda"
@@ -331,6 +378,7 @@ class Trainer:
     def train_step(self):
         """One optimizer step over this rank's micro-batches. Returns (loss, grad_norm, extra metrics, skipped)."""
         c, model = self.c, self.model
+        self.set_hyperparameters()
         loss_sum = torch.zeros((), device=self.device)
         extras = {}
         for k in range(self.accum):
@@ -380,7 +428,6 @@ class Trainer:
             elif not skipped:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
         self.step += 1
         return loss, norm, dict(zip(extras, values[2:-1])), skipped
 
@@ -406,20 +453,43 @@ class Trainer:
     def _trainer_state(self):
         state = {"step": self.step, "config": self.cfg, "best_val_loss": self.best_val_loss,
                  "best_step": self.best_step, "nan_skips_total": self.nan_skips_total,
-                 "tokens_seen": self.tokens_seen, "data_position": {"next_step": self.step},
+                 "tokens_seen": self.tokens_seen,
                  "elapsed_s": time.time() - self.t_start, "train_time_s": self.train_time,
                  "world_size": self.world, "parallel": self.mode,
                  "model_config": asdict(self.raw_model.config) if hasattr(self.raw_model, "config") else {}}
         if self.engine is None:
-            state["scheduler"] = self.scheduler.state_dict()
             state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
         return state
 
+    def weights_are_finite(self):
+        """Whether every weight of every rank is finite (each rank checks its own shards)."""
+        bad = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for p in self.raw_model.parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p  # FSDP: this rank's shard
+                bad += (~torch.isfinite(local)).any().float()
+        if self.world > 1:
+            dist.all_reduce(bad)
+        return bad.item() == 0
+
     def save_checkpoint(self, reason=""):
         """Write out_dir/ckpt/step_NNNNNNNN atomically: everything goes into a .tmp directory, is fsynced, and
-        only then renamed, so a kill at any moment leaves either the old set of checkpoints or the new one."""
+        only then renamed, so a kill at any moment leaves either the old set of checkpoints or the new one. Weights
+        that hold NaN/inf are never saved, and a full disk keeps the checkpoints already there."""
+        last_good = checkpoint.latest_checkpoint(self.c.out_dir)
+        if not self.weights_are_finite():
+            raise SystemExit(f"step {self.step}: the weights hold NaN or inf, so no checkpoint is saved; the last good "
+                             f"one is {last_good or 'none'} (resume from it with a lower learning_rate)")
         name = f"step_{self.step:08d}"
         final, tmp = os.path.join(self.ckpt_root, name), os.path.join(self.ckpt_root, name + ".tmp")
+        try:
+            self._write_checkpoint(tmp, final, reason)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(f"writing checkpoint {tmp} failed: {e.strerror or e} (disk full?); nothing was replaced, "
+                             f"the last good checkpoint is {last_good or 'none'}")
+
+    def _write_checkpoint(self, tmp, final, reason):
         if self.master:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -467,10 +537,9 @@ class Trainer:
             set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
         else:
             self.engine.load_checkpoint(path, tag="deepspeed")
-        if self.engine is None:
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.report_changes(state["config"], path)
         self.step = state["step"]
         self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
         self.nan_skips_total, self.tokens_seen = state["nan_skips_total"], state["tokens_seen"]
@@ -482,6 +551,15 @@ class Trainer:
             log(f"warning: {rng_path} missing (resumed with more processes?): this rank's RNG starts fresh")
         self.resumed = True
         log(f"resumed from {path} at step {self.step}")
+
+    def report_changes(self, saved, path):
+        """Say which settings differ from the checkpoint's run; the values of this run are the ones used (the
+        learning rate, betas and weight decay too: set_hyperparameters overrides the loaded optimizer state)."""
+        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in self.cfg.items()
+                   if k != "init_from" and k in saved and saved[k] != v]
+        if changed:
+            log(f"resume: settings changed since {path} (training settings take this run's values; the model's "
+                f"shape stays the checkpoint's):\n  " + "\n  ".join(changed))
 
     def full_state_dict(self):
         """The whole model's weights on CPU, on rank 0 (None elsewhere); collective under FSDP and ZeRO-3."""
@@ -495,14 +573,15 @@ class Trainer:
         return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()} if self.master else None
 
     def export_hf(self):
-        """out_dir/hf: config.json + model.safetensors (model.save_pretrained) and the data's tokenizer."""
+        """out_dir/hf: config.json + model.safetensors (convert.save_pretrained) and the data's tokenizer."""
         sd = self.full_state_dict()
         if not self.master:
             return
         out = os.path.join(self.c.out_dir, "hf")
         fresh = self.model_cls(self.raw_model.config)
         fresh.load_state_dict({k: v.float() for k, v in sd.items()})
-        fresh.save_pretrained(out)
+        import convert
+        convert.save_pretrained(fresh, out)
         if self.tokenizer_dir:
             from tokenizer import Tokenizer
             Tokenizer.from_pretrained(self.tokenizer_dir).save_pretrained(out)
@@ -525,8 +604,6 @@ class Trainer:
         self.wandb = None
         if self.c.wandb_mode == "off" or not self.master:
             return
-        if self.c.wandb_mode not in ("online", "offline"):
-            raise SystemExit(f"wandb_mode={self.c.wandb_mode!r}: expected off, online or offline")
         try:
             import wandb
         except ImportError:
@@ -539,8 +616,7 @@ class Trainer:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        with open(self.metrics_path) as f:
-            recs = [json.loads(line) for line in f]
+        recs = read_metrics(self.metrics_path)
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in ("train_loss", "val_loss"):
             pts = [(r["step"], r[key]) for r in recs if key in r]
@@ -577,8 +653,7 @@ class Trainer:
             if self.master:  # the metrics of a killed run past the checkpoint are replaced by the resumed run's
                 recs = []
                 if self.resumed and os.path.isfile(self.metrics_path):
-                    with open(self.metrics_path) as f:
-                        recs = [r for r in map(json.loads, f) if r["step"] <= self.step]
+                    recs = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
                 with open(self.metrics_path, "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in recs)
             self._start_wandb()
@@ -615,11 +690,11 @@ class Trainer:
                 last_eval_step = self.step
                 if self.val_batch is not None:
                     val_loss = self.evaluate()
-                    if val_loss < self.best_val_loss:
+                    if val_loss < self.best_val_loss and self.step > 0:  # step 0 saves no checkpoint to name
                         self.best_val_loss, self.best_step = val_loss, self.step
-                    log(f"step {self.step}: val loss {val_loss:.4f} (best {self.best_val_loss:.4f} at step "
-                        f"{self.best_step})")
-                    self._record({"step": self.step, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
+                    best = f" (best {self.best_val_loss:.4f} at step {self.best_step})" if self.best_step > 0 else ""
+                    log(f"step {self.step}: val loss {val_loss:.4f}{best}")
+                    self._record({"step": self.step, "val_loss": val_loss, "lr": cosine_lr(self.step, c),
                                   **self._clocks()})
                 if self.step > 0:
                     self.save_checkpoint()
@@ -631,7 +706,7 @@ class Trainer:
                 bar.close()
                 raise SystemExit(128 + self.stop_signal)
             t0, tokens0 = time.time(), self.tokens_seen
-            lr = self.scheduler.get_last_lr()[0]
+            lr = cosine_lr(self.step, c)
             loss, norm, extras, skipped = self.train_step()
             dt = time.time() - t0
             self.train_time += dt

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from trainer import TrainConfig, Trainer, check_data_dir, cosine_lr_factor, lm_loss, make_optimizer
+from data import open_data_dir
+from trainer import TrainConfig, Trainer, cosine_lr, lm_loss, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 128
@@ -95,7 +96,7 @@ def test_tiny_run_learns_logs_checkpoints_and_exports(data_dir, tmp_path):
                       "--wandb_mode=offline"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "  learning_rate = 0.003" in r.stdout  # the resolved config, printed at start
-    assert "matches the tokenizer" in r.stdout
+    assert "matches the model's tokenizer" in r.stdout
     recs = read_metrics(out)
     vals = [x for x in recs if "val_loss" in x]
     assert [x["step"] for x in vals] == [0, 25, 50, 75, 100]
@@ -114,7 +115,7 @@ def test_tiny_run_learns_logs_checkpoints_and_exports(data_dir, tmp_path):
     assert set(os.listdir(os.path.join(out, "ckpt"))) == {"best.json", "step_00000075", "step_00000100", best["dir"]}
     state = final_state(out)  # weights_only=True: everything in it is tensors and primitives
     assert state["step"] == 100 and state["config"]["learning_rate"] == 3e-3
-    assert {"model", "optimizer", "scheduler", "data_position", "model_config"} <= set(state)
+    assert {"model", "optimizer", "model_config"} <= set(state)
     assert os.path.isfile(os.path.join(out, "ckpt", "step_00000100", "rng_rank0.pt"))
     assert any(d.startswith("offline-run") for d in os.listdir(os.path.join(out, "wandb")))
 
@@ -196,28 +197,28 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(data_dir, uninterrupted,
 # ---------------------------------------------------------------------------------------------- data checks
 
 def test_meta_checks_name_the_file_and_field(data_dir, tmp_path, capsys):
-    meta, tok_dir = check_data_dir(data_dir, VOCAB)
-    assert tok_dir == data_dir and meta["vocab_size"] == VOCAB
+    data = open_data_dir(data_dir, vocab_size=VOCAB)
+    assert data.tokenizer_dir == data_dir and data.meta["vocab_size"] == VOCAB
     with pytest.raises(SystemExit, match=r"meta.json: vocab_size=128 but the model has only 64"):
-        check_data_dir(data_dir, 64)
+        open_data_dir(data_dir, vocab_size=64)
 
     bad = make_data_dir(str(tmp_path / "bad"))
     meta = json.load(open(os.path.join(bad, "meta.json")))
     meta["tokenizer_sha256"] = "0" * 64
     json.dump(meta, open(os.path.join(bad, "meta.json"), "w"))
     with pytest.raises(SystemExit, match=r"meta.json: tokenizer_sha256 000000000000\.\.\. does not match"):
-        check_data_dir(bad, VOCAB)
+        open_data_dir(bad, vocab_size=VOCAB)
 
     bare = make_data_dir(str(tmp_path / "bare"), with_tokenizer=False, n_train=1000, n_val=100)
-    assert check_data_dir(bare, VOCAB)[1] is None
-    assert "tokenizer checksum NOT checked" in capsys.readouterr().out
+    assert open_data_dir(bare, vocab_size=VOCAB).tokenizer_dir is None
+    assert "NOT checked against the model's tokenizer" in capsys.readouterr().err
     r = run_pretrain([f"--data_dir={bare}", f"--out_dir={tmp_path / 'o'}", "--block_size=200", "--max_iters=1"])
     assert r.returncode != 0 and "val.bin: 100 tokens, fewer than block_size+1=201" in r.stderr
 
 
 def test_batches_are_windows_of_the_stream_deterministic_per_step_and_micro(data_dir):
     from pretrain import PretrainData
-    data = PretrainData(data_dir, "uint16", block_size=16, batch_size=4, seed=7)
+    data = PretrainData(open_data_dir(data_dir), block_size=16, batch_size=4, seed=7)
     stream = np.fromfile(os.path.join(data_dir, "train.bin"), dtype=np.uint16).astype(np.int64)
     x, y = data.train_batch(3, 1)
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
@@ -225,10 +226,10 @@ def test_batches_are_windows_of_the_stream_deterministic_per_step_and_micro(data
     for row in x.numpy():  # each row is a window of train.bin
         starts = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(stream, 16) == row, axis=1))
         assert len(starts) > 0
-    again = PretrainData(data_dir, "uint16", block_size=16, batch_size=4, seed=7)
+    again = PretrainData(open_data_dir(data_dir), block_size=16, batch_size=4, seed=7)
     assert torch.equal(again.train_batch(3, 1)[0], x)
     assert not torch.equal(data.train_batch(3, 0)[0], x) and not torch.equal(data.train_batch(4, 1)[0], x)
-    assert not torch.equal(PretrainData(data_dir, "uint16", 16, 4, seed=8).train_batch(3, 1)[0], x)
+    assert not torch.equal(PretrainData(open_data_dir(data_dir), 16, 4, seed=8).train_batch(3, 1)[0], x)
     assert torch.equal(data.val_batch(2)[0], again.val_batch(2)[0])
 
 
@@ -236,7 +237,7 @@ def test_batches_are_windows_of_the_stream_deterministic_per_step_and_micro(data
 
 def test_cosine_schedule_matches_the_formula():
     c = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
-    lr = [1e-3 * cosine_lr_factor(s, c) for s in range(130)]
+    lr = [cosine_lr(s, c) for s in range(130)]
     assert lr[0] == pytest.approx(1e-3 / 11) and lr[9] == pytest.approx(1e-3 * 10 / 11)  # linear warmup
     assert lr[10] == pytest.approx(1e-3)
     assert lr[60] == pytest.approx((1e-3 + 1e-4) / 2)  # half way: the cosine is at zero

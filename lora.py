@@ -23,7 +23,8 @@ import re
 import torch
 import torch.nn as nn
 
-from model import Transformer, swap_modules
+import convert
+from model import swap_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -113,14 +114,12 @@ def lora_state_dict(model):
 
 def _name_tables(config):
     """(ours -> transformers, transformers -> ours) module-name maps for this model's family."""
-    import convert
     table = convert.NAMES[convert.family_of(config)]
     return {ours: hf for hf, ours in table.items()}, table
 
 
 def _rename_module(name, table):
     """A module path through one of convert.py's name tables (which map parameters); None when not in it."""
-    import convert
     renamed = convert.rename(name + ".weight", table)
     return renamed and renamed.removesuffix(".weight")
 
@@ -226,6 +225,6 @@ def load(folder, base=None, device=None, dtype=None, merge=False):
     if found is None:
         raise SystemExit(f"{folder}: base model {base!r} not found (tried {candidates}); pass it with "
                          f"--lora_base=PATH (hub ids are not downloaded)")
-    model = Transformer.from_pretrained(found, device=device, dtype=dtype)
+    model = convert.from_pretrained(found, device=device, dtype=dtype)
     load_adapter(model, folder)
     return (merge_lora(model) if merge else model), found

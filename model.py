@@ -367,12 +367,6 @@ class Transformer(nn.Module):
         # copy in place: a compiled decode step keeps reading the same buffer
         self.cache_pad.copy_(torch.zeros(batch_size, dtype=torch.long) if pad_lens is None else torch.as_tensor(pad_lens))
 
-    def clear_cache(self):
-        for layer in self.layers:
-            layer.attn.kv_cache = None
-        self.cache_pad = None
-        self._compiled_decode = None
-
     def decode_step(self, idx, input_pos):
         """One token per row: idx (B, 1) at cache slot input_pos (1,) -> next-token logits (B, vocab) in fp32.
         Static shapes and no host syncs, so torch.compile(fullgraph=True) takes it whole."""
@@ -475,23 +469,6 @@ class Transformer(nn.Module):
         if c.tie_embeddings:
             n += self.embed.weight.numel()  # the lm_head matmul still runs
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
-
-    def mfu(self, tokens_per_second, seq_len, peak_flops):
-        """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak (e.g. 989e12 for H100 bf16)."""
-        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
-
-    # ------------------------------------------------------------------ checkpoints (formats live in convert.py)
-
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
-        """Deprecated: use convert.from_pretrained (model.py imports nothing of the project)."""
-        import convert
-        return convert.from_pretrained(path, device, dtype)
-
-    def save_pretrained(self, path):
-        """Deprecated: use convert.save_pretrained(model, path)."""
-        import convert
-        convert.save_pretrained(self, path)
 
 
 def swap_modules(model, new_modules):

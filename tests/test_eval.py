@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import convert
 import eval as ev
 from model import ModelConfig, Transformer
 
@@ -380,7 +381,7 @@ def char_tokenizer_folder(path):
 def ckpt_folder(tmp_path):
     path = str(tmp_path / "ckpt")
     tok = char_tokenizer_folder(path)
-    tiny_transformer(tok.vocab_size, max_seq_len=128).save_pretrained(path)
+    convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=128), path)
     return path
 
 

@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 transformers.logging.set_verbosity_error()
 
 import lora  # noqa: E402
-from model import Transformer  # noqa: E402
+import convert  # noqa: E402
 from test_model import V, hf_llama, hf_phi  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_peft_adapter_loads_with_equal_logits(tmp_path, family, targets, rslora)
 
 def test_our_adapter_loads_in_peft(tmp_path):
     hf, base = hf_base(tmp_path)
-    ours = Transformer.from_pretrained(base)
+    ours = convert.from_pretrained(base)
     names = lora.add_lora(ours, rank=4, alpha=16, targets="q_proj,k_proj,o_proj,up_proj")
     assert len(names) == 8
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
@@ -76,7 +76,7 @@ def test_our_adapter_loads_in_peft(tmp_path):
 
 def test_only_adapters_get_gradients(tmp_path):
     _, base = hf_base(tmp_path)
-    model = Transformer.from_pretrained(base).train()
+    model = convert.from_pretrained(base).train()
     lora.add_lora(model, rank=2, alpha=4, dropout=0.1, targets="all")
     loss = model(IDS)[0].logsumexp(-1).mean()
     loss.backward()
@@ -88,7 +88,7 @@ def test_only_adapters_get_gradients(tmp_path):
 
 def test_bad_adapters_fail_clearly(tmp_path):
     hf, base = hf_base(tmp_path)
-    model = Transformer.from_pretrained(base)
+    model = convert.from_pretrained(base)
     with pytest.raises(ValueError, match="no linear layer named.*its linear layers are"):
         lora.add_lora(model, targets="query")
     folder = tmp_path / "adapter"
@@ -109,8 +109,8 @@ def test_eval_takes_an_adapter_as_ckpt(tmp_path):
     from test_eval import char_tokenizer_folder, tiny_transformer
     base = str(tmp_path / "base")
     tok = char_tokenizer_folder(base)
-    tiny_transformer(tok.vocab_size, max_seq_len=128).save_pretrained(base)
-    model = Transformer.from_pretrained(base)
+    convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=128), base)
+    model = convert.from_pretrained(base)
     lora.add_lora(model, rank=4, alpha=8, targets="q_proj,v_proj")
     with torch.no_grad():
         for m in lora.lora_layers(model).values():
@@ -128,7 +128,7 @@ def test_eval_takes_an_adapter_as_ckpt(tmp_path):
     tokens = tok.encode(text.read_text()) + [tok.eos_id]
     want = ev.perplexity(model.eval(), tokens, 64)["ppl"]
     assert json.loads(out.read_text())["results"]["ppl"]["ppl"] == pytest.approx(want, rel=1e-5)
-    assert want != pytest.approx(ev.perplexity(Transformer.from_pretrained(base), tokens, 64)["ppl"], rel=1e-3)
+    assert want != pytest.approx(ev.perplexity(convert.from_pretrained(base), tokens, 64)["ppl"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
+import convert  # noqa: E402
 from model import ModelConfig, Transformer, process_logits, warp_logits  # noqa: E402
 
 V = 101
@@ -37,8 +38,8 @@ def hf_phi(**kw):
 def roundtrip(hf, tmp_path):
     """Load hf into ours through its saved folder; load ours back into transformers through save_pretrained."""
     hf.save_pretrained(tmp_path / "hf")
-    ours = Transformer.from_pretrained(tmp_path / "hf")
-    ours.save_pretrained(tmp_path / "ours")
+    ours = convert.from_pretrained(tmp_path / "hf")
+    convert.save_pretrained(ours, tmp_path / "ours")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     return ours, back
 
@@ -73,12 +74,12 @@ def test_sharded_and_bin_checkpoints_load(tmp_path):
     hf = hf_llama()
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = convert.from_pretrained(tmp_path)
     # the older pickle format, read with weights_only=True
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "config.json").read_text())
     torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    from_bin = Transformer.from_pretrained(tmp_path / "bin")
+    from_bin = convert.from_pretrained(tmp_path / "bin")
     idx = torch.randint(0, V, (1, 16))
     with torch.no_grad():
         assert max_diff(ours(idx)[0], hf(idx).logits) <= 1e-4
@@ -120,7 +121,7 @@ def test_phi2_original_naming(tmp_path):
         "model_type": "phi-msft", "architectures": ["PhiForCausalLM"], "vocab_size": V, "n_embd": 64, "n_head": 4,
         "n_layer": 2, "n_inner": 128, "n_positions": 128, "rotary_dim": 8, "layer_norm_epsilon": 1e-5,
         "activation_function": "gelu_new", "tie_word_embeddings": False}))
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = convert.from_pretrained(tmp_path)
     idx = torch.randint(0, V, (2, 20))
     with torch.no_grad():
         assert max_diff(ours(idx)[0], hf(idx).logits) <= 1e-4
@@ -157,7 +158,7 @@ def test_rope_scaling_matches_transformers(tmp_path, kind):
 @pytest.mark.parametrize("make", [hf_llama, hf_phi])
 def test_kv_cache_matches_full_forward(tmp_path, make):
     make().save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path)
+    model = convert.from_pretrained(tmp_path)
     idx = torch.randint(0, V, (2, 20))
     with torch.no_grad():
         full, _ = model(idx)
@@ -185,7 +186,7 @@ def test_generate_batch_matches_transformers(tmp_path):
     """Greedy, a left-padded batch, stop on eos (transformers' default eos 2, padding finished rows)."""
     hf = hf_llama()
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = convert.from_pretrained(tmp_path)
     rows = [torch.randint(3, V, (n,)).tolist() for n in (9, 4, 7)]
     T = max(map(len, rows))
     ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
@@ -198,7 +199,7 @@ def test_generate_batch_matches_transformers(tmp_path):
 def test_generate_penalties_match_transformers(tmp_path):
     hf = hf_llama()
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = convert.from_pretrained(tmp_path)
     prompt = torch.randint(3, V, (1, 10))
     kw = dict(repetition_penalty=1.5, no_repeat_ngram_size=2)
     ref = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
@@ -232,7 +233,7 @@ def test_logits_processing_matches_transformers():
 
 def test_generate_stops_and_streams(tmp_path):
     hf_llama().save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path)
+    model = convert.from_pretrained(tmp_path)
     prompt = [[5, 6, 7, 8]]
     free = model.generate(prompt, 12, temperature=0)[0, 4:].tolist()
     stop = free[5]
@@ -252,7 +253,7 @@ def test_decode_step_compiles_without_graph_breaks(tmp_path, monkeypatch):
     hf_llama(rope_scaling=dict(rope_type="dynamic", factor=2.0), max_position_embeddings=8).save_pretrained(
         tmp_path / "llama")
     for name in ("phi", "llama"):
-        model = Transformer.from_pretrained(tmp_path / name)
+        model = convert.from_pretrained(tmp_path / name)
         model.setup_cache(2, 16, pad_lens=[0, 3])
         with torch.no_grad():
             model(torch.randint(0, V, (2, 10)), input_pos=torch.arange(10))
@@ -274,8 +275,8 @@ def test_decode_step_compiles_without_graph_breaks(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_on_cpu(tmp_path, dtype):
     hf_llama().save_pretrained(tmp_path)
-    ref = Transformer.from_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path, dtype=dtype)
+    ref = convert.from_pretrained(tmp_path)
+    model = convert.from_pretrained(tmp_path, dtype=dtype)
     assert model.embed.weight.dtype == dtype
     idx = torch.randint(0, V, (2, 16))
     with torch.no_grad():
@@ -342,8 +343,8 @@ def test_own_checkpoint_roundtrip(tmp_path):
                       max_seq_len=64, norm_eps=1e-6, tie_embeddings=False, dropout=0.1, rope_theta=5e4,
                       rope_scaling={"type": "linear", "factor": 2.0}, bos_id=1, eos_id=2)
     model = Transformer(cfg).to(torch.bfloat16)
-    model.save_pretrained(tmp_path)
-    loaded = Transformer.from_pretrained(tmp_path)
+    convert.save_pretrained(model, tmp_path)
+    loaded = convert.from_pretrained(tmp_path)
     assert loaded.config == cfg and loaded.embed.weight.dtype == torch.bfloat16
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
@@ -352,18 +353,18 @@ def test_own_checkpoint_roundtrip(tmp_path):
 
 def test_bad_checkpoints_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_pretrained(tmp_path)
+        convert.from_pretrained(tmp_path)
     hf_llama().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="config.json.*gpt2"):
-        Transformer.from_pretrained(tmp_path)
+        convert.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="missing.*layers.2"):
-        Transformer.from_pretrained(tmp_path)
+        convert.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="mixes LLaMA and Phi"):
-        Transformer(ModelConfig(vocab_size=V, dim=32, n_layers=1, n_heads=4, norm="layernorm")).save_pretrained(
-            tmp_path / "x")
+        convert.save_pretrained(Transformer(ModelConfig(vocab_size=V, dim=32, n_layers=1, n_heads=4, norm="layernorm")),
+                                tmp_path / "x")
 
 
 # ----------------------------------------------------------------------------- a real checkpoint: SmolLM2-135M

@@ -4,8 +4,8 @@
     python train_tokenizer.py                      # no --input: the embedded default corpus (data_process.py)
     python train_tokenizer.py --bench=True         # 100M characters from ../shared/data: wall time and peak RSS
 
-Inputs: plain-text files (a sentence per line) and .jsonl files with a "text" field, each optionally .gz; a folder
-means every *.txt / *.jsonl (.gz) file under it. data_process.py has the full readers and the cleaning.
+Inputs are read by readers.py, as data_process.py reads them (.txt, .jsonl, .json, .csv, .parquet, each optionally
+.gz; folders and globs; --text_field, --txt_split, --encoding and --lenient mean the same there), without cleaning.
 
 Exact round trip: identity normalisation, no dummy prefix and no whitespace collapsing, so tabs, newlines, runs of
 spaces, CJK and emoji all come back byte for byte; characters the vocabulary lacks fall back to byte pieces
@@ -15,7 +15,6 @@ Bounded memory: the corpus is streamed once, keeping a uniform random sample of 
 `max_chars` characters; only that sample reaches sentencepiece, so RAM and time do not grow with the corpus.
 Writes out_dir/tokenizer.model, tokenizer.json and tokenizer_config.json (transformers-loadable, same ids).
 """
-import glob
 import gzip
 import heapq
 import io
@@ -33,10 +32,15 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 import configurator
+import readers
 from default_data import default_documents  # the embedded corpus: text that ships with Python
 from tokenizer import BOS, EOS, IM_END, IM_START, PAD, UNK, Tokenizer, _tokenizers_from_spm
 
 input = ""  # comma-separated files, folders or globs; empty: the embedded default corpus
+text_field = "text"  # field / column holding the text; "a,b" tries a then b; "#N": column N of a headerless csv
+txt_split = "line"  # line | blank | file | a separator line such as "%"
+encoding = "utf-8"  # of the input files: utf-8, gb18030 (GBK/GB2312 Chinese), latin-1 ...
+lenient = False  # skip and count bad records (undecodable lines, malformed JSON, a missing field) instead of stopping
 model_type = "bpe"  # bpe | char
 vocab_size = 8192  # for char: an upper bound (the vocabulary is the characters seen, plus the 256 byte pieces)
 out_dir = "out/tokenizer"
@@ -48,58 +52,7 @@ seed = 0
 bench = False  # train on bench_chars characters of ../shared/data and print wall time and peak RSS
 bench_chars = 100_000_000
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
 VERIFY_LINES = 1000  # sampled lines that must round-trip and agree with tokenizer.json after training
-
-
-# ---- reading (deliberately small: plain text and .jsonl, optionally gzip'd) -------------------------------------
-
-def expand_inputs(spec):
-    """Comma-separated files, folders and globs -> sorted file list; a clear error for anything missing."""
-    files = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        if os.path.isdir(item):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
-                           if name.removesuffix(".gz").endswith(TEXT_SUFFIXES))
-            if not found:
-                raise SystemExit(f"input folder {item}: no *.txt or *.jsonl (.gz) files in it")
-            files += found
-        elif glob.has_magic(item):
-            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-            if not found:
-                raise SystemExit(f"input glob {item}: matches no files")
-            files += found
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise SystemExit(f"input not found: {item}")
-    return files
-
-
-def read_documents(path, errors="strict"):
-    """The documents of one file: a .jsonl record's "text", or a plain-text file's lines."""
-    jsonl = path.removesuffix(".gz").endswith(".jsonl")
-    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8", errors)
-            except UnicodeDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                                 f"convert the file to UTF-8 first") from None
-            if not jsonl:
-                yield line
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise SystemExit(f"{path}:{lineno}: expected an object with a string field \"text\"")
-            yield record["text"]
 
 
 def lines_of(documents):
@@ -160,8 +113,10 @@ def train(documents):
             sentence_iterator=drain(sample), model_writer=model,
             model_type=model_type, vocab_size=vocab_size, hard_vocab_limit=model_type != "char",
             character_coverage=character_coverage, byte_fallback=True,
-            # exact round trip: no NFKC, no dummy "▁" at the start, no collapsing of repeated spaces
+            # exact round trip: no NFKC, no dummy "▁" at the start, no collapsing of repeated spaces, and the space
+            # ("▁") always a piece: a corpus without spaces (Chinese) would otherwise byte-encode it as "▁"'s UTF-8
             normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+            required_chars="▁",
             split_digits=True, allow_whitespace_only_pieces=True,  # LLaMA's choices: digits one by one, indentation
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
             control_symbols=[IM_START, IM_END],
@@ -183,19 +138,22 @@ def verify(tok, samples):
     for text in samples:
         ids = tok.encode(text)
         if tok.decode(ids) != text:
-            raise RuntimeError(f"round trip failed for {text[:80]!r}")
+            raise RuntimeError(f"{text[:80]!r} decodes back as {tok.decode(ids)[:80]!r}")
         if hf.encode(text, add_special_tokens=False).ids != ids:
             raise RuntimeError(f"tokenizer.json disagrees with tokenizer.model on {text[:80]!r}")
 
 
 def main():
-    files = expand_inputs(input) if input else None
-    documents = (doc for path in files for doc in read_documents(path)) if files else default_documents()
+    documents = (readers.iter_texts(input, text_field=text_field, txt_split=txt_split, encoding=encoding,
+                                    lenient=lenient) if input else default_documents())
     t0 = time.time()
     tok, sample = train(documents)
     t_train = time.time() - t0
     edge = ["a\tb\n\nc  d   e", "中文，繁體。 😀👍🏽", "<|im_start|>user\nhi<|im_end|>\n", "x = [1,  22, 333]\n    y"]
-    verify(tok, sample + edge)
+    try:
+        verify(tok, sample + edge)
+    except RuntimeError as e:
+        raise SystemExit(f"the trained tokenizer failed its check, so nothing was written to {out_dir}: {e}") from None
     tok.save_pretrained(out_dir)
     print(f"trained a {model_type} tokenizer: {tok.vocab_size} ids in {t_train:.1f}s; specials "
           f"{tok.special_tokens}; wrote {out_dir}/tokenizer.model, tokenizer.json, tokenizer_config.json")
@@ -228,7 +186,7 @@ def bench_corpus(path, n_chars):
             with (gzip.open(p, "rt", encoding="utf-8") if p.endswith(".gz") else open(p, encoding="utf-8")) as f:
                 yield "\n".join(strings(json.load(f)))
         else:
-            yield from read_documents(p, errors="replace")  # one Gutenberg book has a few Latin-1 bytes
+            yield from readers.iter_texts(p, text_field="text,review", lenient=True)  # Gutenberg: a few Latin-1 lines
 
     written, seen, table = 0, set(), {}
     with open(path, "w", encoding="utf-8") as out:

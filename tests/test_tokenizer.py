@@ -156,15 +156,15 @@ def test_sample_lines_is_uniform_and_bounded():
 
 def test_train_tokenizer_errors(tmp_path, corpus_files):
     proc, _ = run_train(tmp_path, "x", f"--input={tmp_path}/missing.txt")
-    assert proc.returncode != 0 and f"input not found: {tmp_path}/missing.txt" in proc.stderr
+    assert proc.returncode != 0 and f"{tmp_path}/missing.txt: no such file or folder" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     proc, _ = run_train(tmp_path, "x", f"--input={bad}")
-    assert proc.returncode != 0 and f"{bad}:2: expected an object with a string field" in proc.stderr
+    assert proc.returncode != 0 and f"{bad}:2: missing field text" in proc.stderr
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
     proc, _ = run_train(tmp_path, "x", f"--input={latin1}")
-    assert proc.returncode != 0 and f"{latin1}:2: not UTF-8 text" in proc.stderr
+    assert proc.returncode != 0 and f"{latin1}:2: not valid utf-8" in proc.stderr
     proc, _ = run_train(tmp_path, "x", f"--input={corpus_files}", "--model_type=wordpiece")
     assert proc.returncode != 0 and "model_type must be 'bpe' or 'char'" in proc.stderr
 
@@ -307,3 +307,49 @@ def test_transformers_saved_folder_loads(tmp_path, smollm2, smollm2_ref):
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id,
                                                                 smollm2.unk_id)
     assert tok.special_tokens == smollm2.special_tokens and tok.chat_template == smollm2.chat_template
+
+
+def sentencepiece_pieces(folder):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    return {sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not (sp.is_byte(i) or sp.is_control(i))}
+
+
+def test_fields_and_encodings_are_read_like_data_process(tmp_path):
+    """A .csv gives its column's text, not its syntax; a GB18030 file is read with --encoding."""
+    (tmp_path / "r.csv").write_text("label,review\n" + "1,甲乙丙丁\n0,戊己庚辛\n" * 50, encoding="utf-8")
+    proc, out = run_train(tmp_path, "csv", f"--input={tmp_path / 'r.csv'}", "--text_field=review",
+                          "--model_type=char", "--vocab_size=1000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sentencepiece_pieces(out) - {"<unk>", "▁"} == set("甲乙丙丁戊己庚辛")  # no "label", commas or digits
+    (tmp_path / "gb.txt").write_bytes("床前明月光，疑是地上霜。\n".encode("gb18030") * 50)
+    proc, _ = run_train(tmp_path, "gb", f"--input={tmp_path / 'gb.txt'}", "--model_type=char")
+    assert proc.returncode != 0 and "gb.txt:1: not valid utf-8" in proc.stderr
+    proc, out = run_train(tmp_path, "gb", f"--input={tmp_path / 'gb.txt'}", "--model_type=char", "--encoding=gb18030")
+    assert proc.returncode == 0 and set("床前明月光，疑是地上霜。") <= sentencepiece_pieces(out)
+
+
+def test_corpus_without_spaces_trains_a_tokenizer_that_round_trips(tmp_path):
+    """Typical Chinese text has no spaces: the space must still be a piece, not "▁" byte-encoded."""
+    rng = random.Random(0)
+    pool = CHINESE.replace("\n", "").replace("\t", "").replace(" ", "").replace("English", "")
+    lines = ["".join(rng.choice(pool) for _ in range(rng.randint(20, 120))) for _ in range(2000)]
+    (tmp_path / "zh.txt").write_text("\n".join(lines), encoding="utf-8")
+    proc, out = run_train(tmp_path, "zh", f"--input={tmp_path / 'zh.txt'}", "--vocab_size=600")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = Tokenizer.from_pretrained(str(out))
+    for text in HARD_TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_failed_check_writes_nothing_and_says_what_failed(tmp_path, monkeypatch):
+    import train_tokenizer
+
+    def fail(tok, samples):
+        raise RuntimeError("'x y' decodes back as 'x▁y'")
+    monkeypatch.setattr(train_tokenizer, "verify", fail)
+    monkeypatch.setattr(train_tokenizer, "out_dir", str(tmp_path / "tok"))
+    monkeypatch.setattr(train_tokenizer, "vocab_size", 400)
+    with pytest.raises(SystemExit, match=r"failed its check, so nothing was written to .*tok: 'x y' decodes back"):
+        train_tokenizer.main()
+    assert not (tmp_path / "tok").exists()

@@ -18,6 +18,7 @@ import json
 
 import numpy as np
 
+from quant import QuantEmbedding, QuantLinear
 from tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED  # sentencepiece piece types = GGUF token types
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -30,8 +31,7 @@ def permute_qk(w, n_heads):
 
 def float_state_dict(model):
     """(our parameter names -> float32 tensors, whether lm_head is the embedding). Quantised layers
-    (quant_model.QuantLinear / QuantEmbedding) are dequantised; a tied lm_head is left out, as llama.cpp expects."""
-    from quant_model import QuantEmbedding, QuantLinear
+    (quant.QuantLinear / QuantEmbedding) are dequantised; a tied lm_head is left out, as llama.cpp expects."""
     state = {}
     for name, module in model.named_modules(remove_duplicate=False):  # a shared table under both of its names
         if isinstance(module, QuantEmbedding):

@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al. 2022): 4- and 3-bit weight quantisation that spreads each column's rounding error over the
 columns not yet quantised, weighted by the inverse Hessian of the layer's calibration inputs.
 
-Used by quant_model.py (`--mode=gptq`); the codes it produces are quant_model's format (w = (c - 2^(bits-1)) *
+Used by quant_model.py (`--mode=gptq`); the codes it produces are quant.py's format (w = (c - 2^(bits-1)) *
 scale + zero per group), so GPTQ and round-to-nearest checkpoints run on the same QuantLinear kernels. Blocks are
 quantised in order, each on the outputs of the already-quantised blocks before it, and within a block the layers
 that share an input (q/k/v; gate/up) share one Hessian (the reference code's "true-sequential").
@@ -11,8 +11,9 @@ import math
 import torch
 import torch.nn as nn
 
+import quant
 from model import swap_modules
-from quant_model import QuantLinear, group_params
+from quant import QuantLinear, group_params
 
 
 def gptq_inverse_hessian(H, damp_frac, act_order):
@@ -132,9 +133,32 @@ def block_inputs(model, tokens, batch_size):
     return captured
 
 
+def quantize_model(model, calib_tokens, bits=4, group_size=128, act_order=False, damp_frac=0.01, lm_head=False,
+                   embed=False, progress=True):
+    """GPTQ in place, on calibration windows calib_tokens (n, seq_len), of the blocks' linear layers (and lm_head
+    if asked); returns the quantization_config. The embedding, if asked, is round-to-nearest (it has no input
+    Hessian), and first, so that GPTQ calibrates on what the quantised model computes; a tied lm_head quantised
+    with it shares its table."""
+    bits = quant.check_settings("gptq", bits, group_size)
+    if damp_frac < 0:
+        raise ValueError(f"damp={damp_frac}: expected >= 0 (a fraction of the mean Hessian diagonal, e.g. 0.01)")
+    if not torch.is_tensor(calib_tokens) or calib_tokens.dim() != 2 or calib_tokens.numel() == 0:
+        raise ValueError("GPTQ needs calibration tokens: a non-empty (samples, seq_len) tensor")
+    n, seq_len = calib_tokens.shape
+    if seq_len > model.config.max_seq_len:
+        raise ValueError(f"calibration windows of {seq_len} tokens are longer than the model's context "
+                         f"(max_seq_len {model.config.max_seq_len})")
+    if int(calib_tokens.max()) >= model.config.vocab_size or int(calib_tokens.min()) < 0:
+        raise ValueError(f"calibration token ids must be in [0, vocab_size {model.config.vocab_size})")
+    shared = quant.quantize_embedding(model, bits, group_size, lm_head) if embed else False
+    quantize_linears(model, calib_tokens, bits, group_size, act_order, damp_frac, lm_head=lm_head and not shared,
+                     progress=progress)
+    return quant.quantization_config(model, "gptq", bits, group_size, act_order, lm_head, embed)
+
+
 @torch.no_grad()
-def gptq_quantize_model(model, calib_tokens, bits, group_size, act_order=False, damp_frac=0.01, batch_size=8,
-                        lm_head=False, progress=True):
+def quantize_linears(model, calib_tokens, bits, group_size, act_order=False, damp_frac=0.01, batch_size=8,
+                     lm_head=False, progress=True):
     """GPTQ for every nn.Linear in model.layers (and lm_head if asked), block by block: the calibration inputs of
     block i are the outputs of the already-quantised blocks 0..i-1 (the paper's sequential scheme). Replaces the
     layers by QuantLinear in place and returns {module name: QuantLinear}."""

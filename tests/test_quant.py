@@ -1,5 +1,6 @@
-"""quant_model.py / gguf_export.py: number formats, kernels vs dequantisation, GPTQ vs round-to-nearest, quantised
-checkpoints, and GGUF files read back by the gguf package, transformers and our own loader. Tiny models, CPU."""
+"""quant.py / gptq.py / gguf_export.py / quant_model.py: number formats, kernels vs dequantisation, GPTQ vs
+round-to-nearest, quantised checkpoints, GGUF files read back by the gguf package, transformers and our own loader,
+and the command line's refusals. Tiny models, CPU."""
 import copy
 import importlib.util
 import json
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+import convert
 import gptq
-import quant_model as qm
+import quant as qm
+import quant_model
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,7 +191,8 @@ def test_gptq_model_is_sequential_and_closer_than_rtn(family):
         errs = {}
         for mode in ("int4", "gptq"):
             m = copy.deepcopy(base)
-            qc = qm.quantize_model(m, mode, 4, 32, calib_tokens=calib, progress=False)
+            qc = (gptq.quantize_model(m, calib, 4, 32, progress=False) if mode == "gptq" else
+                  qm.quantize_model(m, mode, 4, 32))
             assert len(qc["modules"]) == sum(len(g) for g in groups) * config.n_layers
             errs[mode] = ((m(held_out)[0] - ref) ** 2).mean().item()
     assert errs["gptq"] < errs["int4"], errs
@@ -205,7 +209,8 @@ def test_save_load_round_trip(tmp_path, family, mode, kw):
     model = tiny_model(llama_config() if family == "llama" else phi_config())
     torch.manual_seed(2)
     calib, idx = torch.randint(0, 320, (16, 32)), torch.randint(0, 320, (2, 24))
-    qc = qm.quantize_model(model, mode, calib_tokens=calib if mode == "gptq" else None, progress=False, **kw)
+    qc = (gptq.quantize_model(model, calib, progress=False, **kw) if mode == "gptq" else
+          qm.quantize_model(model, mode, **kw))
     with torch.no_grad():
         before = model(idx)[0]
         qm.save_quantized(model, tmp_path, qc)
@@ -239,26 +244,89 @@ def test_load_quantized_errors(tmp_path):
         qm.load_quantized(str(tmp_path))
 
 
-def test_calibration_windows_from_bin_and_text(tmp_path):
+def test_load_quantized_names_a_truncated_file(tmp_path):
+    model = tiny_model(llama_config())
+    qm.save_quantized(model, tmp_path, qm.quantize_model(model, "int4", 4, 32))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{weights}: cannot be read"):
+        qm.load_quantized(str(tmp_path))
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text()[:200])
+    with pytest.raises(ValueError, match=f"{config}: not a JSON object"):
+        qm.load_quantized(str(tmp_path))
+
+
+def test_read_quantization_config_refuses_other_methods(tmp_path):
+    assert qm.read_quantization_config(str(tmp_path)) is None  # no config.json: not ours to judge
+    json.dump({"model_type": "llama"}, open(tmp_path / "config.json", "w"))
+    assert qm.read_quantization_config(str(tmp_path)) is None  # a float checkpoint
+    json.dump({"quantization_config": {"quant_method": "awq"}}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match="'awq' is not supported"):
+        qm.read_quantization_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("mode,bits,group_size,match", [
+    ("int5", 4, 32, "mode='int5'"), ("int4", 0, 32, "bits=0"), ("gptq", -4, 32, "bits=-4"), ("gptq", 8, 32, "bits=8"),
+    ("int4", 4, 0, "group_size=0"), ("gptq", 4, -32, "group_size=-32"), ("int4", 4, 1, "group_size=1"),
+    ("int4", 4, 32.0, "group_size=32.0")])
+def test_settings_that_cannot_work_are_refused(mode, bits, group_size, match):
+    with pytest.raises(ValueError, match=match):
+        qm.check_settings(mode, bits, group_size)
+
+
+@pytest.mark.parametrize("group_size", [48, 96, 3])
+def test_group_size_without_a_kernel_runs_dequantised(group_size):
+    """torch's int4 kernels take groups of 32..256 only: others run through dequantisation (before: a RuntimeError
+    from the kernel at the first forward), including a group that does not divide the input dimension (100)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(100, 16)
+    q = qm.QuantLinear.from_weight(lin.weight, lin.bias, 4, group_size)
+    x = torch.randn(3, 100)
+    assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=1e-5)
+    assert q._kernel_cache[1] is None
+
+
+def test_gptq_refuses_windows_beyond_the_context():
+    model = tiny_model(llama_config(max_seq_len=32))
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        gptq.quantize_model(model, torch.randint(0, 320, (4, 48)), progress=False)
+    for bad in (torch.zeros(0, 16, dtype=torch.long), torch.zeros(16, dtype=torch.long)):
+        with pytest.raises(ValueError, match="non-empty"):
+            gptq.quantize_model(model, bad, progress=False)
+    with pytest.raises(ValueError, match="vocab_size 320"):
+        gptq.quantize_model(model, torch.full((2, 16), 320), progress=False)
+    with pytest.raises(ValueError, match="damp=-0.1"):
+        gptq.quantize_model(model, torch.zeros(2, 16, dtype=torch.long), damp_frac=-0.1, progress=False)
+
+
+def test_calibration_windows_from_a_data_directory_and_text(tmp_path, capsys):
     stream = np.arange(5000, dtype=np.uint16) % 300
     stream.tofile(tmp_path / "train.bin")
-    json.dump({"dtype": "uint16"}, open(tmp_path / "meta.json", "w"))
-    windows = qm.calibration_tokens(str(tmp_path), None, 8, 64, 320, seed=0)
+    json.dump({"dtype": "uint16", "vocab_size": 300, "train_tokens": 5000}, open(tmp_path / "meta.json", "w"))
+    windows = quant_model.calibration_tokens(str(tmp_path), None, 8, 64, llama_config(), seed=0)
     assert windows.shape == (8, 64)
     assert ((windows[:, 1:] - windows[:, :-1]) % 300 == 1).all()  # each row is a contiguous slice of the stream
-    with pytest.raises(SystemExit, match="vocab_size"):
-        qm.calibration_tokens(str(tmp_path / "train.bin"), None, 8, 64, 100)
+    with pytest.raises(SystemExit, match="vocab_size 100"):
+        quant_model.calibration_tokens(str(tmp_path / "train.bin"), None, 8, 64, llama_config(vocab_size=100))
+    # windows longer than the model's context are shortened to it, with a message
+    windows = quant_model.calibration_tokens(str(tmp_path), None, 4, 512, llama_config(max_seq_len=128))
+    assert windows.shape == (4, 128) and "max_seq_len=128" in capsys.readouterr().out
+    # a token file without meta.json is refused (before: read as uint16 whatever it held)
+    os.remove(tmp_path / "meta.json")
+    with pytest.raises(SystemExit, match="meta.json: not found"):
+        quant_model.calibration_tokens(str(tmp_path / "train.bin"), None, 8, 64, llama_config())
 
     class CharTok:  # enough of the Tokenizer interface for text calibration
         eos_id = 0
 
-        def encode_batch(self, texts, eos=False):
-            return [[ord(c) % 250 + 1 for c in t] + [0] * eos for t in texts]
+        def encode(self, text):
+            return [ord(c) % 250 + 1 for c in text]
 
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.jsonl").write_text("\n".join(json.dumps({"text": "hello world " * 20})
                                                          for _ in range(10)))
-    windows = qm.calibration_tokens(str(tmp_path / "text"), CharTok(), 4, 32, 320)
+    windows = quant_model.calibration_tokens(str(tmp_path / "text"), CharTok(), 4, 32, llama_config())
     assert windows.shape == (4, 32) and set(windows.flatten().tolist()) <= {0} | {ord(c) % 250 + 1 for c in "helo wrd"}
 
 
@@ -343,7 +411,7 @@ def test_gguf_export_round_trip(tmp_path, sp_tokenizer, gguf_type):
     # transformers runs the file like our model runs the same (de)quantised weights
     ids = torch.tensor([tok.encode(tok.apply_chat_template(CHAT))])
     hf = transformers_from_gguf(str(tmp_path), "m.gguf")
-    ours = Transformer.from_pretrained(path)  # convert.py reads GGUF: un-permutes q/k, dequantises
+    ours = convert.from_pretrained(path)  # convert.py reads GGUF: un-permutes q/k, dequantises
     with torch.no_grad():
         hf_logits, our_logits, float_logits = hf(ids).logits, ours(ids)[0], model(ids)[0]
     assert torch.allclose(hf_logits, our_logits, atol=1e-4, rtol=1e-4)
@@ -440,9 +508,9 @@ def test_gguf_export_carries_smollm2_tokenizer(tmp_path):
 
 def test_cli_gptq_writes_every_layer(tmp_path, sp_tokenizer):
     """`python quant_model.py --mode=gptq` end to end: GPTQ's layers (built in gptq.py) are the QuantLinear the
-    script saves, and the folder loads back through eval.load_model."""
+    script saves, and the folder loads back."""
     src = tmp_path / "model"
-    tiny_model(llama_config(vocab_size=sp_tokenizer.vocab_size)).save_pretrained(src)
+    convert.save_pretrained(tiny_model(llama_config(vocab_size=sp_tokenizer.vocab_size)), src)
     sp_tokenizer.save_pretrained(str(src))
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(TEXTS * 40))
@@ -453,6 +521,5 @@ def test_cli_gptq_writes_every_layer(tmp_path, sp_tokenizer):
     assert proc.returncode == 0, proc.stderr[-2000:]
     modules = json.load(open(out / "config.json"))["quantization_config"]["modules"]
     assert len(modules) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
-    import eval as ev
-    model, _ = ev.load_model(str(out))
+    model = qm.load_quantized(str(out))
     assert sum(isinstance(m, qm.QuantLinear) for m in model.modules()) == 14

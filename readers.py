@@ -196,8 +196,8 @@ def _read_csv(path, fields, encoding):
     else:
         header = next(reader, [])
         col = next((header.index(f) for f in fields if f in header), None)
-        if col is None:
-            yield _Bad((1, f"no column {'/'.join(fields)} (columns: {', '.join(header)})"))
+        if col is None:  # or the header line itself was bad
+            yield from bad or [_Bad((1, f"no column {'/'.join(fields)} (columns: {', '.join(header)})"))]
             return
     for row in reader:
         yield from bad

@@ -39,3 +39,20 @@ def test_read_jsonl_names_the_line(tmp_path):
     assert next(rows) == (f"{path}:1", {"q": "1"}) and next(rows) == (f"{path}:3", ["x"])
     with pytest.raises(SystemExit, match=r"e\.jsonl\.gz:4: malformed JSON"):
         next(rows)
+
+
+@pytest.mark.parametrize("name", ["a.txt.gz", "a.jsonl.gz", "a.json.gz", "a.csv.gz"])
+def test_broken_gz_names_the_file_or_is_skipped_when_lenient(tmp_path, name, capsys):
+    rows = [json.dumps({"text": f"document number {i}"}) for i in range(2000)]
+    body = ("text\n" + "\n".join(f"document number {i}" for i in range(2000)) if name.startswith("a.csv")
+            else "[" + ",".join(rows) + "]" if name.startswith("a.json.") else "\n".join(rows))
+    whole = gzip.compress(body.encode())
+    (tmp_path / "ok.txt").write_text("a good line\n", encoding="utf-8")
+    for broken, what in ((whole[:len(whole) // 2], "broken gzip data after line"), (body.encode(), "not a gzip file")):
+        (tmp_path / name).write_bytes(broken)
+        spec = f"{tmp_path / 'ok.txt'},{tmp_path / name}"
+        with pytest.raises(SystemExit, match=f"{name}: {what}"):
+            list(readers.iter_texts(spec))
+        texts = list(readers.iter_texts(spec, lenient=True))
+        assert texts[0] == "a good line" and len(texts) < 2000
+        assert f"skipped 1 bad record(s), e.g. {tmp_path / name}: {what}" in capsys.readouterr().err

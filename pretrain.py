@@ -93,14 +93,14 @@ def main():
     cfg = configurator.apply(globals(), [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     trainer.train_config(cfg)  # every setting checked before any work
     meta_vocab = read_meta(data_dir)["vocab_size"]
-    torch.manual_seed(seed)  # the same initial weights on every rank (FSDP shards them as they are)
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (FSDP shards them as they are)
     model, model_tok = trainer.build_model(init_from, out_dir, scratch_config(vocab_size or meta_vocab))
     if model.config.max_seq_len < block_size:
         raise SystemExit(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
     data = open_data_dir(data_dir, "pretrain", tokenizer=model_tok, vocab_size=model.config.vocab_size)
     if "tokenizer_sha256" in data.meta:
         trainer.log(f"data: {data_dir} matches the model's tokenizer (sha256 {data.meta['tokenizer_sha256'][:12]}...)")
-    batches = PretrainData(data, block_size, batch_size, seed)
+    batches = PretrainData(data, block_size, cfg["batch_size"], cfg["seed"])
     trainer.Trainer(cfg, model, batches.train_batch, batches.val_batch,
                     tokenizer_dir=data.tokenizer_dir or (init_from if model_tok is not None else None)).fit()
 

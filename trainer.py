@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+from distributed import barrier, setup_distributed, teardown_distributed
 from model import ModelConfig, Transformer
 
 
@@ -212,44 +212,6 @@ def read_metrics(path):
             except ValueError:
                 log(f"warning: {path}:{n}: unreadable metrics line dropped ({line.strip()[:60]!r})")
     return recs
-
-
-# ------------------------------------------------------------------------------------------------ distributed
-
-def setup_distributed(parallel, device_name):
-    """Start the process group when torchrun/deepspeed started several processes, or FSDP/DeepSpeed is asked
-    for (they need one even alone). Returns (rank, world_size, device)."""
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1 and parallel == "ddp":
-        return 0, 1, torch.device(device_name)
-    if "RANK" not in os.environ:  # one process without a launcher: a group of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_name == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device(device_name)
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def teardown_distributed():
-    # the barrier first: gloo aborts intermittently when one rank tears down while another still talks
-    if dist.is_initialized():
-        barrier()
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------ the trainer

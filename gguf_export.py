@@ -15,9 +15,11 @@ template. Two llama.cpp conventions matter:
 Phi models are not exported: llama.cpp's "phi2" graph exists, but transformers cannot load it to check the result.
 """
 import json
+import os
 
 import numpy as np
 
+import convert
 from quant import QuantEmbedding, QuantLinear
 from tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED  # sentencepiece piece types = GGUF token types
 
@@ -51,7 +53,6 @@ def float_state_dict(model):
 
 
 def _gguf_name(ours):
-    import convert
     name = convert.rename(ours, {mine: theirs for theirs, mine in convert.GGUF_NAMES.items()})
     if name is None:
         raise ValueError(f"GGUF export: no llama.cpp name for parameter {ours!r}")
@@ -74,9 +75,9 @@ def tensor_type(name, shape, gguf_type, tied):
 
 
 def export_gguf(model, tok, path, gguf_type="q8_0", name="tinyllm"):
-    """Write `model` (float or quantised, LLaMA family) and tokenizer `tok` (tokenizer.Tokenizer) to `path`."""
+    """Write `model` (float or quantised, LLaMA family) and tokenizer `tok` (tokenizer.Tokenizer) to `path`. The
+    file appears whole or not at all: it is written beside `path` and renamed, so a failure keeps an older file."""
     import gguf
-    from gguf import GGMLQuantizationType as T
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
     c = model.config
@@ -85,7 +86,22 @@ def export_gguf(model, tok, path, gguf_type="q8_0", name="tinyllm"):
         raise ValueError("GGUF export supports the LLaMA family only (this is a Phi-style model: layernorm/gelu/"
                          "parallel blocks/biases/partial rotary); export a LLaMA-style model, or convert the Phi "
                          "checkpoint with llama.cpp's convert_hf_to_gguf.py")
-    writer = gguf.GGUFWriter(path, "llama")
+    tmp = path + ".tmp"
+    try:
+        _write(gguf.GGUFWriter(tmp, "llama"), model, tok, gguf_type, name)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    return path
+
+
+def _write(writer, model, tok, gguf_type, name):
+    """The metadata, tokenizer and tensors of export_gguf."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    c = model.config
     writer.add_name(name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type])
@@ -126,7 +142,6 @@ def export_gguf(model, tok, path, gguf_type="q8_0", name="tinyllm"):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
     writer.close()
-    return path
 
 
 def _add_rope_scaling(writer, scaling):

@@ -243,7 +243,7 @@ def check_settings(mode, bits, group_size):
         raise ValueError(f"bits={bits}: gptq stores 4, 3 or 2 bits")
     if not isinstance(group_size, int) or group_size < 2:
         raise ValueError(f"group_size={group_size!r}: expected a whole number >= 2 (torch's int4 kernels take "
-                         f"{KERNEL_GROUP_SIZES})")
+                         f"{', '.join(map(str, KERNEL_GROUP_SIZES))})")
     return bits
 
 

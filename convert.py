@@ -154,7 +154,10 @@ def load_hf(folder, dtype=None):
 
 
 def read_tensors(folder):
-    """Yield (file, name, tensor) from safetensors (sharded or not) or, failing those, pytorch_model*.bin."""
+    """Yield (file, name, tensor) from safetensors (sharded or not) or, failing those, pytorch_model*.bin; a file that
+    cannot be read (truncated, damaged, missing shard) is a ValueError naming it."""
+    import pickle
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -167,7 +170,11 @@ def read_tensors(folder):
     if files:
         for name in files:
             path = os.path.join(folder, name)
-            for k, v in load_file(path).items():
+            try:
+                tensors = load_file(path)
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{path}: cannot be read ({e}); the file is missing, truncated or damaged") from None
+            for k, v in tensors.items():
                 yield path, k, v
         return
     index = os.path.join(folder, "pytorch_model.bin.index.json")
@@ -180,8 +187,11 @@ def read_tensors(folder):
         raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weights")
     for name in files:
         path = os.path.join(folder, name)
-        # weights_only: a checkpoint is data; never run code from a pickle someone sent us
-        for k, v in torch.load(path, map_location="cpu", weights_only=True).items():
+        try:  # weights_only: a checkpoint is data; never run code from a pickle someone sent us
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{path}: cannot be read ({e}); the file is missing, truncated or damaged") from None
+        for k, v in tensors.items():
             yield path, k, v
 
 
@@ -268,7 +278,10 @@ def load_gguf(path, dtype=None):
     except ImportError:
         raise ImportError("reading .gguf files needs the gguf package: pip install gguf") from None
     from tqdm import tqdm
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:  # the reader checks the magic, then maps every tensor's bytes
+        raise ValueError(f"{path}: not a readable GGUF file ({e}); it is truncated, damaged or not GGUF") from None
 
     def field(key, default=KeyError):
         f = reader.fields.get(key)

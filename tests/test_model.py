@@ -367,6 +367,29 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
                                 tmp_path / "x")
 
 
+@pytest.mark.parametrize("size", [4, 0.5])  # shorter than the header's length field; cut in the middle of the data
+def test_truncated_weights_name_the_file(tmp_path, size):
+    hf_llama().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(size if isinstance(size, int) else int(weights.stat().st_size * size))
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot be read .* truncated"):
+        convert.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not a whole zip")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: cannot be read"):
+        convert.from_pretrained(tmp_path)
+
+
+def test_a_broken_gguf_names_the_file(tmp_path):
+    pytest.importorskip("gguf")
+    (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 and then nothing")
+    (tmp_path / "y.gguf").write_text("not gguf at all")
+    for name in ("x.gguf", "y.gguf"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable GGUF file"):
+            convert.from_pretrained(tmp_path / name)
+
+
 # ----------------------------------------------------------------------------- a real checkpoint: SmolLM2-135M
 
 @pytest.mark.slow

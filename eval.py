@@ -1,20 +1,21 @@
-"""Evaluate a checkpoint: perplexity, multiple-choice benchmarks, generation and chat.
+"""Evaluate a checkpoint: perplexity, multiple-choice benchmarks and generation (to chat with one: chat.py).
 
-    python eval.py --ckpt=out/pretrain --task=ppl --data=data/tinystories         # val.bin of a data folder
+    python eval.py --ckpt=out/run/pretrain/hf --task=ppl --data=out/run/data            # val.bin of a data folder
     python eval.py --ckpt=model.gguf --task=hellaswag --data=../shared/data/eval_en/hellaswag --limit=1000
-    python eval.py --ckpt=out/sft --task=arc --data=../shared/data/eval_en/arc_easy --out=arc.json
-    python eval.py --ckpt=out/sft --task=ceval --data=../shared/data/eval_zh/ceval --subject=logic --shots=5
-    python eval.py --ckpt=out/sft --task=generate --data=prompts.txt --max_new_tokens=128
-    python eval.py --ckpt=out/sft --task=chat                                      # the REPL of chat.py
+    python eval.py --ckpt=out/run/pretrain/hf --task=arc --data=../shared/data/eval_en/arc_easy --out=arc.json
+    python eval.py --ckpt=model.gguf --task=ceval --data=../shared/data/eval_zh/ceval --subject=logic --shots=5
+    python eval.py --ckpt=out/run/pretrain/hf --task=generate --data=prompts.txt --max_new_tokens=64
 
---ckpt takes our checkpoint folders (they are transformers folders: config.json + model.safetensors + tokenizer),
-transformers Llama/Phi folders, .gguf files, the quantized folders quant_model.py writes, and LoRA adapter folders
-(PEFT format; loaded onto the base their adapter_config.json names, or --lora_base, and merged: see lora.py).
+--ckpt takes anything inference.load_model reads: our checkpoint folders (transformers folders: config.json +
+model.safetensors + tokenizer; pretrain.py writes one to <out_dir>/hf), transformers Llama/Phi folders, .gguf files,
+the quantized folders quant_model.py writes, and LoRA adapter folders (PEFT format; loaded onto the base their
+adapter_config.json names, or --lora_base, and merged: see lora.py).
 
 Tasks
-  ppl        mean loss and perplexity of a token stream: a .bin of data_process.py (its meta.json gives the dtype; a
-             data folder means its val.bin), or text: .txt (one document per file) or .jsonl {"text"} (one per line),
-             EOS after each document. Windows of block_size tokens advance by stride; each window scores only the
+  ppl        mean loss and perplexity of a token stream, read by data.token_stream: a data folder of data_process.py
+             (its val.bin; --split=train for the other) or a .bin inside one, refused when made with another
+             tokenizer than the checkpoint's; or text files (.txt: one document per line; .jsonl {"text"}), EOS
+             after each document. Windows of block_size tokens advance by stride; each window scores only the
              tokens the previous one did not (the "perplexity of fixed-length models" method of the transformers
              docs), so every token is scored once, with up to block_size - stride tokens of context carried over.
   hellaswag  HellaSwag jsonl(.gz) with lm-evaluation-harness's preprocessing (see load_hellaswag).
@@ -27,8 +28,7 @@ Tasks
              optional "sep" (default " "): the text between context and every choice, as lm-evaluation-harness's
              target_delimiter (use "" for Chinese, where words are not separated by spaces).
   generate   one completion per prompt: a .txt file (one prompt per line) or jsonl {"prompt"}; --chat=True wraps
-             each prompt in the checkpoint's chat template.
-  chat       interactive chat (chat.py).
+             each prompt in the checkpoint's chat template. A completion stops at the model's context.
 
 Multiple-choice scoring (lm-evaluation-harness's loglikelihood requests): for each choice the text context + sep +
 choice is tokenized as a whole, and the tokens from the context's own token count on are the choice's tokens (so a
@@ -46,7 +46,6 @@ Hendrycks' MMLU code. Both report acc only (one token per choice: the normalisat
 """
 import csv
 import glob
-import gzip
 import json
 import math
 import os
@@ -60,13 +59,16 @@ import torch
 from tqdm import tqdm
 
 import configurator
+import data as datalayer
+import inference
+import readers
 
 # ---------------------------------------------------------------------------------------------------- config
 ckpt = ""             # checkpoint: folder, .gguf, quantized folder or LoRA adapter folder (PEFT format)
 lora_base = ""        # a LoRA adapter's base checkpoint ("" = the adapter config's base_model_name_or_path)
-task = "hellaswag"    # ppl | hellaswag | arc | mmlu | ceval | cmmlu | mc | generate | chat
+task = "hellaswag"    # ppl | hellaswag | arc | mmlu | ceval | cmmlu | mc | generate
 data = ""             # the task's data: file or folder (see the docstring)
-split = ""            # "" = the task's usual split (hellaswag val, arc test, mmlu/cmmlu test, ceval val)
+split = ""            # "" = the task's usual split (ppl val, hellaswag val, arc test, mmlu/cmmlu test, ceval val)
 subject = ""          # mmlu/ceval/cmmlu: comma-separated subjects ("" = all)
 shots = 0             # mmlu/ceval/cmmlu: k-shot examples, the first k of the subject's dev split
 method = "loglik"     # mmlu/ceval/cmmlu: loglik (lm-evaluation-harness) or first_token (C-Eval's code)
@@ -76,12 +78,12 @@ bos = False           # prepend BOS to every scored sequence (lm-evaluation-harn
                       # tokenizer does; turn it on for models trained with a BOS before each document)
 block_size = 0        # ppl: window length in tokens (0 = the model's max_seq_len)
 stride = 0            # ppl: tokens a window advances (0 = block_size: disjoint windows)
-max_new_tokens = 256  # generate/chat
-temperature = 0.7     # generate/chat: 0 = greedy
-top_k = 50            # generate/chat: 0 = off
-top_p = 0.9           # generate/chat: 1.0 = off
+max_new_tokens = 256  # generate (fewer where the prompt leaves less of the model's context)
+temperature = 0.7     # generate: 0 = greedy
+top_k = 50            # generate: 0 = off
+top_p = 0.9           # generate: 1.0 = off
 chat = True           # generate: wrap prompts in the chat template
-system = ""           # generate/chat: system prompt ("" = the template's default, if any)
+system = ""           # generate: system prompt ("" = the template's default, if any)
 seed = 1337
 device = ""           # "" = cuda when available, else cpu
 dtype = "float32"     # float32: figures equal to an fp32 reference; bfloat16: ~2.3x faster on CPUs with AMX, but
@@ -108,45 +110,6 @@ legal_professional=法律职业资格 high_school_chinese=高中语文 high_scho
 civil_servant=公务员 sports_science=体育学 plant_protection=植物保护 basic_medicine=基础医学 clinical_medicine=临床医学
 urban_and_rural_planner=注册城乡规划师 accountant=注册会计师 fire_engineer=注册消防工程师
 environmental_impact_assessment_engineer=环境影响评价工程师 tax_accountant=税务师 physician=医师资格""".split())
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-
-def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
-    """(model, tokenizer) of any checkpoint this project reads, in eval mode; every task loads through here.
-    A LoRA adapter folder is loaded onto its base (lora_base, else the one its config names) and merged."""
-    import convert
-    from tokenizer import Tokenizer
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if not os.path.exists(ckpt):
-        raise SystemExit(f"checkpoint not found: {ckpt!r}")
-    if os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, "adapter_config.json")):
-        import lora
-        model, base = lora.load(ckpt, base=lora_base, device=device, dtype=dtype, merge=True)
-        has_tokenizer = any(os.path.isfile(os.path.join(ckpt, f)) for f in ("tokenizer.json", "tokenizer.model"))
-        return model.eval(), Tokenizer.from_pretrained(ckpt if has_tokenizer else base)
-    quant = _quantization_config(ckpt)
-    if quant is not None:
-        if quant.get("quant_method") != "tinyllm":
-            raise SystemExit(f"{ckpt}: quantization method {quant.get('quant_method')!r} is not supported (only the "
-                             f"folders quant_model.py writes); evaluate the unquantized checkpoint")
-        import quant_model
-        model = quant_model.load_quantized(ckpt, device)
-    else:
-        model = convert.from_pretrained(ckpt, device=device, dtype=dtype)
-    return model.eval(), Tokenizer.from_pretrained(ckpt)
-
-
-def _quantization_config(ckpt):
-    """The "quantization_config" of a checkpoint folder's config.json, or None."""
-    path = os.path.join(ckpt, "config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f).get("quantization_config")
-    except (json.JSONDecodeError, AttributeError):
-        return None  # from_pretrained reports the broken file
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -326,21 +289,6 @@ def first_token_logits(model, tok, items, batch_size, bos=False, desc="score"):
 
 # ---------------------------------------------------------------------------------------------------- data
 
-def _open_text(path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def read_jsonl(path):
-    """(where, record) for each non-empty line; where = "file:line" for error messages."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{lineno}: invalid JSON: {e.msg}")
-
-
 def pick_file(path, split):
     """path itself, or the one .jsonl(.gz) file in the folder whose name contains the split."""
     if os.path.isfile(path):
@@ -383,13 +331,14 @@ def load_hellaswag(path, split="val"):
     context = preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()), choices = preprocessed
     endings, each scored after a space."""
     items = []
-    for where, d in read_jsonl(pick_file(path, split)):
+    for where, d in readers.read_jsonl(pick_file(path, split)):
         try:
             if "ctx_a" in d:
                 ctx = d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize()
             else:
                 ctx = _capitalize_ctx_b(hellaswag_preprocess(d["ctx"]))
-            item = MCItem(hellaswag_preprocess(ctx), [hellaswag_preprocess(e) for e in d["endings"]], int(d["label"]))
+            endings = [hellaswag_preprocess(e) for e in _strings(d["endings"], "endings")]
+            item = MCItem(hellaswag_preprocess(ctx), endings, _index(d["label"], "label"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise _bad_record(where, "HellaSwag {ctx, endings, label} or {activity_label, ctx_a, ctx_b, ...}", e)
         items.append(_checked(item, where))
@@ -400,12 +349,17 @@ def load_arc(path, split="test"):
     """ARC jsonl as AI2 ships it {question: {stem, choices: [{text, label}]}, answerKey} or as the HF dataset
     {question, choices: {text: [], label: []}, answerKey}; lm-evaluation-harness's "Question: ...\\nAnswer:"."""
     items = []
-    for where, d in read_jsonl(pick_file(path, split)):
+    for where, d in readers.read_jsonl(pick_file(path, split)):
         try:
             q = d["question"]
             stem, choices = (q["stem"], q["choices"]) if isinstance(q, dict) else (q, d["choices"])
             if isinstance(choices, dict):
-                choices = [{"text": t, "label": l} for t, l in zip(choices["text"], choices["label"])]
+                texts, labels = _strings(choices["text"], "choices.text"), _strings(choices["label"], "choices.label")
+                if len(texts) != len(labels):
+                    raise ValueError(f"{len(texts)} choices.text but {len(labels)} choices.label")
+                choices = [{"text": t, "label": l} for t, l in zip(texts, labels)]
+            elif not isinstance(choices, list):
+                raise TypeError(f"choices must be a list, got {type(choices).__name__}")
             labels = [str(c["label"]) for c in choices]
             item = MCItem(f"Question: {stem}\nAnswer:", [c["text"] for c in choices], labels.index(str(d["answerKey"])))
         except (KeyError, TypeError, ValueError) as e:
@@ -417,20 +371,36 @@ def load_arc(path, split="test"):
 def load_mc(path, split=""):
     """The generic jsonl {"context": str, "choices": [str], "label": int, "sep": optional str}."""
     items = []
-    for where, d in read_jsonl(pick_file(path, split)):
+    for where, d in readers.read_jsonl(pick_file(path, split)):
         try:
-            item = MCItem(d["context"], list(d["choices"]), d["label"], d.get("sep", " "))
-            if not isinstance(item.context, str) or not all(isinstance(c, str) for c in item.choices):
-                raise TypeError("context and choices must be strings")
-            if not isinstance(item.label, int) or isinstance(item.label, bool):
-                raise TypeError(f"label must be an int, got {item.label!r}")
+            if not isinstance(d["label"], int) or isinstance(d["label"], bool):
+                raise TypeError(f"label must be an int (the index of the right choice), got {d['label']!r}")
+            item = MCItem(d["context"], _strings(d["choices"], "choices"), d["label"], d.get("sep", " "))
         except (KeyError, TypeError) as e:
             raise _bad_record(where, '{"context": str, "choices": [str], "label": int}', e)
         items.append(_checked(item, where))
     return items
 
 
+def _strings(value, key):
+    """value when it is a list of strings; a string is refused, not split into one choice per character."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{key} must be a list of strings, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _index(value, key):
+    """An int, or the digits of one as a string (the HF datasets store HellaSwag's label as "0".."3")."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{key} must be an int, got {value!r}")
+    return value
+
+
 def _checked(item, where):
+    if not isinstance(item.context, str) or not isinstance(item.sep, str):
+        raise SystemExit(f"{where}: context and sep must be strings, got {item.context!r} and {item.sep!r}")
     if len(item.choices) < 2:
         raise SystemExit(f"{where}: needs at least 2 choices, got {len(item.choices)}")
     if not 0 <= item.label < len(item.choices):
@@ -529,36 +499,6 @@ def load_items(task, path, split="", subjects="", shots=0, method="loglik"):
     return loader(path, split or {"hellaswag": "val", "arc": "test", "mc": ""}[task])
 
 
-def load_tokens(path, tok):
-    """The token stream of a .bin (with its meta.json), a data folder (its val.bin) or text files."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "val.bin")):
-        path = os.path.join(path, "val.bin")
-    if path.endswith(".bin"):
-        meta_path = os.path.join(os.path.dirname(path), "meta.json")
-        if not os.path.isfile(meta_path):
-            raise SystemExit(f"{path}: needs the meta.json of its data folder for the token dtype")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if "tokenizer_sha256" in meta and meta["tokenizer_sha256"] != tok.checksum():
-            print(f"warning: {path} was tokenized with another tokenizer than the checkpoint's", file=sys.stderr)
-        return np.memmap(path, dtype=meta["dtype"], mode="r")
-    files = sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]
-    files = [f for f in files if f.endswith((".txt", ".jsonl", ".jsonl.gz", ".txt.gz"))]
-    if not files:
-        raise SystemExit(f"{path}: no .bin, .txt or .jsonl data")
-    eos = [tok.eos_id] if tok.eos_id is not None else []
-    tokens = []
-    for f in files:
-        if ".jsonl" in f:
-            docs = jsonl_strings(f, "text")
-        else:
-            with _open_text(f) as fh:
-                docs = [fh.read()]
-        for ids in tok.encode_batch(docs):
-            tokens.extend(ids + eos)
-    return np.array(tokens, dtype=np.int64)
-
-
 # ---------------------------------------------------------------------------------------------------- tasks
 
 def run_mc(model, tok, items, task, method="loglik", batch=16, add_bos=False):
@@ -590,45 +530,67 @@ def print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
-def main():
-    cfg = configurator.apply(globals(), sys.argv[1:])
-    if task not in ("ppl", "generate", "chat", *MC_TASKS):
-        raise SystemExit(f"unknown --task={task!r}: ppl, {', '.join(MC_TASKS)}, generate or chat")
+def check_settings():
+    """Stop at start-up, naming the key, on settings that cannot work (before a model is loaded)."""
+    if task == "chat":
+        raise SystemExit("eval.py has no chat task: chat with a checkpoint with python chat.py --ckpt=...")
+    if task not in ("ppl", "generate", *MC_TASKS):
+        raise SystemExit(f"unknown --task={task!r}: ppl, {', '.join(MC_TASKS)} or generate")
     if method not in ("loglik", "first_token"):
         raise SystemExit(f"unknown --method={method!r}: loglik or first_token")
     if not ckpt:
         raise SystemExit("--ckpt=PATH is required")
-    if not data and task not in ("chat",):
-        raise SystemExit(f"--task={task} needs --data=PATH")
+    if not data:
+        raise SystemExit(f"--task={task} needs --data=PATH (see python eval.py's docstring for each task's data)")
+    for key in ("batch_size",):
+        if globals()[key] < 1:
+            raise SystemExit(f"--{key}={globals()[key]}: must be at least 1")
+    for key in ("limit", "shots", "block_size", "stride"):
+        if globals()[key] < 0:
+            raise SystemExit(f"--{key}={globals()[key]}: must be >= 0 (0 = {'all' if key == 'limit' else 'default'})")
+    if task == "generate":
+        inference.check_sampling(max_new_tokens, temperature, top_k, top_p, 1.0)
+    if out and (os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out)))):
+        raise SystemExit(f"--out={out}: not a file in an existing folder")
+
+
+def main():
+    cfg = configurator.apply(globals(), sys.argv[1:])
+    check_settings()
     torch.manual_seed(seed)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_model(ckpt, dev, dtype, lora_base)
-    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    if task == "chat":
-        import chat as chat_repl
-        return chat_repl.repl(model, tok, system=system, **gen)
+    if task in MC_TASKS:  # the data is checked before the model is loaded
+        items = load_items(task, data, split, subject, shots, method)
+        items = items[:limit] if limit else items
+    elif task == "generate":
+        prompts = load_prompts(data)[:limit or None]
+    model, tok = inference.load_model(ckpt, dev, dtype, lora_base)
     t0 = time.time()
     if task == "ppl":
-        tokens = load_tokens(data, tok)
+        tokens = datalayer.token_stream(data, tok, split or "val")
         tokens = tokens[:limit] if limit else tokens
         window = block_size or model.config.max_seq_len
+        if stride > window:
+            raise SystemExit(f"--stride={stride} is larger than the window of {window} tokens: tokens would go "
+                             f"unscored")
+        if len(tokens) < 2:
+            raise SystemExit(f"{data}: {len(tokens)} token(s); perplexity needs at least 2")
         result = {"ppl": perplexity(model, tokens, window, stride or window, batch_size)}
         print_table(result, ["tokens", "loss", "ppl"])
         summary = result
     elif task == "generate":
-        import chat as chat_repl
-        prompts = load_prompts(data)[:limit or None]
         summary = []
-        for p in prompts:
-            text = chat_repl.render(tok, [{"role": "user", "content": p}], system) if chat else p
+        for k, p in enumerate(prompts, 1):
+            text = inference.render_chat(tok, [{"role": "user", "content": p}], system) if chat else p
             print(f"### {p}")
-            completion = chat_repl.stream_reply(model, tok, text, on_text=lambda s: print(s, end="", flush=True),
-                                                **gen)
+            try:
+                completion = inference.stream_reply(model, tok, text, max_new_tokens, temperature, top_k, top_p,
+                                                    on_text=lambda s: print(s, end="", flush=True))
+            except ValueError as e:
+                raise SystemExit(f"{data}: prompt {k}: {e}")
             print("\n")
             summary.append({"prompt": p, "completion": completion})
     else:
-        items = load_items(task, data, split, subject, shots, method)
-        items = items[:limit] if limit else items
         summary = run_mc(model, tok, items, task, method, batch_size, bos)
         elapsed = time.time() - t0
         summary["all"]["items_per_s"] = len(items) / elapsed
@@ -641,22 +603,12 @@ def main():
         print(f"wrote {out}")
 
 
-def jsonl_strings(path, key):
-    """The string field `key` of every record of a .jsonl file; a record without it is an error naming its line."""
-    out = []
-    for where, d in read_jsonl(path):
-        if not isinstance(d, dict) or not isinstance(d.get(key), str):
-            raise SystemExit(f"{where}: expected {{\"{key}\": str}}")
-        out.append(d[key])
-    return out
-
-
 def load_prompts(path):
     """Prompts of a .txt (one per line) or .jsonl {"prompt"} file."""
-    if ".jsonl" in path:
-        return jsonl_strings(path, "prompt")
-    with _open_text(path) as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    prompts = list(readers.iter_texts(path, text_field="prompt"))
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts (one per line of a .txt, or .jsonl {{\"prompt\": ...}})")
+    return prompts
 
 
 if __name__ == "__main__":

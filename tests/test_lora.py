@@ -106,7 +106,7 @@ def test_bad_adapters_fail_clearly(tmp_path):
 
 
 def test_eval_takes_an_adapter_as_ckpt(tmp_path):
-    from test_eval import char_tokenizer_folder, tiny_transformer
+    from conftest import char_tokenizer_folder, tiny_transformer
     base = str(tmp_path / "base")
     tok = char_tokenizer_folder(base)
     convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=128), base)
@@ -152,8 +152,8 @@ def test_peft_adapter_on_smollm2(smollm2, tmp_path):
                 base = peft_model(ids).logits
     finally:
         peft_model.unload()  # the fixture's model is shared: take the adapters out again
-    import eval as ev
-    ours, _ = ev.load_model(str(tmp_path / "adapter"), "cpu", "float32", lora_base=gguf_path)
+    import inference
+    ours, _ = inference.load_model(str(tmp_path / "adapter"), "cpu", "float32", lora_base=gguf_path)
     with torch.no_grad():
         got = ours(ids)[0]
     assert (want - base).abs().max() > 0.05

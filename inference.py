@@ -1,0 +1,112 @@
+"""Load any checkpoint this project reads and generate from it: the one model loader and the one generation path
+that eval.py, chat.py and quant_model.py share.
+
+    model, tok = inference.load_model("out/run/pretrain/hf")   # or a .gguf, a quantized folder, a LoRA adapter
+    prompt = inference.render_chat(tok, [{"role": "user", "content": "Hi"}], system="Be brief.")
+    reply = inference.stream_reply(model, tok, prompt, max_new_tokens=64, on_text=print)
+
+A reply never runs past the model's context (config.max_seq_len): stream_reply shortens it, saying so, and refuses
+a prompt that leaves no room at all.
+"""
+import os
+import sys
+
+import torch
+
+import convert
+import lora
+import quant
+from tokenizer import Tokenizer
+
+
+def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
+    """(model, tokenizer) in eval mode from our checkpoint folders (transformers folders: config.json +
+    model.safetensors + tokenizer), transformers Llama/Phi folders, .gguf files, the quantized folders quant.py
+    writes, or a LoRA adapter folder (PEFT format), which is loaded onto its base (lora_base, else the one its
+    adapter_config.json names) and merged. A checkpoint that cannot be read stops with a message naming it."""
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise SystemExit(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    ckpt = os.fspath(ckpt)
+    if not os.path.exists(ckpt):
+        raise SystemExit(f"checkpoint not found: {ckpt!r}")
+    try:
+        if os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, lora.ADAPTER_CONFIG)):
+            model, base = lora.load(ckpt, base=lora_base, device=device, dtype=dtype, merge=True)
+            has_tokenizer = any(os.path.isfile(os.path.join(ckpt, f)) for f in ("tokenizer.json", "tokenizer.model"))
+            tok = Tokenizer.from_pretrained(ckpt if has_tokenizer else base)
+        else:
+            if quant.read_quantization_config(ckpt) is not None:
+                model = quant.load_quantized(ckpt, device)
+            else:
+                model = convert.from_pretrained(ckpt, device=device, dtype=dtype)
+            tok = Tokenizer.from_pretrained(ckpt)
+    except (ValueError, FileNotFoundError) as e:  # the loaders' messages name the file; a traceback adds nothing
+        raise SystemExit(str(e)) from None
+    if tok.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"{ckpt}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} embeddings: they do not belong together")
+    return model.eval(), tok
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
+    """Stop at start-up, naming the key, on generation settings that cannot work."""
+    problems = [f"{key}={value} {need}" for key, value, bad, need in [
+        ("max_new_tokens", max_new_tokens, max_new_tokens < 1, "must be at least 1"),
+        ("temperature", temperature, temperature < 0, "must be >= 0 (0 = greedy)"),
+        ("top_k", top_k, top_k < 0, "must be >= 0 (0 = off)"),
+        ("top_p", top_p, not 0 < top_p <= 1, "must be in (0, 1] (1 = off)"),
+        ("repetition_penalty", repetition_penalty, repetition_penalty <= 0, "must be > 0 (1 = off)")] if bad]
+    if problems:
+        raise SystemExit("; ".join(problems))
+
+
+def render_chat(tok, messages, system=""):
+    """The prompt text for the next assistant turn, by the tokenizer's chat template."""
+    if system:
+        messages = [{"role": "system", "content": system}] + messages
+    return tok.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def fit_history(tok, history, system, budget):
+    """The most recent turns whose rendered prompt has at most `budget` tokens (the last user turn always stays;
+    the caller reports when even that does not fit)."""
+    history = list(history)
+    while len(history) > 1 and len(tok.encode(render_chat(tok, history, system))) > budget:
+        history = history[2:] if history[0]["role"] == "user" and len(history) > 2 else history[1:]
+    return history
+
+
+def stream_reply(model, tok, prompt, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9,
+                 repetition_penalty=1.0, on_text=None):
+    """Generate after the prompt text until a stop token, at most max_new_tokens and never past the model's context
+    (shortened with a note on stderr; a prompt that fills the context is a ValueError). on_text(new_text) is called
+    as text arrives (a multi-byte character is held back until it is complete). Returns the reply text without the
+    stop token; Ctrl-C ends the reply early and keeps what came."""
+    ids = tok.encode(prompt)
+    context = model.config.max_seq_len
+    room = context - len(ids)
+    if room < 1:
+        raise ValueError(f"the prompt has {len(ids)} tokens, the model's whole context is {context}: "
+                         f"no room for a reply")
+    if max_new_tokens > room:
+        print(f"(reply limited to {room} tokens: the prompt's {len(ids)} and max_new_tokens={max_new_tokens} "
+              f"would pass the model's context of {context})", file=sys.stderr)
+        max_new_tokens = room
+    new_ids, shown = [], [""]
+
+    def on_token(step_ids):
+        new_ids.append(step_ids[0])
+        if on_text is not None:
+            text = tok.decode(new_ids, skip_special=True)
+            if not text.endswith("\ufffd") and text.startswith(shown[0]):
+                on_text(text[len(shown[0]):])
+                shown[0] = text
+
+    try:
+        model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k or None,
+                       top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=tok.stop_ids, callback=on_token)
+    except KeyboardInterrupt:
+        pass  # the reply so far stands
+    return tok.decode([i for i in new_ids if i not in tok.stop_ids], skip_special=True)

@@ -2,7 +2,10 @@
 
 setup_distributed() starts a group when the launcher started several processes, or when FSDP / DeepSpeed are asked
 for (they need one even alone: a group of one on a free local port). gloo on CPU, nccl on GPUs.
+deepspeed_engine() wraps a model and optimizer in a ZeRO engine whose batch, clipping and precision come from the
+trainer's own settings.
 """
+import json
 import os
 import socket
 
@@ -46,3 +49,32 @@ def teardown_distributed():
         dist.destroy_process_group()
 
 
+
+
+def deepspeed_engine(model, optimizer, c, accum, dtype, device):
+    """(engine, DeepSpeed's optimizer, ZeRO stage) from c.deepspeed_config, with batch_size, grad_accum (`accum`
+    per process), grad_clip and dtype taken from the TrainConfig `c`, so they mean the same as without DeepSpeed."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise SystemExit("parallel=deepspeed: the deepspeed package is not installed (pip install deepspeed)")
+    if device.type == "cpu":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce on CPU (minutes, on first use) that only its
+        # inference kernels call; training collectives go through torch.distributed (gloo) either way.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not os.path.isfile(c.deepspeed_config):
+        raise SystemExit(f"deepspeed_config={c.deepspeed_config}: file not found (examples: config/ds_zero*.json)")
+    with open(c.deepspeed_config) as f:
+        ds_cfg = json.load(f)
+    ours = {"train_micro_batch_size_per_gpu": c.batch_size, "gradient_accumulation_steps": accum,
+            "train_batch_size": c.batch_size * c.grad_accum, "gradient_clipping": c.grad_clip}
+    for key, value in ours.items():
+        if key in ds_cfg and ds_cfg[key] != value:
+            raise SystemExit(f"{c.deepspeed_config}: '{key}'={ds_cfg[key]} conflicts with this run's {value}; "
+                             "remove it from the JSON and set batch_size / grad_accum / grad_clip instead")
+        ds_cfg[key] = value
+    ds_cfg["bf16"] = {"enabled": dtype == "bfloat16"}
+    ds_cfg["fp16"] = {"enabled": dtype == "float16"}
+    ds_cfg.setdefault("steps_per_print", 10 ** 9)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    return engine, optimizer, ds_cfg.get("zero_optimization", {}).get("stage", 0)

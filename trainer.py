@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from distributed import barrier, setup_distributed, teardown_distributed
+from distributed import barrier, deepspeed_engine, setup_distributed, teardown_distributed
 from model import ModelConfig, Transformer
 
 
@@ -286,38 +286,13 @@ class Trainer:
         barrier()
 
     def _setup_deepspeed(self, model):
-        try:
-            import deepspeed
-        except ImportError:
-            raise SystemExit("parallel=deepspeed: the deepspeed package is not installed (pip install deepspeed)")
-        c = self.c
-        if self.device.type == "cpu":
-            # DeepSpeed JIT-compiles a shared-memory all-reduce on CPU (minutes, on first use) that only its
-            # inference kernels call; training collectives go through torch.distributed (gloo) either way.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        if not os.path.isfile(c.deepspeed_config):
-            raise SystemExit(f"deepspeed_config={c.deepspeed_config}: file not found (examples: config/ds_zero*.json)")
-        with open(c.deepspeed_config) as f:
-            ds_cfg = json.load(f)
-        # the batch, clipping and precision come from this script's config, so they mean the same as without DS
-        ours = {"train_micro_batch_size_per_gpu": c.batch_size, "gradient_accumulation_steps": self.accum,
-                "train_batch_size": c.batch_size * c.grad_accum, "gradient_clipping": c.grad_clip}
-        for key, value in ours.items():
-            if key in ds_cfg and ds_cfg[key] != value:
-                raise SystemExit(f"{c.deepspeed_config}: '{key}'={ds_cfg[key]} conflicts with this run's {value}; "
-                                 "remove it from the JSON and set batch_size / grad_accum / grad_clip instead")
-            ds_cfg[key] = value
-        ds_cfg["bf16"] = {"enabled": self.dtype == "bfloat16"}
-        ds_cfg["fp16"] = {"enabled": self.dtype == "float16"}
-        ds_cfg.setdefault("steps_per_print", 10 ** 9)
         self.autocast = nullcontext()  # DeepSpeed holds the model in bf16/fp16 itself
-        if c.compile:
+        if self.c.compile:
             model.compile()
         # the optimizer returned is DeepSpeed's (ZeRO) wrapper; set_hyperparameters writes into its param groups
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model, c, self.device), config=ds_cfg)
+        self.engine, self.optimizer, self.zero_stage = deepspeed_engine(
+            model, make_optimizer(model, self.c, self.device), self.c, self.accum, self.dtype, self.device)
         self.model = self.engine
-        self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
 
     # -------------------------------------------------------------------------------------------- one step
 

@@ -329,6 +329,9 @@ def load_quantized(path, device=None):
     q = read_quantization_config(path)
     if q is None:
         raise ValueError(f"{config_path}: no tinyllm quantization_config (not a quantised checkpoint, or missing)")
+    absent = [k for k in ("bits", "group_size", "modules") if k not in q]
+    if absent:
+        raise ValueError(f"{config_path}: quantization_config lacks {', '.join(absent)}")
     with open(config_path, encoding="utf-8") as f:
         hf = json.load(f)
     with torch.device("meta"):  # float layers that get replaced are never allocated

@@ -22,8 +22,7 @@ import data
 import gguf_export
 import gptq
 import quant
-from eval import load_model  # TODO(issue 10): inference.load_model once inference.py exists
-from quant import load_quantized  # noqa: F401  until eval.load_model imports it from quant (then this line goes)
+from inference import load_model
 
 # ----------------------------------------------------------------------------------------------------------------
 ckpt = ""                 # our/HF model folder or a .gguf file
@@ -60,13 +59,19 @@ def quantize(model, mode, bits, calib_ids):
     return quant.quantize_model(model, mode, bits, group_size, quant_lm_head, quant_embed)
 
 
+def within_context(key, n_tokens, max_seq_len):
+    """n_tokens, or what the model's context leaves (saying so) where `key` asks for more: the model never saw
+    longer text."""
+    if n_tokens <= max_seq_len:
+        return n_tokens
+    print(f"{key}={n_tokens}: more than the model's context allows; using {max_seq_len}")
+    return max_seq_len
+
+
 def calibration_tokens(path, tok, n_samples, seq_len, config, seed=0):
     """(n_samples, seq_len) windows at random offsets of data.token_stream(path) (a data directory's train split, a
     .bin in one, or text), each within the model's context and vocabulary (`config`: its ModelConfig)."""
-    if seq_len > config.max_seq_len:
-        print(f"calibration: calib_seq_len={seq_len} is longer than the model's context; using windows of its "
-              f"max_seq_len={config.max_seq_len}")
-        seq_len = config.max_seq_len
+    seq_len = within_context("calib_seq_len", seq_len, config.max_seq_len)
     stream = data.token_stream(path, tok, split="train")
     if len(stream) <= seq_len:
         raise SystemExit(f"{path}: {len(stream)} tokens, fewer than one calibration window of {seq_len}")
@@ -102,7 +107,11 @@ def run_report():
     base, tok = load_model(ckpt, device, torch.bfloat16)
     tokens = torch.from_numpy(np.asarray(data.token_stream(eval_text, tok)[:eval_tokens or None], dtype=np.int64))
     calib_ids = calibration_tokens(calib, tok, calib_samples, calib_seq_len, base.config, seed)
-    prompt = tokens[None, :32].to(device)
+    context = base.config.max_seq_len
+    block_size = within_context("eval_block_size", eval_block_size, context)
+    stride = min(eval_stride, block_size)
+    prompt = tokens[None, :min(32, context // 2)].to(device)
+    n_decode = within_context("decode_tokens", decode_tokens, context - prompt.shape[1])
     variants = [("bf16", None, None, "bf16"), ("int8 (per-channel)", "int8", 8, "int8"),
                 (f"int4 RTN g{group_size}", "int4", 4, f"int4-g{group_size}"),
                 (f"GPTQ int{bits} g{group_size}" + (" act-order" if act_order else ""), "gptq", bits,
@@ -119,7 +128,7 @@ def run_report():
             quant.save_quantized(model, folder, quantize(model, variant_mode, variant_bits, calib_ids), tok)
             model = quant.load_quantized(folder, device)
         t_quant = time.time() - t0
-        ppl = evaluation.perplexity(model, tokens.to(device), eval_block_size, eval_stride, 4)
+        ppl = evaluation.perplexity(model, tokens.to(device), block_size, stride, 4)
         rows.append([name, folder_size(folder) / 2 ** 20, ppl["ppl"], 0.0, t_quant])
         models.append(model)
         print(f"{name}: {rows[-1][1]:.1f} MiB, ppl {ppl['ppl']:.3f} over {ppl['tokens']} tokens")
@@ -129,49 +138,63 @@ def run_report():
     for _ in range(3):
         for m, sp in zip(models, speeds):
             decode_tokens_per_second(m, prompt, 4)  # warm-up (kernel layouts, caches)
-            sp.append(decode_tokens_per_second(m, prompt, decode_tokens))
+            sp.append(decode_tokens_per_second(m, prompt, n_decode))
     for row, sp in zip(rows, speeds):
         row[3] = max(sp)
     base_ppl = rows[0][2]
-    lines = [f"model: {ckpt} | eval: {eval_text} ({len(tokens)} tokens, block {eval_block_size}, stride "
-             f"{eval_stride}) | calibration: {calib} ({calib_samples} x {calib_ids.shape[1]} tokens) | device: "
+    lines = [f"model: {ckpt} | eval: {eval_text} ({len(tokens)} tokens, block {block_size}, stride "
+             f"{stride}) | calibration: {calib} ({calib_samples} x {calib_ids.shape[1]} tokens) | device: "
              f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch "
              f"{torch.__version__}", "",
              "| weights | size on disk (MiB) | perplexity | vs bf16 | decode tokens/s | quantise time (s) |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, size, ppl, tps, tq in rows:
         lines.append(f"| {name} | {size:.1f} | {ppl:.3f} | {100 * (ppl / base_ppl - 1):+.2f}% | {tps:.1f} | {tq:.0f} |")
-    lines.append(f"\n(decode: greedy, {decode_tokens} tokens after a 32-token prompt, best of 3; fp32 weights: "
-                 f"{max(speeds[-1]):.1f} tokens/s)")
+    lines.append(f"\n(decode: greedy, {n_decode} tokens after a {prompt.shape[1]}-token prompt, best of 3; fp32 "
+                 f"weights: {max(speeds[-1]):.1f} tokens/s)")
     print("\n".join(lines))
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- command line
 def check_settings():
-    """Refuse, before any work, settings that cannot work."""
+    """Refuse, before any work, settings that cannot work; warn about one that works slowly."""
     if not ckpt:
         raise SystemExit(__doc__)
     if mode == "gguf" and not report:
         if gguf_type not in gguf_export.GGUF_TYPES:
             raise SystemExit(f"--gguf_type={gguf_type}: expected one of {', '.join(gguf_export.GGUF_TYPES)}")
     else:  # the report makes int8, int4 and GPTQ checkpoints
-        quant.check_settings("gptq" if report else mode, bits, group_size)
+        if quant.check_settings("gptq" if report else mode, bits, group_size) != 8 and \
+                group_size not in quant.KERNEL_GROUP_SIZES:
+            print(f"warning: group_size={group_size}: torch's int4 kernels take "
+                  f"{', '.join(map(str, quant.KERNEL_GROUP_SIZES))}; this model will run by dequantising its weights "
+                  "at every step (slower)", file=sys.stderr)
     if (mode == "gptq" or report) and not calib:
         raise SystemExit("--mode=gptq and --report=True need --calib: a data directory, a .bin in one, or text files")
-    for name in ("calib_samples", "calib_seq_len") + (("eval_block_size", "eval_stride") if report else ()):
-        if globals()[name] < 1:
-            raise SystemExit(f"--{name}={globals()[name]}: expected at least 1")
-    if report and not 2 <= decode_tokens:
-        raise SystemExit(f"--decode_tokens={decode_tokens}: expected at least 2 (a speed needs two tokens)")
-    if report and eval_tokens < 0:
-        raise SystemExit(f"--eval_tokens={eval_tokens}: expected a count, or 0 for all")
-    if damp < 0 or threads < 0:
-        raise SystemExit(f"--damp={damp}, --threads={threads}: expected values >= 0")
+    at_least = dict(calib_samples=1, calib_seq_len=1, damp=0, threads=0)
+    if report:
+        at_least.update(eval_tokens=0, eval_block_size=1, eval_stride=1, decode_tokens=2)  # a speed needs 2 tokens
+    for key, low in at_least.items():
+        if globals()[key] < low:
+            raise SystemExit(f"--{key}={globals()[key]}: expected at least {low}")
+    if report and eval_stride > eval_block_size:
+        raise SystemExit(f"--eval_stride={eval_stride}: expected at most eval_block_size={eval_block_size}")
     gguf_file = mode == "gguf" and not report and out.endswith(".gguf")
     if os.path.isfile(out) and not gguf_file or gguf_file and os.path.isdir(out):
         raise SystemExit(f"--out={out}: is a {'folder' if gguf_file else 'file'}; name a "
                          f"{'.gguf file' if gguf_file else 'folder'} for the output")
+    if mode != "gguf" and not report and os.path.isfile(os.path.join(out, "config.json")) and not rewritable(out):
+        raise SystemExit(f"--out={out}: holds a checkpoint that is not a quantised one from this script (--ckpt "
+                         "itself?); name another folder, nothing was overwritten")
+
+
+def rewritable(folder):
+    """Whether a folder holding a config.json is a quantised checkpoint this script wrote (a re-run replaces it)."""
+    try:
+        return quant.read_quantization_config(folder) is not None
+    except ValueError:  # damaged, or another tool's: not ours to replace
+        return False
 
 
 def main():

@@ -238,6 +238,10 @@ def test_load_quantized_errors(tmp_path):
     json.dump(config, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match="model.safetensors does not match"):
         qm.load_quantized(str(tmp_path))
+    del config["quantization_config"]["bits"]
+    json.dump(config, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match="config.json: quantization_config lacks bits"):
+        qm.load_quantized(str(tmp_path))
     del config["quantization_config"]
     json.dump(config, open(tmp_path / "config.json", "w"))
     with pytest.raises(ValueError, match="no tinyllm quantization_config"):
@@ -311,7 +315,7 @@ def test_calibration_windows_from_a_data_directory_and_text(tmp_path, capsys):
         quant_model.calibration_tokens(str(tmp_path / "train.bin"), None, 8, 64, llama_config(vocab_size=100))
     # windows longer than the model's context are shortened to it, with a message
     windows = quant_model.calibration_tokens(str(tmp_path), None, 4, 512, llama_config(max_seq_len=128))
-    assert windows.shape == (4, 128) and "max_seq_len=128" in capsys.readouterr().out
+    assert windows.shape == (4, 128) and "calib_seq_len=512: more than the model's context" in capsys.readouterr().out
     # a token file without meta.json is refused (before: read as uint16 whatever it held)
     os.remove(tmp_path / "meta.json")
     with pytest.raises(SystemExit, match="meta.json: not found"):
@@ -508,7 +512,7 @@ def test_gguf_export_carries_smollm2_tokenizer(tmp_path):
 
 def test_cli_gptq_writes_every_layer(tmp_path, sp_tokenizer):
     """`python quant_model.py --mode=gptq` end to end: GPTQ's layers (built in gptq.py) are the QuantLinear the
-    script saves, and the folder loads back."""
+    script saves, and the folder loads back through inference.load_model."""
     src = tmp_path / "model"
     convert.save_pretrained(tiny_model(llama_config(vocab_size=sp_tokenizer.vocab_size)), src)
     sp_tokenizer.save_pretrained(str(src))
@@ -521,5 +525,58 @@ def test_cli_gptq_writes_every_layer(tmp_path, sp_tokenizer):
     assert proc.returncode == 0, proc.stderr[-2000:]
     modules = json.load(open(out / "config.json"))["quantization_config"]["modules"]
     assert len(modules) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
-    model = qm.load_quantized(str(out))
+    import inference
+    model, _ = inference.load_model(str(out))
     assert sum(isinstance(m, qm.QuantLinear) for m in model.modules()) == 14
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--mode=int8", "--out={a_file}"], "--out=.*a_file: is a file"),
+    (["--mode=int8", "--out={float_model}"], "holds a checkpoint that is not a quantised one"),
+    (["--mode=gguf", "--out={folder}.gguf"], r"\.gguf: is a folder"),
+    (["--mode=gptq", "--calib={a_file}", "--calib_samples=0"], "--calib_samples=0: expected at least 1"),
+    (["--mode=gptq"], "need --calib"),
+    (["--mode=int4", "--group_size=0"], "group_size=0"),
+    (["--mode=gptq", "--bits=0", "--calib={a_file}"], "bits=0"),
+    (["--mode=gguf", "--gguf_type=q5_k"], "gguf_type=q5_k"),
+    (["--report=True", "--calib={a_file}", "--eval_stride=600"], "eval_stride=600: expected at most"),
+    (["--report=True", "--calib={a_file}", "--decode_tokens=1"], "decode_tokens=1"),
+])
+def test_cli_refuses_settings_before_any_work(tmp_path, monkeypatch, args, match):
+    """Each refusal comes before the checkpoint is read (it does not exist here; before, that was the message)."""
+    import runpy
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder.gguf").mkdir()
+    (tmp_path / "float_model").mkdir()
+    (tmp_path / "float_model" / "config.json").write_text('{"model_type": "llama"}')
+    args = [a.format(a_file=tmp_path / "a_file", folder=tmp_path / "folder", float_model=tmp_path / "float_model")
+            for a in args]
+    monkeypatch.setattr(sys, "argv", ["quant_model.py", f"--ckpt={tmp_path / 'missing'}"] + args)
+    with pytest.raises(SystemExit, match=match):
+        runpy.run_path(os.path.join(ROOT, "quant_model.py"), run_name="__main__")
+
+
+def test_cli_warns_about_group_sizes_without_a_kernel(tmp_path, monkeypatch, capsys):
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["quant_model.py", f"--ckpt={tmp_path / 'missing'}", "--group_size=48"])
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        runpy.run_path(os.path.join(ROOT, "quant_model.py"), run_name="__main__")
+    assert "group_size=48: torch's int4 kernels take 32, 64, 128, 256" in capsys.readouterr().err
+
+
+def test_gguf_export_failure_keeps_the_older_file(tmp_path, sp_tokenizer, monkeypatch):
+    """An export that fails after the header is written (here: a full disk) leaves no partial file, and the older
+    file at that path intact."""
+    import gguf
+
+    from gguf_export import export_gguf
+
+    def disk_full(self, progress=False):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"older")
+    with pytest.raises(OSError, match="No space left"):
+        export_gguf(tiny_model(llama_config(vocab_size=sp_tokenizer.vocab_size)), sp_tokenizer, str(path), "f16")
+    assert path.read_bytes() == b"older" and os.listdir(tmp_path) == ["m.gguf"]

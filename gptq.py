@@ -13,7 +13,8 @@ import torch.nn as nn
 
 import quant
 from model import swap_modules
-from quant import QuantLinear, group_params
+
+CALIB_BATCH = 8  # calibration windows per forward pass through a block
 
 
 def gptq_inverse_hessian(H, damp_frac, act_order):
@@ -51,7 +52,7 @@ def gptq_quantize(W, U, perm, dead, bits, group_size, block_size=128):
     scale = torch.empty(N, G, dtype=torch.bfloat16, device=W.device)
     zero = torch.empty_like(scale)
     if perm is not None:
-        scale, zero = group_params(W, bits, group_size)
+        scale, zero = quant.group_params(W, bits, group_size)
         W = W[:, perm]
         group_of = (perm // group_size).tolist()
     else:
@@ -65,7 +66,7 @@ def gptq_quantize(W, U, perm, dead, bits, group_size, block_size=128):
         for i in range(i2 - i1):
             col, gi = i1 + i, group_of[i1 + i]
             if perm is None and col % group_size == 0:
-                s, z = group_params(W1[:, i:i + group_size], bits, group_size)
+                s, z = quant.group_params(W1[:, i:i + group_size], bits, group_size)
                 scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
             s, z = scale[:, gi].float(), zero[:, gi].float()
             w = W1[:, i]
@@ -144,34 +145,32 @@ def quantize_model(model, calib_tokens, bits=4, group_size=128, act_order=False,
         raise ValueError(f"damp={damp_frac}: expected >= 0 (a fraction of the mean Hessian diagonal, e.g. 0.01)")
     if not torch.is_tensor(calib_tokens) or calib_tokens.dim() != 2 or calib_tokens.numel() == 0:
         raise ValueError("GPTQ needs calibration tokens: a non-empty (samples, seq_len) tensor")
-    n, seq_len = calib_tokens.shape
+    seq_len = calib_tokens.shape[1]
     if seq_len > model.config.max_seq_len:
         raise ValueError(f"calibration windows of {seq_len} tokens are longer than the model's context "
                          f"(max_seq_len {model.config.max_seq_len})")
     if int(calib_tokens.max()) >= model.config.vocab_size or int(calib_tokens.min()) < 0:
         raise ValueError(f"calibration token ids must be in [0, vocab_size {model.config.vocab_size})")
     shared = quant.quantize_embedding(model, bits, group_size, lm_head) if embed else False
-    quantize_linears(model, calib_tokens, bits, group_size, act_order, damp_frac, lm_head=lm_head and not shared,
-                     progress=progress)
+    quantize_linears(model, calib_tokens, bits, group_size, act_order, damp_frac, lm_head and not shared, progress)
     return quant.quantization_config(model, "gptq", bits, group_size, act_order, lm_head, embed)
 
 
 @torch.no_grad()
-def quantize_linears(model, calib_tokens, bits, group_size, act_order=False, damp_frac=0.01, batch_size=8,
-                     lm_head=False, progress=True):
+def quantize_linears(model, calib_tokens, bits, group_size, act_order, damp_frac, lm_head, progress):
     """GPTQ for every nn.Linear in model.layers (and lm_head if asked), block by block: the calibration inputs of
     block i are the outputs of the already-quantised blocks 0..i-1 (the paper's sequential scheme). Replaces the
-    layers by QuantLinear in place and returns {module name: QuantLinear}."""
+    layers by QuantLinear in place."""
     from tqdm import tqdm
     names = {m: n for n, m in model.named_modules()}
-    captured = block_inputs(model, calib_tokens, batch_size)
+    captured = block_inputs(model, calib_tokens, CALIB_BATCH)
     quantized = {}
 
     def quantize_group(group, H):
         U, perm, dead = gptq_inverse_hessian(H, damp_frac, act_order)
         for lin in group:
             codes, scale, zero = gptq_quantize(lin.weight, U, perm, dead, bits, group_size)
-            q = QuantLinear.from_codes(codes, scale, zero, bits, group_size, lin.bias)
+            q = quant.QuantLinear.from_codes(codes, scale, zero, bits, group_size, lin.bias)
             lin.weight.copy_(q.dequantize().to(lin.weight.dtype))  # later groups/blocks see the quantised layer
             quantized[names[lin]] = q
 
@@ -212,4 +211,3 @@ def quantize_linears(model, calib_tokens, bits, group_size, act_order=False, dam
             head.weight = nn.Parameter(head.weight.detach().clone())  # untie: the embedding stays float
         quantize_group([head], hessian(head, lambda x, a, k: head(model.norm(x))))
     swap_modules(model, quantized)
-    return quantized

@@ -133,7 +133,8 @@ def run_report():
         models.append(model)
         print(f"{name}: {rows[-1][1]:.1f} MiB, ppl {ppl['ppl']:.3f} over {ppl['tokens']} tokens")
     # decode speed last, all models in turns, best of 3: on a shared machine, load changes over a long run
-    models.append(copy.deepcopy(base).float())  # CPUs without AMX have no fast bf16 matrix-vector product: fp32 for reference
+    # CPUs without AMX have no fast bf16 matrix-vector product: fp32 weights for reference
+    models.append(copy.deepcopy(base).float())
     speeds = [[] for _ in models]
     for _ in range(3):
         for m, sp in zip(models, speeds):

@@ -580,3 +580,25 @@ def test_gguf_export_failure_keeps_the_older_file(tmp_path, sp_tokenizer, monkey
     with pytest.raises(OSError, match="No space left"):
         export_gguf(tiny_model(llama_config(vocab_size=sp_tokenizer.vocab_size)), sp_tokenizer, str(path), "f16")
     assert path.read_bytes() == b"older" and os.listdir(tmp_path) == ["m.gguf"]
+
+
+def test_cli_report_stays_within_the_context(tmp_path, sp_tokenizer, monkeypatch, capsys):
+    """The comparison table on a model with a 64-token context: evaluation windows and decoding are shortened to
+    fit it (before: windows of 512 tokens ran far past what the model was trained on), saying so."""
+    import runpy
+    src = tmp_path / "model"
+    convert.save_pretrained(tiny_model(llama_config(vocab_size=sp_tokenizer.vocab_size, max_seq_len=64)), src)
+    sp_tokenizer.save_pretrained(str(src))
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(TEXTS * 40))
+    monkeypatch.setattr(sys, "argv", ["quant_model.py", f"--ckpt={src}", "--report=True", f"--calib={text}",
+                                      f"--eval_text={text}", "--eval_tokens=300", "--calib_samples=4",
+                                      "--group_size=32", f"--out={tmp_path / 'report'}"])
+    runpy.run_path(os.path.join(ROOT, "quant_model.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    for key in ("calib_seq_len=512", "eval_block_size=512", "decode_tokens=64"):
+        assert f"{key}: more than the model's context allows" in printed
+    table = [line for line in printed.splitlines() if line.startswith("| ") and "MiB" not in line]
+    assert [row.split(" | ")[0] for row in table] == ["| bf16", "| int8 (per-channel)", "| int4 RTN g32",
+                                                         "| GPTQ int4 g32"]
+    assert "block 64, stride 64" in printed and "32 tokens after a 32-token prompt" in printed

@@ -27,7 +27,7 @@ from inference import load_model
 # ----------------------------------------------------------------------------------------------------------------
 ckpt = ""                 # our/HF model folder or a .gguf file
 mode = "int4"             # int8 | int4 (round-to-nearest) | gptq | gguf (export for llama.cpp)
-bits = 4                  # gptq: 4 or 3 (3-bit codes are stored in 4-bit containers: torch has no 3-bit kernel)
+bits = 4                  # gptq: 4, 3 or 2 (stored in 4-bit containers: torch has no 3- or 2-bit kernel)
 group_size = 128          # int4/gptq: weights per scale along the input dimension (32, 64, 128, ...)
 act_order = False         # gptq: quantise columns by decreasing Hessian diagonal (groups stay static)
 damp = 0.01               # gptq: dampening, as a fraction of the mean Hessian diagonal
@@ -49,7 +49,6 @@ device = "cpu"
 threads = 0               # CPU threads for torch (0: its default); on a shared machine 1 avoids stalls at every op
 seed = 1337
 # ----------------------------------------------------------------------------------------------------------------
-
 
 
 def quantize(model, mode, bits, calib_ids):
@@ -171,6 +170,8 @@ def check_settings():
             print(f"warning: group_size={group_size}: torch's int4 kernels take "
                   f"{', '.join(map(str, quant.KERNEL_GROUP_SIZES))}; this model will run by dequantising its weights "
                   "at every step (slower)", file=sys.stderr)
+    if (mode != "gguf" or report) and os.path.isdir(ckpt) and quant.read_quantization_config(ckpt) is not None:
+        raise SystemExit(f"{ckpt} is already quantised; quantise (or compare) the float checkpoint")
     if (mode == "gptq" or report) and not calib:
         raise SystemExit("--mode=gptq and --report=True need --calib: a data directory, a .bin in one, or text files")
     at_least = dict(calib_samples=1, calib_seq_len=1, damp=0, threads=0)
@@ -213,8 +214,6 @@ def main():
         gguf_export.export_gguf(model, tok, path, gguf_type, name=os.path.basename(os.path.normpath(ckpt)))
         print(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
         return
-    if os.path.isdir(ckpt) and quant.read_quantization_config(ckpt) is not None:
-        raise SystemExit(f"{ckpt} is already quantised; quantise the float checkpoint")
     model, tok = load_model(ckpt, device, torch.bfloat16)
     calib_ids = None
     if mode == "gptq":

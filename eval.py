@@ -47,14 +47,12 @@ Hendrycks' MMLU code. Both report acc only (one token per choice: the normalisat
 import csv
 import glob
 import json
-import math
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -62,6 +60,7 @@ import configurator
 import data as datalayer
 import inference
 import readers
+from inference import gather_logprobs, pad_right, perplexity
 
 # ---------------------------------------------------------------------------------------------------- config
 ckpt = ""             # checkpoint: folder, .gguf, quantized folder or LoRA adapter folder (PEFT format)
@@ -114,69 +113,6 @@ environmental_impact_assessment_engineer=环境影响评价工程师 tax_account
 
 # ---------------------------------------------------------------------------------------------------- scoring
 
-def gather_logprobs(logits, rows, positions, targets, chunk=1024):
-    """log p(target) in fp32 for each (row, position, target) triple of (B, T, vocab) logits. Only these
-    positions are turned to fp32, a chunk at a time: a (B, T, vocab) fp32 copy would not fit for long windows."""
-    out = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
-    rows, positions, targets = (torch.as_tensor(x, dtype=torch.long, device=logits.device)
-                                for x in (rows, positions, targets))
-    for s in range(0, len(out), chunk):
-        lg = logits[rows[s:s + chunk], positions[s:s + chunk]].float()
-        out[s:s + chunk] = lg.gather(1, targets[s:s + chunk, None]).squeeze(1) - lg.logsumexp(-1)
-    return out
-
-
-def _pad_right(rows, device):
-    """(B, T) long tensor of token lists padded on the right with 0, and the lengths."""
-    lengths = [len(r) for r in rows]
-    idx = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-    for r, row in enumerate(rows):
-        idx[r, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return idx.to(device), lengths
-
-
-def _device_of(model):
-    return next(model.parameters()).device
-
-
-@torch.inference_mode()
-def perplexity(model, tokens, block_size, stride=None, batch_size=1):
-    """dict(loss, ppl, tokens) of a 1-D token sequence: windows of block_size input tokens start every stride
-    tokens; each scores the targets after the previous window's last one, so each token after the first is scored
-    once and ppl = exp(mean loss). With block_size >= len(tokens) - 1 it is the whole-text perplexity."""
-    if torch.is_tensor(tokens):
-        tokens = tokens.long().flatten().cpu()
-    else:  # a list or an array; np.array copies, since a memmap is read-only
-        tokens = torch.from_numpy(np.array(tokens, dtype=np.int64)).flatten()
-    n = len(tokens)
-    stride = stride or block_size
-    if n < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, got {n}")
-    if not 0 < stride <= block_size:
-        raise ValueError(f"stride must be in 1..block_size ({block_size}), got {stride}")
-    windows, scored_to = [], 1  # (start, end, first scored target index); targets are tokens[start+1:end]
-    for start in range(0, n - 1, stride):
-        end = min(start + block_size + 1, n)
-        windows.append((start, end, scored_to))
-        scored_to = end
-        if end == n:
-            break
-    device, total, count = _device_of(model), 0.0, 0
-    for b in tqdm(range(0, len(windows), batch_size), desc="ppl", unit="batch", disable=len(windows) < 2):
-        batch = windows[b:b + batch_size]
-        idx, _ = _pad_right([tokens[s:e - 1].tolist() for s, e, _ in batch], device)
-        rows, positions, targets = [], [], []
-        for r, (s, e, first) in enumerate(batch):  # input position t - s - 1 predicts token t
-            rows += [r] * (e - first)
-            positions += range(first - s - 1, e - s - 1)
-            targets += tokens[first:e].tolist()
-        logits, _ = model(idx)
-        total -= gather_logprobs(logits, rows, positions, targets).sum().item()
-        count += len(targets)
-    loss = total / count
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": count}
-
-
 @dataclass
 class MCItem:
     context: str
@@ -207,7 +143,7 @@ def score_continuations(model, requests, batch_size, desc="score"):
     requests. Sequences longer than the model's window lose tokens on the left (as lm-evaluation-harness);
     one-token continuations of the same context (the letters of MMLU/C-Eval) share one forward pass; inputs go
     longest first so a batch holds similar lengths."""
-    max_len, device = model.config.max_seq_len, _device_of(model)
+    max_len, device = model.config.max_seq_len, inference.device_of(model)
     rows, inputs, members, shared = [], [], [], {}
     for k, (tokens, n_context) in enumerate(requests):
         n_cont = len(tokens) - n_context
@@ -227,7 +163,7 @@ def score_continuations(model, requests, batch_size, desc="score"):
     sums = torch.zeros(len(rows), dtype=torch.float64)
     for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None):
         batch = order[b:b + batch_size]
-        idx, lengths = _pad_right([inputs[u] for u in batch], device)
+        idx, lengths = pad_right([inputs[u] for u in batch], device)
         batch_rows, positions, targets, owners = [], [], [], []
         for r, u in enumerate(batch):
             for k in members[u]:
@@ -272,7 +208,7 @@ def mc_metrics(items, scores):
 def first_token_logits(model, tok, items, batch_size, bos=False, desc="score"):
     """Per item, the next-token logits of its choices right after the context (C-Eval's and the original MMLU
     code's method); a choice's id is the last of tok.encode(sep + choice), as C-Eval's code takes it."""
-    max_len, device = model.config.max_seq_len, _device_of(model)
+    max_len, device = model.config.max_seq_len, inference.device_of(model)
     prompts = [([tok.bos_id] if bos else []) + tok.encode(it.context) for it in items]
     prompts = [p[-max_len:] for p in prompts]
     choice_ids = [[tok.encode(it.sep + c)[-1] for c in it.choices] for it in items]
@@ -280,7 +216,7 @@ def first_token_logits(model, tok, items, batch_size, bos=False, desc="score"):
     results = [None] * len(items)
     for b in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=desc is None):
         batch = order[b:b + batch_size]
-        idx, lengths = _pad_right([prompts[k] for k in batch], device)
+        idx, lengths = pad_right([prompts[k] for k in batch], device)
         logits, _ = model(idx)
         for r, k in enumerate(batch):
             results[k] = logits[r, lengths[r] - 1, choice_ids[k]].float().tolist()

@@ -1,17 +1,21 @@
-"""Load any checkpoint this project reads and generate from it: the one model loader and the one generation path
-that eval.py, chat.py and quant_model.py share.
+"""Load any checkpoint this project reads, generate from it and score text with it: the one model loader, the one
+generation path and the perplexity that eval.py, chat.py and quant_model.py share.
 
     model, tok = inference.load_model("out/run/pretrain/hf")   # or a .gguf, a quantized folder, a LoRA adapter
     prompt = inference.render_chat(tok, [{"role": "user", "content": "Hi"}], system="Be brief.")
     reply = inference.stream_reply(model, tok, prompt, max_new_tokens=64, on_text=print)
+    inference.perplexity(model, tok.encode(text), block_size=model.config.max_seq_len)   # {"loss", "ppl", "tokens"}
 
 A reply never runs past the model's context (config.max_seq_len): stream_reply shortens it, saying so, and refuses
 a prompt that leaves no room at all.
 """
+import math
 import os
 import sys
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 import convert
 import lora
@@ -110,3 +114,69 @@ def stream_reply(model, tok, prompt, max_new_tokens=256, temperature=0.7, top_k=
     except KeyboardInterrupt:
         pass  # the reply so far stands
     return tok.decode([i for i in new_ids if i not in tok.stop_ids], skip_special=True)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def gather_logprobs(logits, rows, positions, targets, chunk=1024):
+    """log p(target) in fp32 for each (row, position, target) triple of (B, T, vocab) logits. Only these
+    positions are turned to fp32, a chunk at a time: a (B, T, vocab) fp32 copy would not fit for long windows."""
+    out = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
+    rows, positions, targets = (torch.as_tensor(x, dtype=torch.long, device=logits.device)
+                                for x in (rows, positions, targets))
+    for s in range(0, len(out), chunk):
+        lg = logits[rows[s:s + chunk], positions[s:s + chunk]].float()
+        out[s:s + chunk] = lg.gather(1, targets[s:s + chunk, None]).squeeze(1) - lg.logsumexp(-1)
+    return out
+
+
+def pad_right(rows, device):
+    """(B, T) long tensor of token lists padded on the right with 0, and the lengths."""
+    lengths = [len(r) for r in rows]
+    idx = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    for r, row in enumerate(rows):
+        idx[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return idx.to(device), lengths
+
+
+def device_of(model):
+    """The device of a model's (first) parameters: where its inputs go."""
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def perplexity(model, tokens, block_size, stride=None, batch_size=1):
+    """dict(loss, ppl, tokens) of a 1-D token sequence: windows of block_size input tokens start every stride
+    tokens; each scores the targets after the previous window's last one, so each token after the first is scored
+    once and ppl = exp(mean loss). With block_size >= len(tokens) - 1 it is the whole-text perplexity."""
+    if torch.is_tensor(tokens):
+        tokens = tokens.long().flatten().cpu()
+    else:  # a list or an array; np.array copies, since a memmap is read-only
+        tokens = torch.from_numpy(np.array(tokens, dtype=np.int64)).flatten()
+    n = len(tokens)
+    stride = stride or block_size
+    if n < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {n}")
+    if not 0 < stride <= block_size:
+        raise ValueError(f"stride must be in 1..block_size ({block_size}), got {stride}")
+    windows, scored_to = [], 1  # (start, end, first scored target index); targets are tokens[start+1:end]
+    for start in range(0, n - 1, stride):
+        end = min(start + block_size + 1, n)
+        windows.append((start, end, scored_to))
+        scored_to = end
+        if end == n:
+            break
+    device, total, count = device_of(model), 0.0, 0
+    for b in tqdm(range(0, len(windows), batch_size), desc="ppl", unit="batch", disable=len(windows) < 2):
+        batch = windows[b:b + batch_size]
+        idx, _ = pad_right([tokens[s:e - 1].tolist() for s, e, _ in batch], device)
+        rows, positions, targets = [], [], []
+        for r, (s, e, first) in enumerate(batch):  # input position t - s - 1 predicts token t
+            rows += [r] * (e - first)
+            positions += range(first - s - 1, e - s - 1)
+            targets += tokens[first:e].tolist()
+        logits, _ = model(idx)
+        total -= gather_logprobs(logits, rows, positions, targets).sum().item()
+        count += len(targets)
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": count}

@@ -1,6 +1,6 @@
-"""eval.py: scoring against hand-computed values (a stub model whose log-probs we set), the metric definitions,
-prompt construction, perplexity against direct computations, batching invariance on a real tiny Transformer,
-checkpoint loading (inference.load_model: folder, quantized, adapter) and the command line's refusals."""
+"""eval.py and inference.perplexity: scoring against hand-computed values (a stub model whose log-probs we set), the
+metric definitions, prompt construction, perplexity against direct computations, batching invariance on a real tiny
+Transformer, checkpoint loading (inference.load_model: folder, quantized, adapter) and the command line's refusals."""
 import json
 import math
 import os
@@ -187,11 +187,11 @@ def test_ppl_is_exp_of_the_models_mean_loss():
     tokens = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(1))
     _, loss = model(tokens[None, :-1], tokens[None, 1:])
     for stride in (1, 7, 39):  # the window covers the text: one window whatever the stride
-        r = ev.perplexity(model, tokens, block_size=39, stride=stride)
+        r = inference.perplexity(model, tokens, block_size=39, stride=stride)
         assert r["tokens"] == 39
         assert r["loss"] == pytest.approx(loss.item(), rel=1e-5)
         assert r["ppl"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
-    assert ev.perplexity(model, tokens, block_size=64)["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert inference.perplexity(model, tokens, block_size=64)["loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
 def _token_nll(model, tokens, t, context):
@@ -213,7 +213,7 @@ def test_sliding_window_scores_every_token_once_with_the_carried_context(block, 
             start += stride
         nll.append(_token_nll(model, tokens, t, t - start))
     for batch_size in (1, 3):
-        r = ev.perplexity(model, tokens, block_size=block, stride=stride, batch_size=batch_size)
+        r = inference.perplexity(model, tokens, block_size=block, stride=stride, batch_size=batch_size)
         assert r["tokens"] == n - 1
         assert r["loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
 
@@ -222,18 +222,18 @@ def test_perplexity_takes_a_memmapped_stream():
     """data.token_stream hands over a read-only uint16 memmap; --limit keeps the first tokens."""
     tokens = np.random.default_rng(3).integers(0, 30, 200).astype(np.uint16)
     model = tiny_transformer(30)
-    direct = ev.perplexity(model, torch.tensor(tokens[:50].astype(np.int64)), 16, 8)
+    direct = inference.perplexity(model, torch.tensor(tokens[:50].astype(np.int64)), 16, 8)
     readonly = tokens.view()
     readonly.flags.writeable = False
-    assert ev.perplexity(model, readonly[:50], 16, 8) == pytest.approx(direct)
+    assert inference.perplexity(model, readonly[:50], 16, 8) == pytest.approx(direct)
 
 
 def test_perplexity_rejects_bad_windows():
     model = tiny_transformer(30)
     with pytest.raises(ValueError, match="stride"):
-        ev.perplexity(model, torch.arange(10), block_size=4, stride=5)
+        inference.perplexity(model, torch.arange(10), block_size=4, stride=5)
     with pytest.raises(ValueError, match="at least 2"):
-        ev.perplexity(model, torch.arange(1), block_size=4)
+        inference.perplexity(model, torch.arange(1), block_size=4)
 
 
 # ---------------------------------------------------------------------------------------------- data and prompts
@@ -400,7 +400,7 @@ def test_cli_mc_and_ppl_match_the_library(ckpt_folder, tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     tokens = tok.encode(text.read_text()) + [tok.eos_id]
-    assert json.loads(out.read_text())["results"]["ppl"] == pytest.approx(ev.perplexity(model, tokens, 64, 32))
+    assert json.loads(out.read_text())["results"]["ppl"] == pytest.approx(inference.perplexity(model, tokens, 64, 32))
 
 
 def test_cli_generate_is_the_models_greedy_continuation(ckpt_folder, tmp_path):
@@ -429,7 +429,7 @@ def test_load_model_quantized_and_refusals(ckpt_folder, tmp_path):
     qmodel, qtok = inference.load_model(qdir, "cpu", "float32")
     assert any(isinstance(m, quant.QuantLinear) for m in qmodel.modules())
     tokens = tok.encode("the cat sat on the mat")
-    assert ev.perplexity(qmodel, tokens, 64)["loss"] == pytest.approx(ev.perplexity(model, tokens, 64)["loss"],
+    assert inference.perplexity(qmodel, tokens, 64)["loss"] == pytest.approx(inference.perplexity(model, tokens, 64)["loss"],
                                                                       rel=1e-4)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -502,7 +502,7 @@ def test_cli_ppl_reads_a_data_folder_through_the_data_layer(ckpt_folder, tmp_pat
     run = run_eval(f"--ckpt={ckpt_folder}", "--task=ppl", f"--data={data}", f"--out={out}", "--block_size=64")
     assert run.returncode == 0, run.stderr
     model = inference.load_model(ckpt_folder)[0]
-    want = ev.perplexity(model, tokens.astype(np.int64), 64)
+    want = inference.perplexity(model, tokens.astype(np.int64), 64)
     assert json.loads(out.read_text())["results"]["ppl"] == pytest.approx(want)
     (data / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
     run = run_eval(f"--ckpt={ckpt_folder}", "--task=ppl", f"--data={data}")

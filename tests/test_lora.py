@@ -124,11 +124,11 @@ def test_eval_takes_an_adapter_as_ckpt(tmp_path):
            f"--out={out}", "--block_size=64"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    import eval as ev
+    import inference
     tokens = tok.encode(text.read_text()) + [tok.eos_id]
-    want = ev.perplexity(model.eval(), tokens, 64)["ppl"]
+    want = inference.perplexity(model.eval(), tokens, 64)["ppl"]
     assert json.loads(out.read_text())["results"]["ppl"]["ppl"] == pytest.approx(want, rel=1e-5)
-    assert want != pytest.approx(ev.perplexity(convert.from_pretrained(base), tokens, 64)["ppl"], rel=1e-3)
+    assert want != pytest.approx(inference.perplexity(convert.from_pretrained(base), tokens, 64)["ppl"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -408,7 +408,14 @@ def main():
     cfg = configurator.apply(locals(), sys.argv[1:])
     if not cfg["src"] or not cfg["out"]:
         sys.exit("usage: python convert.py --src=<checkpoint folder or .gguf> --out=<folder> [--dtype=bfloat16]")
-    model = from_pretrained(cfg["src"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None)
+    if cfg["dtype"] not in ("", "float32", "bfloat16", "float16"):
+        sys.exit(f"--dtype={cfg['dtype']}: expected float32, bfloat16 or float16 (or nothing: keep the stored one)")
+    if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
+        sys.exit(f"--out={cfg['out']}: is a file, not a folder")
+    try:
+        model = from_pretrained(cfg["src"], dtype=getattr(torch, cfg["dtype"]) if cfg["dtype"] else None)
+    except (ValueError, FileNotFoundError) as e:  # the message names the file
+        sys.exit(str(e))
     save_pretrained(model, cfg["out"])
     print(f"wrote {cfg['out']}/config.json and model.safetensors ({model.num_params(False) / 1e6:.1f}M params)")
     try:

@@ -474,6 +474,8 @@ def check_settings():
         raise SystemExit(f"unknown --task={task!r}: ppl, {', '.join(MC_TASKS)} or generate")
     if method not in ("loglik", "first_token"):
         raise SystemExit(f"unknown --method={method!r}: loglik or first_token")
+    if method == "first_token" and task not in LETTER_TASKS:
+        raise SystemExit(f"--method=first_token applies to {', '.join(LETTER_TASKS)}, not {task}")
     if not ckpt:
         raise SystemExit("--ckpt=PATH is required")
     if not data:

@@ -32,6 +32,12 @@ def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise SystemExit(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise SystemExit(f"device={device!r}: {e}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device={device!r}: this torch sees no CUDA GPU (use cpu)")
     ckpt = os.fspath(ckpt)
     if not os.path.exists(ckpt):
         raise SystemExit(f"checkpoint not found: {ckpt!r}")

@@ -449,6 +449,7 @@ def test_load_model_quantized_and_refusals(ckpt_folder, tmp_path):
 @pytest.mark.parametrize("settings,message", [
     ({"task": "chat"}, "eval.py has no chat task: chat with a checkpoint with python chat.py"),
     ({"task": "hellaswg"}, "unknown --task='hellaswg'"),
+    ({"method": "first_token"}, "--method=first_token applies to mmlu, ceval, cmmlu, not mc"),
     ({"ckpt": ""}, "--ckpt=PATH is required"),
     ({"data": ""}, "--task=mc needs --data=PATH"),
     ({"batch_size": 0}, "--batch_size=0: must be at least 1"),
@@ -459,7 +460,7 @@ def test_load_model_quantized_and_refusals(ckpt_folder, tmp_path):
     ({"out": "/nonexistent/folder/r.json"}, "--out=/nonexistent/folder/r.json: not a file in an existing folder"),
 ])
 def test_settings_that_cannot_work_are_refused_before_loading(monkeypatch, settings, message):
-    for key, value in {"task": "mc", "ckpt": "m", "data": "d", **settings}.items():
+    for key, value in {"task": "mc", "ckpt": "m", "data": "d", "method": "loglik", **settings}.items():
         monkeypatch.setattr(ev, key, value)
     with pytest.raises(SystemExit, match=re.escape(message)):
         ev.check_settings()
@@ -486,6 +487,16 @@ def test_cli_generation_stops_at_the_context_and_bad_inputs_name_the_file(ckpt_f
     prompts.write_text("the cat\n")
     run = run_eval(f"--ckpt={tmp_path}", "--task=generate", f"--data={prompts}")
     assert run.returncode == 1 and "no config.json" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_load_model_refuses_a_device_it_cannot_use(ckpt_folder):
+    with pytest.raises(SystemExit, match="device='gpu'"):
+        inference.load_model(ckpt_folder, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="device='cuda': this torch sees no CUDA GPU"):
+            inference.load_model(ckpt_folder, device="cuda")
+    with pytest.raises(SystemExit, match="dtype='float64'"):
+        inference.load_model(ckpt_folder, dtype="float64")
 
 
 def test_cli_ppl_reads_a_data_folder_through_the_data_layer(ckpt_folder, tmp_path):

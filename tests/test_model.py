@@ -381,6 +381,18 @@ def test_truncated_weights_name_the_file(tmp_path, size):
         convert.from_pretrained(tmp_path)
 
 
+def test_convert_cli_refuses_bad_arguments_by_name(tmp_path, monkeypatch):
+    import sys
+    hf_llama().save_pretrained(tmp_path / "src")
+    (tmp_path / "file").write_text("")
+    for args, message in [([f"--src={tmp_path / 'nope'}", "--out=x"], "nope: expected a checkpoint folder"),
+                          ([f"--src={tmp_path / 'src'}", f"--out={tmp_path / 'file'}"], "is a file, not a folder"),
+                          ([f"--src={tmp_path / 'src'}", "--out=x", "--dtype=foo"], "--dtype=foo: expected float32")]:
+        monkeypatch.setattr(sys, "argv", ["convert.py", *args])
+        with pytest.raises(SystemExit, match=message):
+            convert.main()
+
+
 def test_a_broken_gguf_names_the_file(tmp_path):
     pytest.importorskip("gguf")
     (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00 and then nothing")

@@ -503,6 +503,8 @@ def main():
     elif task == "generate":
         prompts = load_prompts(data)[:limit or None]
     model, tok = inference.load_model(ckpt, dev, dtype, lora_base)
+    if bos and tok.bos_id is None:
+        raise SystemExit(f"--bos=True: the tokenizer of {ckpt} has no BOS token")
     t0 = time.time()
     if task == "ppl":
         tokens = datalayer.token_stream(data, tok, split or "val")

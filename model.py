@@ -384,7 +384,9 @@ class Transformer(nn.Module):
         in the row (CTRL); no_repeat_ngram_size=n bans repeating any n-gram. A row stops after emitting one of
         stop_ids; finished rows are filled with pad_id (default: the first stop id, else 0).
         callback(list_of_B_new_ids) is called after every step (streaming); returning True stops generation.
-        compile=True runs the decode step through torch.compile (CUDA graphs on GPU).
+        compile=True runs the decode step through torch.compile (CUDA graphs on GPU). Positions past
+        config.max_seq_len are not refused here (dynamic/YaRN scaling exist for them); callers that must stay
+        inside the trained context cap max_new_tokens (inference.stream_reply does).
         Returns (B, T + n_generated) ids: the prompt (as given) followed by the new tokens."""
         stop_ids = list(stop_ids or [])
         pad_id = pad_id if pad_id is not None else (stop_ids[0] if stop_ids else 0)

@@ -518,3 +518,12 @@ def test_cli_ppl_reads_a_data_folder_through_the_data_layer(ckpt_folder, tmp_pat
     (data / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
     run = run_eval(f"--ckpt={ckpt_folder}", "--task=ppl", f"--data={data}")
     assert run.returncode == 1 and "another tokenizer" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bos_needs_a_tokenizer_with_one(ckpt_folder, tmp_path):
+    with open(os.path.join(ckpt_folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"context": "The sky is", "choices": ["blue", "green"], "label": 0}) + "\n")
+    run = run_eval(f"--ckpt={ckpt_folder}", "--task=mc", f"--data={items}", "--bos=True")
+    assert run.returncode == 1 and "--bos=True: the tokenizer of" in run.stderr and "Traceback" not in run.stderr

@@ -6,7 +6,7 @@
 
 Both sides decode greedily from the same prompt for exactly new_tokens tokens (no stop ids), each timed best-of
 `repeats` after a warm-up; tokens/s = new_tokens / wall time of the whole generate call (prefill included, which
-for a short prompt is a small part). transformers is loaded from our export (convert.save_pretrained) of the same weights.
+for a short prompt is a small part). transformers loads our export (convert.save_pretrained) of the same weights.
 """
 import importlib.util
 import os

@@ -4,8 +4,9 @@
     python bench_eval.py --tasks=arc --limit=200 --dtypes=float32
 
 For each task, the same items (eval.py's loaders: the data preparation is what is shared) are scored by
-  ours:      eval.py -- inference.load_model reading the GGUF, our tokenizer, batched scoring (score_items / first_token_logits),
-             once per dtype in --dtypes (float32: the exact comparison, eval.py's default; bfloat16: fast on CPUs with AMX)
+  ours:      eval.py -- inference.load_model reading the GGUF, our tokenizer, batched scoring (score_items /
+             first_token_logits), once per dtype in --dtypes (float32: the exact comparison, eval.py's default;
+             bfloat16: fast on CPUs with AMX)
   reference: transformers' LlamaForCausalLM with the weights transformers' own GGUF reader dequantizes, its
              tokenizer read from the same GGUF, and the minimal loop below: one item at a time, its choices as one
              right-padded batch with an attention mask, log-softmax, the sum over the choice tokens.

@@ -76,8 +76,8 @@ def repl(model, tok, system="", max_new_tokens=256, temperature=0.7, top_k=50, t
                   f"{model.config.max_seq_len} tokens for the reply)\n")
             history = history[:-1]
             continue
-        reply = inference.stream_reply(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                             on_text=write)
+        reply = inference.stream_reply(model, tok, prompt, max_new_tokens, temperature, top_k, top_p,
+                                       repetition_penalty, on_text=write)
         write("\n")
         history.append({"role": "assistant", "content": reply})
 

@@ -364,7 +364,8 @@ def test_hellaswag_label_may_be_a_digit_string(tmp_path):
 def test_shared_benchmarks_load(shared_data):
     hs = ev.load_hellaswag(os.path.join(shared_data, "eval_en/hellaswag"))
     assert len(hs) == 10042 and hs[0].context == "Roof shingle removal: A man is sitting on a roof. He"
-    raw = [d["ctx"] for _, d in readers.read_jsonl(os.path.join(shared_data, "eval_en/hellaswag/hellaswag_val.jsonl.gz"))]
+    hs_file = os.path.join(shared_data, "eval_en/hellaswag/hellaswag_val.jsonl.gz")
+    raw = [d["ctx"] for _, d in readers.read_jsonl(hs_file)]
     # 3236 ActivityNet items get their ctx_b capitalized; 2 WikiHow ones lose a [bracketed] span to lm-eval's regex
     assert sum(r != i.context for r, i in zip(raw, hs)) == 3238
     arc = ev.load_arc(os.path.join(shared_data, "eval_en/arc_easy"))
@@ -429,8 +430,8 @@ def test_load_model_quantized_and_refusals(ckpt_folder, tmp_path):
     qmodel, qtok = inference.load_model(qdir, "cpu", "float32")
     assert any(isinstance(m, quant.QuantLinear) for m in qmodel.modules())
     tokens = tok.encode("the cat sat on the mat")
-    assert inference.perplexity(qmodel, tokens, 64)["loss"] == pytest.approx(inference.perplexity(model, tokens, 64)["loss"],
-                                                                      rel=1e-4)
+    assert inference.perplexity(qmodel, tokens, 64)["loss"] == pytest.approx(
+        inference.perplexity(model, tokens, 64)["loss"], rel=1e-4)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')

@@ -7,7 +7,7 @@
     python quant_model.py --ckpt=SmolLM2.gguf --report=True --calib=... --eval_text=...     # the comparison table
 
 The layers, the number format and the checkpoint folder are quant.py's; GPTQ is gptq.py, the GGUF writer
-gguf_export.py. A quantised folder loads wherever a checkpoint does (eval.py, chat.py).
+gguf_export.py. A quantised folder loads wherever a checkpoint does (inference.load_model: eval.py, chat.py).
 """
 import os
 import sys
@@ -21,8 +21,8 @@ import convert
 import data
 import gguf_export
 import gptq
+import inference
 import quant
-from inference import load_model
 
 # ----------------------------------------------------------------------------------------------------------------
 ckpt = ""                 # our/HF model folder or a .gguf file
@@ -102,8 +102,7 @@ def run_report():
     import copy
     import platform
 
-    import eval as evaluation  # TODO(issue 10): perplexity moves below the scripts
-    base, tok = load_model(ckpt, device, torch.bfloat16)
+    base, tok = inference.load_model(ckpt, device, torch.bfloat16)
     tokens = torch.from_numpy(np.asarray(data.token_stream(eval_text, tok)[:eval_tokens or None], dtype=np.int64))
     calib_ids = calibration_tokens(calib, tok, calib_samples, calib_seq_len, base.config, seed)
     context = base.config.max_seq_len
@@ -127,7 +126,7 @@ def run_report():
             quant.save_quantized(model, folder, quantize(model, variant_mode, variant_bits, calib_ids), tok)
             model = quant.load_quantized(folder, device)
         t_quant = time.time() - t0
-        ppl = evaluation.perplexity(model, tokens.to(device), block_size, stride, 4)
+        ppl = inference.perplexity(model, tokens.to(device), block_size, stride, 4)
         rows.append([name, folder_size(folder) / 2 ** 20, ppl["ppl"], 0.0, t_quant])
         models.append(model)
         print(f"{name}: {rows[-1][1]:.1f} MiB, ppl {ppl['ppl']:.3f} over {ppl['tokens']} tokens")
@@ -208,13 +207,13 @@ def main():
     if report:
         return run_report()
     if mode == "gguf":
-        model, tok = load_model(ckpt, "cpu", torch.float32)
+        model, tok = inference.load_model(ckpt, "cpu", torch.float32)
         path = out if out.endswith(".gguf") else os.path.join(out, f"model-{gguf_type}.gguf")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         gguf_export.export_gguf(model, tok, path, gguf_type, name=os.path.basename(os.path.normpath(ckpt)))
         print(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
         return
-    model, tok = load_model(ckpt, device, torch.bfloat16)
+    model, tok = inference.load_model(ckpt, device, torch.bfloat16)
     calib_ids = None
     if mode == "gptq":
         calib_ids = calibration_tokens(calib, tok, calib_samples, calib_seq_len, model.config, seed)

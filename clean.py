@@ -33,7 +33,7 @@ _COMMON_WIDE = [(c, unicodedata.normalize("NFKC", c)) for c in "，！？：；�
 
 def strip_control(text, counts=None):
     """Step 1 of the cleaning: ANSI escape codes, control characters (keeping \\t and \\n), \\r\\n -> \\n."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
     text, n_ansi = _ANSI.subn("", text) if "\x1b" in text else (text, 0)
     text, n_ctrl = _CONTROL.subn("", text)
     if counts is not None:
@@ -65,9 +65,9 @@ def clean_text(text, cfg, counts):
         parts = _TO_FULLWIDTH.split(text)  # [text, mark, text, mark, ..., text]
         parts[1::2], n1 = map(_FULLWIDTH.__getitem__, parts[1::2]), len(parts) // 2
         text = "".join(parts)
-        text, n2 = _PERIOD.subn("。", text)
-        text, n3 = _PARENS.subn(r"（\1）", text)
-        text = _SPACE_AFTER_FULLWIDTH.sub("", text)
+        text, n2 = _PERIOD.subn("。", text) if "." in text else (text, 0)  # (a scan for one character is cheap)
+        text, n3 = _PARENS.subn(r"（\1）", text) if "(" in text else (text, 0)
+        text = _SPACE_AFTER_FULLWIDTH.sub("", text) if " " in text or "\t" in text else text
         counts["punct_made_fullwidth"] += n1 + n2 + 2 * n3  # mostly marks that NFKC had made ASCII
     text = text.strip()
     if cfg["final_period"] and text and text[-1].isalnum():

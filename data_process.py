@@ -44,6 +44,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -96,22 +97,67 @@ def config(**overrides):
 
 
 # ------------------------------------------------------------------------------------------------- pretraining
+LONG_DOC, PIECE = 1 << 20, 1 << 12  # characters: a longer document is tokenized in pieces of about PIECE (_encode)
+_CUT = re.compile(r"(?<=\S) ")  # a space after a non-space: no token of our tokenizers spans it
+
+
+def _pieces(text):
+    """`text` in pieces of about PIECE characters, each cut just before a space that follows a non-space. No token
+    spans such a place (a sentencepiece BPE has whitespace only at the start of its pieces, and byte-level
+    pre-tokenizers split there as well), so the pieces' ids are the whole text's, except for a tokenizer that adds a
+    dummy prefix to every text it encodes (LLaMA's). Text without a space for LONG_DOC characters is cut anyway."""
+    start = 0
+    while len(text) - start > PIECE:
+        m = _CUT.search(text, start + PIECE, start + LONG_DOC)
+        if m is None and len(text) - start <= LONG_DOC:
+            break
+        cut = m.start() if m else start + LONG_DOC
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _encode_long(tok, text, bos):
+    """A document over LONG_DOC characters, a megabyte of pieces at a time: sentencepiece needs ~40x the size of the
+    string it encodes at once, and a list of Python ints holds ~36 bytes per token."""
+    ends = tok.encode("", bos=bos, eos=True)  # [BOS,] EOS, checked as encode_batch checks them
+    parts = [np.array(ends[:-1], dtype=np.int64)]
+    for group in workers.batches(_pieces(text), max_items=1 << 30):
+        parts.append(np.fromiter(itertools.chain.from_iterable(tok.encode_batch(group)), dtype=np.int64))
+    return np.concatenate(parts + [np.array(ends[-1:], dtype=np.int64)])
+
+
+def _encode(tok, texts, bos):
+    """The ids of the texts, each with EOS (and BOS), as one flat int64 array, and the lengths."""
+    arrays, lens = [], []
+    for long, run in itertools.groupby(texts, key=lambda t: len(t) > LONG_DOC):
+        if long:
+            for text in run:
+                arrays.append(_encode_long(tok, text, bos))
+                lens.append(len(arrays[-1]))
+        else:
+            ids = tok.encode_batch(list(run), bos=bos, eos=True)
+            sizes = [len(x) for x in ids]
+            arrays.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(sizes)))
+            lens += sizes
+    return (np.concatenate(arrays) if arrays else np.zeros(0, np.int64)), np.array(lens, dtype=np.int64)
+
+
 def _clean_and_encode(docs):
     """Worker: clean, hash, sign and tokenize a batch of documents."""
     tok, cfg = workers.state["tok"], workers.state["cfg"]
     counts = collections.Counter(docs_read=len(docs), bytes_in=sum(len(d.encode("utf-8")) for d in docs))
     kept = []
-    for doc in docs:
-        text = clean_text(doc, cfg, counts)
+    for i in range(len(docs)):
+        text = clean_text(docs[i], cfg, counts)
+        docs[i] = None  # the batch is ours: a very long document then lives on only as its cleaned copy
         if len(text) < cfg["min_chars"]:
             counts["removed_too_short"] += 1
         else:
             kept.append(text)
-    ids = tok.encode_batch(kept, bos=cfg["bos"], eos=True)
+    flat, lens = _encode(tok, kept, cfg["bos"])
     hashes = [hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in kept]
     sigs = minhash(kept, cfg["shingle"], cfg["minhash_perms"]) if cfg["near_dedup"] and kept else None
-    lens = np.array([len(x) for x in ids], dtype=np.int64)
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lens.sum()))
     return counts, flat, lens, hashes, sigs
 
 
@@ -141,8 +187,8 @@ def prepare_pretrain(cfg, tok, tok_source, docs, sources, issues):
             counts.update(c)
             data.check_ids(flat, tok.vocab_size)
             keys = near.band_keys(sigs) if near is not None and len(lens) else None
-            parts, starts = {"train": [], "val": []}, np.concatenate([[0], np.cumsum(lens)])
-            for i, n in enumerate(lens):
+            dest = np.zeros(len(lens), dtype=np.int8)  # per document: 0 dropped, 1 train, 2 val
+            for i, n in enumerate(lens.tolist()):
                 if cfg["dedup"] and hashes[i] in seen:
                     counts["removed_exact_dup"] += 1
                     continue
@@ -152,13 +198,15 @@ def prepare_pretrain(cfg, tok, tok_source, docs, sources, issues):
                     continue
                 # greedy split: a document goes to val while val holds less than val_fraction of the tokens
                 split = "val" if tokens["val"] < cfg["val_fraction"] * (tokens["train"] + tokens["val"]) else "train"
-                parts[split].append(flat[starts[i]:starts[i + 1]])
-                tokens[split], ndocs[split] = tokens[split] + int(n), ndocs[split] + 1
-            for split, p in parts.items():
-                if p:
-                    writer.write(f"{split}.bin", np.concatenate(p), dt)
+                dest[i] = 1 + (split == "val")
+                tokens[split], ndocs[split] = tokens[split] + n, ndocs[split] + 1
+            per_token = np.repeat(dest, lens)
+            for code, split in ((1, "train"), (2, "val")):
+                part = flat[per_token == code]
+                if len(part):
+                    writer.write(f"{split}.bin", part, dt)
             bar.update(c["docs_read"])
-            bar.set_postfix(tokens=tokens["train"] + tokens["val"])
+            bar.set_postfix(tokens=tokens["train"] + tokens["val"], refresh=False)
         if bar is not None:
             bar.close()
         if counts["docs_read"] == 0:

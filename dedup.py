@@ -8,7 +8,11 @@
 The exact duplicates are data_process.py's (a hash of the cleaned text); this file finds the documents that differ
 by a few words, a header or whitespace.
 """
+import re
+
 import numpy as np
+
+_SPACE = re.compile(r"\s")  # \s is exactly str.isspace(), which split() uses
 
 
 def minhash(texts, n, num_perm, chunk=1 << 20):
@@ -40,11 +44,10 @@ def minhash(texts, n, num_perm, chunk=1 << 20):
         return 0
 
     for d, text in enumerate(texts):
-        text = " ".join(text.lower().split()).ljust(n)
-        for a in range(0, len(text) - n + 1, chunk):
-            pieces.append(text[a:a + chunk + n - 1])
+        for piece in _pieces(text, n, chunk):
+            pieces.append(piece)
             owners.append(d)
-            size += len(pieces[-1])
+            size += len(piece)
             if size >= chunk:
                 size = add_pieces()
     if pieces:
@@ -55,6 +58,30 @@ def minhash(texts, n, num_perm, chunk=1 << 20):
     nxt = np.where(nxt >= num_perm, filled.argmax(axis=1)[:, None] + num_perm, nxt)  # wrap around
     src = np.take_along_axis(sig, nxt % num_perm, axis=1)
     return src + ((nxt - j) % num_perm).astype(np.uint32) * np.uint32(0x9E3779B1)  # uint32 arithmetic wraps
+
+
+def _pieces(text, n, chunk):
+    """The text lower-cased, whitespace runs made one space, stripped (and padded to n), in pieces that hold `chunk`
+    n-grams each and overlap by n - 1 characters. A text over `chunk` characters is squeezed a slice at a time, each
+    slice ending before a whitespace where it can: split() on a whole book would hold ~10x its size in words."""
+    if len(text) <= chunk:
+        yield " ".join(text.lower().split()).ljust(n)
+        return
+    buf, started, gap, done, a = "", False, False, False, 0
+    while a < len(text):
+        m = _SPACE.search(text, a + chunk, a + 2 * chunk)
+        b = m.start() if m else min(a + chunk, len(text))
+        part, a = text[a:b], b
+        words = " ".join(part.lower().split())
+        if words:
+            buf += (" " if started and (gap or part[0].isspace()) else "") + words
+            started = True
+        gap = part[-1].isspace()  # whitespace between this slice's last word and the next slice
+        while len(buf) >= chunk + n - 1:
+            yield buf[:chunk + n - 1]
+            buf, done = buf[chunk:], True
+    if len(buf) >= n or not done:
+        yield buf.ljust(n)
 
 
 class NearDedup:
@@ -75,11 +102,13 @@ class NearDedup:
 
     def is_duplicate(self, sig, keys):
         """True when `sig` matches a kept document; otherwise remember it and return False."""
-        for c in {self.buckets[k] for k in keys if k in self.buckets}:
+        shared = self.buckets.keys() & keys  # set operations in C: this runs once per document
+        for c in {self.buckets[k] for k in shared}:
             if np.count_nonzero(self.sigs[c] == sig) >= self.threshold * len(sig):
                 return True
-        index = len(self.sigs)
-        for k in keys:
-            self.buckets.setdefault(k, index)
+        new = dict.fromkeys(keys, len(self.sigs))
+        for k in shared:  # a bucket keeps the first document that landed in it
+            del new[k]
+        self.buckets.update(new)
         self.sigs.append(sig.copy())  # a copy: a view would keep its whole batch alive
         return False

@@ -91,10 +91,12 @@ def _blocks(path, encoding, size=1 << 20):
                 parts.append(chunk[:cut] if cut else chunk)
                 if cut:  # a block of whole lines is ready (a line longer than `size` waits for its end)
                     block, parts = b"".join(parts), [chunk[cut:]]
-                    yield from _decoded(block, n, encoding)
-                    n += block.count(b"\n")
+                    items, lines = _decoded(block, n, encoding), block.count(b"\n")
+                    del block
+                    yield from _hand_over(items)
+                    n += lines
             if any(parts):
-                yield from _decoded(b"".join(parts), n, encoding)
+                yield from _hand_over(_decoded(b"".join(parts), n, encoding))
     except (OSError, EOFError, zlib.error) as e:  # EOFError: a truncated .gz; zlib.error: corrupt deflate data
         what = ("not a gzip file" if n == 1 and isinstance(e, gzip.BadGzipFile) else
                 f"broken gzip data after line {n - 1}" if gz else "cannot read it")
@@ -102,27 +104,32 @@ def _blocks(path, encoding, size=1 << 20):
 
 
 def _decoded(block, n, encoding):
+    """[(n, text)] for a block that decodes, else its runs of good lines and _Bad for each line that does not."""
     try:
-        text = block.decode(encoding)
+        return [(n, _without_bom(block.decode(encoding), n))]
     except UnicodeDecodeError:  # again line by line, to name the bad lines and keep the others
-        good, start = [], n
+        items, good, start = [], [], n
         for k, raw in enumerate(io.BytesIO(block), n):
             try:
                 good.append(raw.decode(encoding))
             except UnicodeDecodeError as e:
-                if good:
-                    yield start, _without_bom("".join(good), start)
-                yield k, _Bad((k, f"not valid {encoding} (byte {e.start} of the line: {raw[e.start:e.start + 4]!r}; "
-                                  f"see --encoding)"))
+                items += [(start, _without_bom("".join(good), start))] if good else []
+                items.append((k, _Bad((k, f"not valid {encoding} (byte {e.start} of the line: "
+                                          f"{raw[e.start:e.start + 4]!r}; see --encoding)"))))
                 good, start = [], k + 1
-        if good:
-            yield start, _without_bom("".join(good), start)
-        return
-    yield n, _without_bom(text, n)
+        return items + ([(start, _without_bom("".join(good), start))] if good else [])
 
 
 def _without_bom(text, first_line):
     return text[1:] if first_line == 1 and text.startswith("\ufeff") else text
+
+
+def _hand_over(items):
+    """Yield the items of a list, dropping each from it: a reader further on that holds a very long line then holds
+    its only copy (the generators before it keep none)."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _lines(path, encoding="utf-8"):
@@ -130,8 +137,10 @@ def _lines(path, encoding="utf-8"):
     for n, text in _blocks(path, encoding):
         if isinstance(text, _Bad):
             yield n, text
-        else:
-            yield from enumerate(_LINE.findall(text), n)
+            continue
+        lines = [text] if text.find("\n") in (-1, len(text) - 1) else _LINE.findall(text)  # one line: no copy
+        del text
+        yield from enumerate(_hand_over(lines), n)
 
 
 def _read_txt(path, split, encoding):
@@ -141,16 +150,17 @@ def _read_txt(path, split, encoding):
             yield line
             continue
         line = line.rstrip("\r\n")
+        blank = not line or line.isspace()  # (line.strip() would copy a very long line)
         if split == "line":
-            if line.strip():
+            if not blank:
                 yield line, n
             continue
-        end = (not line.strip()) if split == "blank" else (split != "file" and line.strip() == split)
+        end = blank if split == "blank" else (split != "file" and line.strip() == split)
         if end:
             if doc:
                 yield "\n".join(doc), start
             doc = []
-        elif line.strip() or doc:
+        elif not blank or doc:
             start = start if doc else n
             doc.append(line)
     if doc:
@@ -311,6 +321,8 @@ def _flatten(value, fields):
     if isinstance(value, str):
         return value
     if isinstance(value, list):
+        if all(type(v) is str for v in value):  # the common case (a poem's lines), without a call per item
+            return "\n".join(filter(None, value))
         return "\n".join(t for t in (_flatten(v, fields) for v in value) if t)
     if isinstance(value, dict):
         return next((_flatten(value[f], fields) for f in fields if f in value), "")

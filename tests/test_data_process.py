@@ -543,3 +543,26 @@ def test_sft_and_dpo_with_real_tokenizer(tmp_path, bpe):
     assert tok.decode(np.concatenate([p, c])) == tok.apply_chat_template(
         conv(("user", "Q 0 狐狸?"), ("assistant", "good 0")), add_generation_prompt=False)
     assert tok.decode(r) == f"bad 0{IM_END}\n"
+
+
+PEAK_RSS = """import resource, sys
+import data_process as dp
+dp.run(dp.config(input=sys.argv[1], tokenizer=sys.argv[2], out_dir=sys.argv[3], num_workers=1, val_fraction=0.0))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))"""
+
+
+def test_one_very_long_line_needs_a_few_times_its_size(tmp_path, bpe):
+    """Peak RSS grows with a one-line document by less than 15x its size (it was ~40x: sentencepiece's BPE over the
+    whole string, and a Python int per token). A 4 MB line against a 2 MB one, so fixed costs cancel out."""
+    pytest.importorskip("resource")
+    rng = random.Random(0)
+    words = ["quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "number", "敏捷的", "狐狸", "12345"]
+    runs = []
+    for n_words in (350_000, 700_000):
+        line = " ".join(rng.choice(words) for _ in range(n_words))
+        path = write(tmp_path / f"{n_words}.txt", line + "\n")
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS, path, bpe, str(tmp_path / "out")], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout
+        runs.append((len(line.encode("utf-8")), int(out.split()[-1])))
+    (size_a, rss_a), (size_b, rss_b) = runs
+    assert (rss_b - rss_a) / (size_b - size_a) < 15, runs

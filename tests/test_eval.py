@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import convert
 import eval as ev
 import inference
 import readers
-from conftest import tiny_transformer
+from conftest import char_tokenizer_folder, tiny_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2 = math.log(2)
@@ -528,3 +529,13 @@ def test_bos_needs_a_tokenizer_with_one(ckpt_folder, tmp_path):
     items.write_text(json.dumps({"context": "The sky is", "choices": ["blue", "green"], "label": 0}) + "\n")
     run = run_eval(f"--ckpt={ckpt_folder}", "--task=mc", f"--data={items}", "--bos=True")
     assert run.returncode == 1 and "--bos=True: the tokenizer of" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_load_model_refuses_a_tokenizer_bigger_than_the_embedding(tmp_path):
+    """Token ids past the embedding table would fail deep inside the first forward pass."""
+    path = str(tmp_path / "ckpt")
+    tok = char_tokenizer_folder(path)
+    convert.save_pretrained(tiny_transformer(tok.vocab_size - 1), path)
+    with pytest.raises(SystemExit, match=f"the tokenizer has {tok.vocab_size} tokens but the model only "
+                                         f"{tok.vocab_size - 1} embeddings"):
+        inference.load_model(path)

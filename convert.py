@@ -134,8 +134,9 @@ def load_hf(folder, dtype=None):
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if "quantization_config" in hf:
-        raise ValueError(f"{config_path}: a quantized checkpoint ({hf['quantization_config'].get('quant_method', '?')});"
-                         " load it with its quantizer (quant_model.load_quantized for this project's own)")
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"{config_path}: a quantized checkpoint ({method}); this reads float weights only (this "
+                         f"project's quantized folders load with quant.load_quantized or inference.load_model)")
     config, family = config_from_hf(hf, config_path)
     table = NAMES[family]
     state_dict = {}

@@ -245,6 +245,8 @@ def run(cfg, tok=None):
     if cfg["format"] not in ("pretrain", "sft", "dpo"):
         raise SystemExit(f"format must be pretrain, sft or dpo, not {cfg['format']!r}")
     check_options(cfg["txt_split"], cfg["encoding"])
+    if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
+        raise SystemExit(f"out_dir {cfg['out_dir']} is a file, not a folder")
     if cfg["minhash_perms"] < 1 or cfg["minhash_perms"] & (cfg["minhash_perms"] - 1) or cfg["shingle"] < 1:
         raise SystemExit("minhash_perms must be a power of two and shingle at least 1")
     tok_source = tok

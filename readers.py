@@ -261,7 +261,11 @@ def _read_parquet(path, fields, encoding=None):
         import pyarrow.parquet as pq
     except ImportError:
         raise SystemExit(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)")
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        yield _Bad((None, f"not a readable parquet file ({e})"))
+        return
     col = next((f for f in fields if f in pf.schema_arrow.names), None)
     if col is None:
         yield _Bad((1, f"no column {'/'.join(fields)} (columns: {', '.join(pf.schema_arrow.names)})"))

@@ -97,7 +97,7 @@ def train(documents):
     sample = sample_lines(lines, max_chars, random.Random(seed))
     lines.close()
     if not sample:
-        raise SystemExit("the input holds no text")
+        raise SystemExit(f"{input or 'the default corpus'}: no text to train on (empty files or blank lines only)")
     print(f"training on {len(sample):,} sampled lines, {sum(map(len, sample)):,} characters "
           f"(sentencepiece logs its progress below)")
     kept = sample[:VERIFY_LINES]
@@ -144,6 +144,8 @@ def verify(tok, samples):
 
 
 def main():
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"out_dir {out_dir} is a file, not a folder")
     documents = (readers.iter_texts(input, text_field=text_field, txt_split=txt_split, encoding=encoding,
                                     lenient=lenient) if input else default_documents())
     t0 = time.time()

@@ -327,6 +327,12 @@ def test_bad_inputs_name_file_and_line(tmp_path):
         assert not list((t / "out").glob("*.tmp"))  # nothing half-written is left behind
 
 
+def test_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(SystemExit, match="out_dir .*out is a file, not a folder"):
+        dp.run(cfg(tmp_path, input=str(tmp_path / "missing.txt")), tok=CharTokenizer())  # no reading either
+
+
 def test_lenient_skips_are_counted_and_listed(tmp_path):
     lines = [json.dumps({"text": f"good document {i}"}) for i in range(10)]
     lines[3] = '{"text": broken'

@@ -56,3 +56,10 @@ def test_broken_gz_names_the_file_or_is_skipped_when_lenient(tmp_path, name, cap
         texts = list(readers.iter_texts(spec, lenient=True))
         assert texts[0] == "a good line" and len(texts) < 2000
         assert f"skipped 1 bad record(s), e.g. {tmp_path / name}: {what}" in capsys.readouterr().err
+
+
+def test_broken_parquet_names_the_file(tmp_path):
+    pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "t.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(SystemExit, match=r"t\.parquet: not a readable parquet file"):
+        list(readers.iter_texts(str(tmp_path / "t.parquet")))

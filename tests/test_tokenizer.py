@@ -167,6 +167,11 @@ def test_train_tokenizer_errors(tmp_path, corpus_files):
     assert proc.returncode != 0 and f"{latin1}:2: not valid utf-8" in proc.stderr
     proc, _ = run_train(tmp_path, "x", f"--input={corpus_files}", "--model_type=wordpiece")
     assert proc.returncode != 0 and "model_type must be 'bpe' or 'char'" in proc.stderr
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    proc, _ = run_train(tmp_path, "x", f"--input={tmp_path / 'blank.txt'}")
+    assert proc.returncode != 0 and f"{tmp_path / 'blank.txt'}: no text to train on" in proc.stderr
+    proc, _ = run_train(tmp_path, "", f"--input={corpus_files}", f"--out_dir={bad}")  # before any training
+    assert proc.returncode != 0 and f"out_dir {bad} is a file, not a folder" in proc.stderr
 
 
 def test_from_pretrained_errors(tmp_path):

@@ -156,6 +156,8 @@ def _clean_and_encode(docs):
         else:
             kept.append(text)
     flat, lens = _encode(tok, kept, cfg["bos"])
+    if not flat.size or 0 <= flat.min() <= flat.max() < tok.vocab_size:  # else left for data.check_ids to report
+        flat = flat.astype(data.choose_dtype(tok.vocab_size, cfg["dtype"]))  # 2 bytes a token to send, not 8
     hashes = [hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in kept]
     sigs = minhash(kept, cfg["shingle"], cfg["minhash_perms"]) if cfg["near_dedup"] and kept else None
     return counts, flat, lens, hashes, sigs

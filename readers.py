@@ -114,8 +114,10 @@ def _decoded(block, n, encoding):
                 good.append(raw.decode(encoding))
             except UnicodeDecodeError as e:
                 items += [(start, _without_bom("".join(good), start))] if good else []
+                hint = ("a UTF-16 file? convert it to UTF-8" if k == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+                        else "see --encoding")  # Windows "Unicode" text starts with a UTF-16 byte order mark
                 items.append((k, _Bad((k, f"not valid {encoding} (byte {e.start} of the line: "
-                                          f"{raw[e.start:e.start + 4]!r}; see --encoding)"))))
+                                          f"{raw[e.start:e.start + 4]!r}; {hint})"))))
                 good, start = [], k + 1
         return items + ([(start, _without_bom("".join(good), start))] if good else [])
 
@@ -283,9 +285,12 @@ def check_options(txt_split, encoding):
         raise SystemExit(f"txt_split must be line, blank, file or a separator line such as % or <|endoftext|>, "
                          f"not {txt_split!r}")
     try:
-        codecs.lookup(encoding)
+        name = codecs.lookup(encoding).name
     except LookupError:
         raise SystemExit(f"encoding {encoding!r} is unknown (e.g. utf-8, gb18030, latin-1)") from None
+    if name.startswith(("utf-16", "utf-32")):  # files are cut into lines at the byte \n, which these split
+        raise SystemExit(f"encoding {encoding} is not supported: convert the files to UTF-8 first "
+                         f"(iconv -f {encoding} -t utf-8)")
 
 
 def read_file(path, opts):

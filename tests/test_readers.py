@@ -63,3 +63,12 @@ def test_broken_parquet_names_the_file(tmp_path):
     (tmp_path / "t.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(SystemExit, match=r"t\.parquet: not a readable parquet file"):
         list(readers.iter_texts(str(tmp_path / "t.parquet")))
+
+
+def test_utf16_files_get_a_hint_and_utf16_is_refused(tmp_path):
+    path = tmp_path / "win.txt"
+    path.write_bytes("第一行\n第二行\n".encode("utf-16"))
+    with pytest.raises(SystemExit, match=r"win\.txt:1: not valid utf-8 .*a UTF-16 file\? convert it to UTF-8"):
+        list(readers.iter_texts(str(path)))
+    with pytest.raises(SystemExit, match="encoding utf-16 is not supported: convert the files to UTF-8"):
+        list(readers.iter_texts(str(path), encoding="utf-16"))

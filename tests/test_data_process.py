@@ -572,3 +572,18 @@ def test_one_very_long_line_needs_a_few_times_its_size(tmp_path, bpe):
         runs.append((len(line.encode("utf-8")), int(out.split()[-1])))
     (size_a, rss_a), (size_b, rss_b) = runs
     assert (rss_b - rss_a) / (size_b - size_a) < 15, runs
+
+
+def test_long_documents_are_encoded_in_pieces_with_the_same_ids(bpe, monkeypatch):
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(bpe)
+    rng = random.Random(1)
+    words = ["The", "quick", "brown", "fox", "  jumps", "\tover", "lazy\n", "dog.", "敏捷的棕色狐狸", "12345", "😀"]
+    texts = ["".join(rng.choice(words) + " " * rng.randint(0, 2) for _ in range(n)) for n in (30, 900, 5, 2000)]
+    texts.append("狐狸" * 700)  # no space at all: cut only past LONG_DOC
+    monkeypatch.setattr(dp, "LONG_DOC", 1000)
+    monkeypatch.setattr(dp, "PIECE", 64)
+    assert len(list(dp._pieces(texts[3]))) > 20 and len(list(dp._pieces(texts[4]))) == 2
+    flat, lens = dp._encode(tok, texts[:4], bos=True)
+    want = tok.encode_batch(texts[:4], bos=True, eos=True)
+    assert lens.tolist() == [len(w) for w in want] and flat.tolist() == sum(want, [])

@@ -1,4 +1,5 @@
-"""data_process.py: readers, cleaning, dedup, token streams, SFT/DPO records, bad input. Tiny inputs in tmp_path;
+"""data_process.py and the modules under it (readers, clean, dedup, chat_data): readers, cleaning, dedup, token
+streams, SFT/DPO records, bad input. Tiny inputs in tmp_path;
 a char-level stand-in tokenizer (exact decode, any vocab size) plus a real sentencepiece BPE from train_tokenizer.py."""
 import gzip
 import json
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 
 import chat_data
+import clean
 import data
 import data_process as dp
 import dedup
+import readers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -69,8 +72,8 @@ def cfg(tmp_path, **kw):
 def docs_of(tmp_path, **kw):
     """The documents the readers produce for cfg(**kw)['input'] (before cleaning)."""
     c = cfg(tmp_path, **kw)
-    files, _ = dp.expand_inputs(c["input"], c["exclude"])
-    return list(dp.iter_documents(files, c, dp.Issues(c["lenient"]), {}))
+    files, _ = readers.expand_inputs(c["input"], c["exclude"])
+    return list(readers.iter_documents(files, c, readers.Issues(c["lenient"]), {}))
 
 
 def write(path, text, gz=False):
@@ -131,7 +134,7 @@ def test_folders_globs_and_exclusions(tmp_path):
     write(tmp_path / "c" / "SOURCE.json", '{"dir": "x"}')  # excluded by name
     write(tmp_path / "c" / "notes.md", "skipped: unknown extension")
     write(tmp_path / "c" / "song100", "no extension: text\n")
-    files, skipped = dp.expand_inputs(str(tmp_path / "c"))
+    files, skipped = readers.expand_inputs(str(tmp_path / "c"))
     assert [os.path.relpath(f, tmp_path / "c") for f in files] == ["b.txt", "song100", "a/x.jsonl.gz"]
     assert sorted(os.path.basename(s) for s in skipped) == ["SOURCE.json", "notes.md"]
     assert sorted(docs_of(tmp_path, input=str(tmp_path / "c" / "**" / "*.*"))) == ["a1", "b1"]
@@ -199,15 +202,15 @@ CLEANING_CASES = [  # (input, expected); the first ones are real lines from ../s
 
 @pytest.mark.parametrize("raw,expected", CLEANING_CASES)
 def test_cleaning_rules(raw, expected):
-    assert dp.clean_text(raw, dp.config(), __import__("collections").Counter()) == expected
+    assert clean.clean_text(raw, dp.config(), __import__("collections").Counter()) == expected
 
 
 def test_cleaning_counts_and_final_period():
     counts = __import__("collections").Counter()
     c = dp.config(final_period=True)
-    assert dp.clean_text("\x1b[1m春眠不觉晓\x1b[0m", c, counts) == "春眠不觉晓。"
-    assert dp.clean_text("no period", c, counts) == "no period."
-    assert dp.clean_text("已经有了！", c, counts) == "已经有了！"
+    assert clean.clean_text("\x1b[1m春眠不觉晓\x1b[0m", c, counts) == "春眠不觉晓。"
+    assert clean.clean_text("no period", c, counts) == "no period."
+    assert clean.clean_text("已经有了！", c, counts) == "已经有了！"
     assert counts["ansi_codes_removed"] == 2 and counts["final_period_added"] == 2
 
 
@@ -215,7 +218,7 @@ def test_cleaning_real_fortunes_file(shared_data):
     path = os.path.join(shared_data, "pretrain_zh", "fortunes_zh", "chinese.gz")
     raw = docs_of(None, input=path, txt_split="%", out_dir="x")[:50]
     assert any("\x1b[" in d for d in raw)
-    cleaned = [dp.clean_text(d, dp.config(), __import__("collections").Counter()) for d in raw]
+    cleaned = [clean.clean_text(d, dp.config(), __import__("collections").Counter()) for d in raw]
     assert not any("\x1b" in d or "[m" in d for d in cleaned)
     assert "《行为准则》第一条" in cleaned[0]
 
@@ -416,9 +419,9 @@ REAL_CHAT = [  # (folder, format, records converted without error, total)
 @pytest.mark.parametrize("folder,fmt,ok,total", REAL_CHAT)
 def test_real_chat_files_convert(shared_data, folder, fmt, ok, total):
     c = dp.config(input=os.path.join(shared_data, folder))
-    files, _ = dp.expand_inputs(c["input"], c["exclude"])
+    files, _ = readers.expand_inputs(c["input"], c["exclude"])
     good = bad = 0
-    for rec, path, line in dp.iter_records(files, c, dp.Issues(False), {}):
+    for rec, path, line in readers.iter_records(files, c, readers.Issues(False), {}):
         try:
             msgs = chat_data.to_conversation(rec) if fmt == "sft" else chat_data.to_preference(rec)[0]
             assert msgs[-1]["role"] == ("assistant" if fmt == "sft" else "user")
@@ -527,7 +530,7 @@ def test_cli_with_real_tokenizer(tmp_path, bpe):
     assert meta["tokenizer_sha256"] == tok.checksum() == Tokenizer.from_pretrained(bpe).checksum()
     _, val = read_bin(str(out), "val")
     got = sorted(tok.decode(d) for d in split_docs(np.concatenate([train, val]), tok.eos_id))
-    cleaned = sorted(dp.clean_text(d, dp.config(), __import__("collections").Counter()) for d in docs)
+    cleaned = sorted(clean.clean_text(d, dp.config(), __import__("collections").Counter()) for d in docs)
     assert got == cleaned and "第0篇文档，内容是 number 0!" in got
 
 

@@ -30,12 +30,16 @@ def minhash(texts, n, num_perm, chunk=1 << 20):
         cp = np.frombuffer("".join(pieces).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
         h = np.zeros(len(cp) - n + 1, dtype=np.uint64)
         for j in range(n):  # polynomial rolling hash over every window; uint64 wraps around
-            h = h * np.uint64(1000003) + cp[j:j + len(h)]
+            h *= np.uint64(1000003)
+            h += cp[j:j + len(h)]
         h ^= h >> np.uint64(31)  # mix, so that every bit depends on the whole shingle
         h *= np.uint64(0x9E3779B97F4A7C15)
         h ^= h >> np.uint64(29)
         sizes = np.array([len(p) for p in pieces])
-        h = h[np.concatenate([np.arange(a, a + m - n + 1) for a, m in zip(np.cumsum(sizes) - sizes, sizes)])]
+        if len(pieces) > 1:  # drop the windows that span two pieces: those starting n - 1 or fewer before a boundary
+            keep = np.ones(len(h), dtype=bool)
+            keep[(np.cumsum(sizes)[:-1, None] - np.arange(1, n)).ravel()] = False
+            h = h[keep]
         cell = np.repeat(np.array(owners) * num_perm, sizes - n + 1)
         cell += (h >> np.uint64(64 - bits)).astype(np.int64) if bits else 0
         np.minimum.at(sig.reshape(-1), cell, ((h << np.uint64(bits)) >> np.uint64(32)).astype(np.uint32))

@@ -48,7 +48,7 @@ def minhash(texts, n, num_perm, chunk=1 << 20):
         return 0
 
     for d, text in enumerate(texts):
-        for piece in _pieces(text, n, chunk):
+        for piece in _squeezed_pieces(text, n, chunk):
             pieces.append(piece)
             owners.append(d)
             size += len(piece)
@@ -64,7 +64,7 @@ def minhash(texts, n, num_perm, chunk=1 << 20):
     return src + ((nxt - j) % num_perm).astype(np.uint32) * np.uint32(0x9E3779B1)  # uint32 arithmetic wraps
 
 
-def _pieces(text, n, chunk):
+def _squeezed_pieces(text, n, chunk):
     """The text lower-cased, whitespace runs made one space, stripped (and padded to n), in pieces that hold `chunk`
     n-grams each and overlap by n - 1 characters. A text over `chunk` characters is squeezed a slice at a time, each
     slice ending before a whitespace where it can: split() on a whole book would hold ~10x its size in words."""

@@ -1,7 +1,7 @@
 """Pretrain a LLaMA- or Phi-style model on a packed token stream (data_process.py's train.bin / val.bin).
 
     python pretrain.py config/tiny.py                          # one process (CPU or one GPU)
-    python pretrain.py config/phi_tiny.py                      # a small Phi-2-style model
+    python pretrain.py config/pydocs.py config/phi_tiny.py     # a small Phi-2-style model
     torchrun --nproc_per_node=4 pretrain.py config/llama_124m.py                      # DDP
     torchrun --nproc_per_node=4 pretrain.py config/llama_124m.py --parallel=fsdp      # FSDP2
     torchrun --nproc_per_node=4 pretrain.py config/llama_124m.py --parallel=deepspeed --deepspeed_config=config/ds_zero2.json

@@ -193,9 +193,10 @@ def test_a_full_disk_says_so_and_keeps_the_last_good_checkpoint(tmp_path, monkey
 
 def test_phi_family_pretrains_and_exports_a_phi_model(data_dir, tmp_path):
     out = str(tmp_path / "phi")
-    cmd = [sys.executable, os.path.join(ROOT, "pretrain.py"), os.path.join(ROOT, "config/phi_tiny.py"),
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain.py"), os.path.join(ROOT, "config/tiny.py"),
+           os.path.join(ROOT, "config/phi_tiny.py"),
            f"--data_dir={data_dir}", f"--out_dir={out}", "--dim=32", "--n_layers=2", "--block_size=32",
-           "--batch_size=4", "--max_iters=20", "--eval_interval=10", "--dtype=float32"]
+           "--max_iters=20", "--eval_interval=10"]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     vals = [x["val_loss"] for x in read_metrics(out) if "val_loss" in x]

@@ -6,6 +6,9 @@ Phi:   one LayerNorm per block feeding attention and MLP in parallel, partial ro
 Both are the same Transformer with different ModelConfig switches. The numerics follow transformers'
 modeling_llama / modeling_phi (tests/test_model.py holds us to them); checkpoint formats live in convert.py.
 
+Training: forward(idx, targets) takes next-token targets (-100 = no loss); doc_ids packs several samples into one
+row (positions restart per sample, no attention across samples).
+
 Inference: setup_cache() preallocates a static KV cache; generate() runs one prefill, then one-token decode steps
 (decode_step compiles with torch.compile(fullgraph=True)). Left-padded batches carry their pad lengths in the cache.
 """
@@ -308,20 +311,33 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx, targets=None, input_pos=None):
+    def forward(self, idx, targets=None, input_pos=None, doc_ids=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is taken.
         input_pos: (T,) cache slots of idx when decoding with the KV cache (setup_cache), else None.
-        Returns (logits (B, T, vocab), mean cross-entropy over the unmasked targets in fp32, or None)."""
-        logits = self.lm_head(self.hidden_states(idx, input_pos))
+        doc_ids: (B, T) ids of packed samples (see hidden_states), else None.
+        Returns (logits (B, T, vocab), mean cross-entropy over the unmasked targets in fp32, or None). A batch without
+        any target gives a loss of 0 with zero gradients, not NaN (the mean of nothing)."""
+        logits = self.lm_head(self.hidden_states(idx, input_pos, doc_ids))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                                    reduction="sum")
+            loss = total / (targets != -100).sum().clamp(min=1)
         return logits, loss
 
-    def hidden_states(self, idx, input_pos=None):
-        """The final-normed hidden states (B, T, dim)."""
+    def hidden_states(self, idx, input_pos=None, doc_ids=None):
+        """The final-normed hidden states (B, T, dim). doc_ids (B, T): several samples packed into one row; each run
+        of equal ids is a sample whose positions restart at 0 and which attends only to itself (padding after the
+        last sample is just one more run)."""
         B, T = idx.shape
-        if input_pos is None:  # training / scoring: plain causal attention over idx, positions 0..T-1
+        if doc_ids is not None:
+            if input_pos is not None:
+                raise ValueError("forward: doc_ids (packed training rows) and input_pos (KV-cache decoding) exclude "
+                                 "each other")
+            mask, positions = packed_mask(doc_ids)
+            cos, sin = rope_cos_sin(self.config, positions)
+            cos, sin = cos[:, None], sin[:, None]
+        elif input_pos is None:  # training / scoring: plain causal attention over idx, positions 0..T-1
             cos, sin = rope_cos_sin(self.config, torch.arange(T, device=idx.device))
             cos, sin, mask = cos[None, None], sin[None, None], None
         else:
@@ -333,7 +349,7 @@ class Transformer(nn.Module):
         x = self.dropout(self.embed(idx))
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, input_pos)
         return self.norm(x)
@@ -471,6 +487,19 @@ class Transformer(nn.Module):
         if c.tie_embeddings:
             n += self.embed.weight.numel()  # the lm_head matmul still runs
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+def packed_mask(doc_ids):
+    """Attention mask (B, 1, T, T), True = visible, and rotary positions (B, T) of packed rows: a query sees the
+    earlier tokens of its own run of equal doc_ids only, and positions count from the start of its run."""
+    T = doc_ids.shape[1]
+    step = torch.arange(T, device=doc_ids.device)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    run = starts.cumsum(1)  # runs, not ids: a repeated id further along the row is still another sample
+    positions = step - torch.where(starts, step, 0).cummax(1).values
+    mask = (run[:, :, None] == run[:, None, :]) & (step[:, None] >= step[None, :])
+    return mask[:, None], positions
 
 
 def swap_modules(model, new_modules):

@@ -310,6 +310,72 @@ def test_training_contract():
     assert model.layers[0].attn.o_proj.weight.std() < 0.5 * model.layers[0].attn.q_proj.weight.std()
 
 
+PHI_SHAPE = dict(norm="layernorm", mlp="gelu", parallel_block=True, attn_bias=True, mlp_bias=True, lm_head_bias=True,
+                 tie_embeddings=False, partial_rotary_factor=0.5)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_packed_rows_equal_samples_run_alone(family):
+    """Three samples packed in one row (padding after them) and a second row of one sample: every token's logits,
+    the loss and the gradients equal those of each sample run on its own."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                      **(PHI_SHAPE if family == "phi" else {}))
+    model = Transformer(cfg).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # biases and norms off their init: they must count too
+    lengths = [[5, 9, 3], [14]]
+    T = 20
+    samples = [[torch.randint(0, V, (n,)) for n in row] for row in lengths]
+    targets_of = [[torch.randint(0, V, (n,)) for n in row] for row in lengths]
+    samples[0][2][0] = samples[0][1][-1]  # a sample may start with the token that ended the last one
+    idx = torch.zeros(2, T, dtype=torch.long)
+    targets = torch.full((2, T), -100)
+    doc_ids = torch.full((2, T), 7)  # padding: one more run after the samples
+    for b, row in enumerate(samples):
+        start = 0
+        for i, (ids, tgt) in enumerate(zip(row, targets_of[b])):
+            idx[b, start:start + len(ids)], targets[b, start:start + len(ids)] = ids, tgt
+            doc_ids[b, start:start + len(ids)] = i % 2  # ids may repeat: a new run is a new sample
+            start += len(ids)
+    logits, loss = model(idx, targets, doc_ids=doc_ids)
+    loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    n_targets = sum(lengths[0]) + sum(lengths[1])
+    total = 0
+    for b, row in enumerate(samples):
+        start = 0
+        for ids, tgt in zip(row, targets_of[b]):
+            alone, alone_loss = model(ids[None], tgt[None])
+            torch.testing.assert_close(logits[b, start:start + len(ids)], alone[0], atol=1e-5, rtol=1e-5)
+            total = total + alone_loss * len(ids) / n_targets
+            start += len(ids)
+    total.backward()
+    torch.testing.assert_close(loss, total, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[n], p.grad, atol=1e-5, rtol=1e-5, msg=n)
+    model.zero_grad()
+    model.gradient_checkpointing = True  # the mask reaches checkpointed layers too
+    torch.testing.assert_close(model(idx, targets, doc_ids=doc_ids)[1], loss)
+
+
+def test_masked_rows_and_batches_without_targets():
+    """A row with every target -100 leaves the loss to the other rows; a batch without targets gives 0, not NaN."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, dim=32, n_layers=1, n_heads=4, max_seq_len=16)).train()
+    idx = torch.randint(0, V, (2, 16))
+    targets = idx.roll(-1, 1)
+    masked = targets.clone()
+    masked[1] = -100
+    torch.testing.assert_close(model(idx, masked)[1], model(idx[:1], targets[:1])[1])
+    loss = model(idx, torch.full_like(idx, -100))[1]
+    loss.backward()
+    assert loss.item() == 0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
 def test_cpu_bf16_training_attends_in_fp32(monkeypatch):
     """Under bf16 autocast, CPU training windows <= 256 reach SDPA in fp32 (a speed choice), longer ones and
     inference in bf16; the loss agrees with the all-bf16 path within bf16 rounding."""

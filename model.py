@@ -7,7 +7,7 @@ Both are the same Transformer with different ModelConfig switches. The numerics 
 modeling_llama / modeling_phi (tests/test_model.py holds us to them); checkpoint formats live in convert.py.
 
 Training: forward(idx, targets) takes next-token targets (-100 = no loss); doc_ids packs several samples into one
-row (positions restart per sample, no attention across samples).
+row (positions restart per sample, no attention across samples). resize_embeddings() makes room for added tokens.
 
 Inference: setup_cache() preallocates a static KV cache; generate() runs one prefill, then one-token decode steps
 (decode_step compiles with torch.compile(fullgraph=True)). Left-padded batches carry their pad lengths in the cache.
@@ -500,6 +500,38 @@ def packed_mask(doc_ids):
     positions = step - torch.where(starts, step, 0).cummax(1).values
     mask = (run[:, :, None] == run[:, None, :]) & (step[:, None] >= step[None, :])
     return mask[:, None], positions
+
+
+def resize_embeddings(model, vocab_size, multiple_of=64):
+    """Grow the embeddings (and an untied lm_head) to hold vocab_size tokens, rounded up to a multiple of
+    multiple_of (fast matmul shapes), for tokens added to the tokenizer. New rows start at the mean of the old ones
+    (as transformers' mean_resizing), so added tokens begin as an average token, not noise. Never shrinks.
+    Returns the new vocabulary size (config.vocab_size)."""
+    old = model.config.vocab_size
+    new = multiple_of * math.ceil(vocab_size / multiple_of)
+    if new <= old:
+        return old
+    if not isinstance(model.lm_head, nn.Linear):
+        raise ValueError(f"resize_embeddings: lm_head is a {type(model.lm_head).__name__}; resize before adding "
+                         f"LoRA or quantising")
+
+    def grown(param):
+        with torch.no_grad():
+            rows = param.mean(0, keepdim=True).expand(new - old, *param.shape[1:])
+            return nn.Parameter(torch.cat([param, rows]), requires_grad=param.requires_grad)
+
+    head = model.lm_head
+    model.embed.weight = grown(model.embed.weight)
+    model.embed.num_embeddings = new
+    if model.config.tie_embeddings:
+        head.weight = model.embed.weight
+    else:
+        head.weight = grown(head.weight)
+    if head.bias is not None:
+        head.bias = grown(head.bias)
+    head.out_features = new
+    model.config.vocab_size = new
+    return new
 
 
 def swap_modules(model, new_modules):

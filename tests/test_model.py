@@ -376,6 +376,37 @@ def test_masked_rows_and_batches_without_targets():
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
 
 
+@pytest.mark.parametrize("family,tie", [("llama", True), ("llama", False), ("phi", False)])
+def test_resize_embeddings_for_added_tokens(tmp_path, family, tie):
+    """Room for added tokens: rows rounded up to a multiple, new rows at the mean of the old ones, the old tokens'
+    logits unchanged, ties kept, and the resized model saves and loads."""
+    from model import resize_embeddings
+    torch.manual_seed(0)
+    shape = PHI_SHAPE if family == "phi" else dict(tie_embeddings=tie)
+    model = Transformer(ModelConfig(vocab_size=V, dim=32, n_layers=1, n_heads=4, max_seq_len=16, **shape)).eval()
+    if family == "phi":
+        with torch.no_grad():
+            model.lm_head.bias.normal_()
+    idx = torch.randint(0, V, (1, 8))
+    with torch.no_grad():
+        before = model(idx)[0]
+    old_embed, old_head = model.embed.weight.clone(), model.lm_head.weight.clone()
+    assert resize_embeddings(model, V + 2, multiple_of=64) == 128 == model.config.vocab_size
+    assert resize_embeddings(model, 120) == 128  # fits already: nothing changes
+    assert (model.lm_head.weight is model.embed.weight) == tie and model.embed.weight.shape == (128, 32)
+    assert model.lm_head.out_features == 128 and model.lm_head.weight.shape == (128, 32)
+    torch.testing.assert_close(model.embed.weight[V:], old_embed.mean(0).expand(128 - V, -1))
+    torch.testing.assert_close(model.lm_head.weight[V:], old_head.mean(0).expand(128 - V, -1))
+    with torch.no_grad():
+        after = model(idx)[0]
+    torch.testing.assert_close(after[..., :V], before)
+    if family == "phi":
+        torch.testing.assert_close(model.lm_head.bias[V:], model.lm_head.bias[:V].mean().expand(128 - V))
+    convert.save_pretrained(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(convert.from_pretrained(tmp_path)(idx)[0], after)
+
+
 def test_cpu_bf16_training_attends_in_fp32(monkeypatch):
     """Under bf16 autocast, CPU training windows <= 256 reach SDPA in fp32 (a speed choice), longer ones and
     inference in bf16; the loss agrees with the all-bf16 path within bf16 rounding."""

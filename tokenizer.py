@@ -26,6 +26,16 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The prompt format of the Chinese Phi-2 projects: each answer ends with EOS (what stops generation). A system prompt,
+# which that format has no place for, is a first plain line.
+QA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '##Question:\n' + message['content'] + '\n' }}"
+    "{% else %}{{ '##Answer:\n' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '##Answer:\n' }}{% endif %}"
+)
 
 # sentencepiece piece types; GGUF's tokenizer.ggml.token_type uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -228,6 +238,39 @@ class Tokenizer:
         model = self.sp_model if self.sp is not None else self.hf.to_str().encode()
         ids = json.dumps([self.bos_id, self.eos_id, self.pad_id, self.unk_id]).encode()
         return hashlib.sha256(model + ids).hexdigest()
+
+    def with_chat_template(self, template):
+        """This tokenizer with another chat template (the ids, and so the checksum, stay the same)."""
+        return Tokenizer(sp_model=self.sp_model, hf=self.hf, special_tokens=self.special_tokens, bos=self.bos_id,
+                         eos=self.eos_id, pad=self.pad_id, unk=self.unk_id, chat_template=template)
+
+    def add_special_tokens(self, tokens):
+        """A new tokenizer with `tokens` as special tokens at new ids after the vocabulary, each encoded as a single
+        id (ChatML's markers on a tokenizer without them); this one is left as it is. Its checksum differs."""
+        for t in tokens:
+            known = self.sp.piece_to_id(t) if self.sp is not None else self.hf.token_to_id(t)
+            if t in self.special_tokens or (self.sp is not None and self.sp.id_to_piece(known) == t) or (
+                    self.sp is None and known is not None):
+                raise ValueError(f"{t!r} is already in the vocabulary")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"duplicate tokens in {tokens}")
+        new_ids = {t: self.vocab_size + k for k, t in enumerate(tokens)}
+        sp_model = hf = None
+        if self.sp is not None:  # control pieces, as train_tokenizer.py makes ChatML's: never produced by BPE merges
+            from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf
+            proto = pb.ModelProto.FromString(self.sp_model)
+            for t in tokens:
+                proto.pieces.add(piece=t, score=0.0, type=CONTROL)
+            proto.trainer_spec.vocab_size = len(proto.pieces)
+            sp_model = proto.SerializeToString()
+        else:
+            hf = HFTokenizer.from_str(self.hf.to_str())
+            hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+            got = {t: hf.token_to_id(t) for t in tokens}
+            if got != new_ids:  # a tokenizer.json whose added tokens leave holes in the ids
+                raise ValueError(f"the new tokens got ids {got}, not the next ones after the vocabulary {new_ids}")
+        return Tokenizer(sp_model=sp_model, hf=hf, special_tokens={**self.special_tokens, **new_ids}, bos=self.bos_id,
+                         eos=self.eos_id, pad=self.pad_id, unk=self.unk_id, chat_template=self.chat_template)
 
     def save_pretrained(self, out_dir):
         """tokenizer.model (sentencepiece), tokenizer.json and tokenizer_config.json: AutoTokenizer gives our ids."""

@@ -358,3 +358,69 @@ def test_a_failed_check_writes_nothing_and_says_what_failed(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=r"failed its check, so nothing was written to .*tok: 'x y' decodes back"):
         train_tokenizer.main()
     assert not (tmp_path / "tok").exists()
+
+
+# ---- special tokens added to a tokenizer without them (ChatML on GPT-2/LLaMA-style tokenizers) -------------------
+
+def gpt2_like(folder, texts):
+    """A byte-level BPE like GPT-2's, saved in `folder` and loaded: <|endoftext|> is its BOS, EOS and pad token, and
+    it has neither ChatML markers nor a chat template."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(folder, exist_ok=True)
+    hf.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({name: "<|endoftext|>" for name in ("bos_token", "eos_token", "pad_token")}, f)
+    return Tokenizer.from_pretrained(str(folder))
+
+
+def llama_like(tok):
+    """A sentencepiece tokenizer like LLaMA's: one of ours without the ChatML control pieces."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto.FromString(tok.sp_model)
+    kept = [p for p in proto.pieces if p.piece not in (IM_START, IM_END)]
+    del proto.pieces[:]
+    proto.pieces.extend(kept)
+    proto.trainer_spec.vocab_size = len(kept)
+    return Tokenizer.from_sentencepiece(proto.SerializeToString())
+
+
+@pytest.mark.parametrize("backend", ["sentencepiece", "tokenizers"])
+def test_added_special_tokens_are_single_new_ids_that_save_and_load(tmp_path, bpe, backend):
+    base = llama_like(bpe) if backend == "sentencepiece" else gpt2_like(tmp_path / "gpt2", corpus_text().split("\n"))
+    assert IM_START not in base.special_tokens and len(base.encode(IM_START)) > 1
+    grown = base.add_special_tokens([IM_START, IM_END])
+    n = base.vocab_size
+    assert grown.vocab_size == n + 2 and base.vocab_size == n and IM_START not in base.special_tokens
+    assert {t: grown.special_tokens[t] for t in (IM_START, IM_END)} == {IM_START: n, IM_END: n + 1}
+    assert grown.checksum() != base.checksum()
+    chat = f"{IM_START}user\nhi there{IM_END}\n"
+    ids = grown.encode(chat)
+    assert ids == [n] + base.encode("user\nhi there") + [n + 1] + base.encode("\n")
+    assert grown.decode(ids) == chat and grown.decode(ids, skip_special=True) == "user\nhi there\n"
+    assert grown.encode_batch(HARD_TEXTS[:12]) == base.encode_batch(HARD_TEXTS[:12])  # ordinary text unchanged
+    assert (grown.bos_id, grown.eos_id, grown.pad_id, grown.unk_id) == (base.bos_id, base.eos_id, base.pad_id,
+                                                                        base.unk_id)
+    grown.save_pretrained(tmp_path / "grown")
+    again = Tokenizer.from_pretrained(str(tmp_path / "grown"))
+    assert again.checksum() == grown.checksum() and again.encode(chat) == ids and again.vocab_size == n + 2
+    assert again.special_tokens == grown.special_tokens
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "grown"))
+    assert ref.encode(chat, add_special_tokens=False) == ids and len(ref) == n + 2
+    with pytest.raises(ValueError, match="already in the vocabulary"):
+        grown.add_special_tokens([IM_END])
+
+
+def test_with_chat_template_keeps_the_ids(bpe):
+    from tokenizer import QA_TEMPLATE
+    qa = bpe.with_chat_template(QA_TEMPLATE)
+    assert qa.checksum() == bpe.checksum() and bpe.chat_template == CHATML_TEMPLATE
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert qa.apply_chat_template(msgs, add_generation_prompt=False) == "S\n##Question:\nq\n##Answer:\na</s>"
+    assert qa.apply_chat_template(msgs[:2]) == "S\n##Question:\nq\n##Answer:\n"

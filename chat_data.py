@@ -3,6 +3,8 @@
 The layouts read (alpaca, sharegpt, messages; prompt/chosen/rejected, sharegpt with chosen/rejected, hh-rlhf
 transcripts) and the on-disk form written are described in data_process.py's docstring; data_process.py reads the
 files and calls prepare_chat(). Trainers read the result back with data.load_sft() / data.load_dpo().
+Every template goes through the same jinja path (tokenizer.apply_chat_template), so the data dir's tokenizer carries
+the template its data was rendered with and inference renders prompts the same way.
 """
 import collections
 import itertools
@@ -15,10 +17,12 @@ from tqdm import tqdm
 import data
 import workers
 from clean import strip_control
+from tokenizer import CHATML_TEMPLATE, IM_END, IM_START, QA_TEMPLATE
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
           "bot": "assistant", "model": "assistant", "system": "system"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+TEMPLATES = {"auto": None, "chatml": CHATML_TEMPLATE, "qa": QA_TEMPLATE}  # auto: the tokenizer's own
 
 
 def _message(m):
@@ -144,6 +148,32 @@ class TemplateError(ValueError):
     pass
 
 
+def chat_tokenizer(tok, template, where="tokenizer"):
+    """(the tokenizer that renders and encodes the records for `template`, {added special token: id}). chatml and qa
+    replace the tokenizer's chat template, auto keeps it; ChatML's markers are added at new ids when the vocabulary
+    lacks them. Every marker the template writes must encode as its single id."""
+    if template not in TEMPLATES:
+        raise SystemExit(f"template must be one of {', '.join(TEMPLATES)}, not {template!r}")
+    if TEMPLATES[template] is not None:
+        tok = tok.with_chat_template(TEMPLATES[template])
+    markers = [IM_START, IM_END] if tok.chat_template == CHATML_TEMPLATE else []
+    added = {}
+    missing = [m for m in markers if m not in tok.special_tokens]
+    if missing:
+        tok = tok.add_special_tokens(missing)
+        added = {m: tok.special_tokens[m] for m in missing}
+    if tok.chat_template == QA_TEMPLATE:
+        eos = {i: s for s, i in tok.special_tokens.items()}.get(tok.eos_id)
+        if eos is None:
+            raise SystemExit(f"{where}: --template=qa ends every answer with EOS, and this tokenizer has no EOS token")
+        markers = [eos]
+    for m in markers:
+        if tok.encode(m) != [tok.special_tokens[m]]:
+            raise SystemExit(f"{where}: {m!r} does not encode as its single id {tok.special_tokens[m]} "
+                             f"(got {tok.encode(m)}), so the template's markers would be plain text")
+    return tok, added
+
+
 def _render_pieces(tok, msgs):
     """Rendered chat text as (piece, is_assistant) pieces: each assistant piece is what the template adds for that
     reply after the generation prompt (the reply and its end-of-turn marker)."""
@@ -166,6 +196,8 @@ def _encode_sft(convs):
     tok, out = workers.state["tok"], []
     for msgs in convs:
         pieces = [p for p in _render_pieces(tok, msgs) if p[0]]
+        if not any(p[1] for p in pieces):
+            raise TemplateError("the chat template renders no assistant text; cannot mask it")
         ids = tok.encode_batch([p[0] for p in pieces])
         out.append((np.array([i for x in ids for i in x], dtype=np.int64),
                     np.concatenate([np.full(len(x), p[1], dtype=np.uint8) for x, p in zip(ids, pieces)])))
@@ -200,6 +232,13 @@ def prepare_chat(cfg, tok, tok_source, records, sources, issues):
     """--format=sft|dpo: convert, validate, tokenize and write the records (layouts in the module docstring)."""
     out, sft, max_len = cfg["out_dir"], cfg["format"] == "sft", cfg["max_len"]
     os.makedirs(out, exist_ok=True)
+    base_checksum = tok.checksum()
+    tok, added = chat_tokenizer(tok, cfg["template"], cfg["tokenizer"] or "tokenizer")
+    if isinstance(tok_source, str):  # workers that load the tokenizer again load this one (template, added tokens)
+        tok.save_pretrained(out)
+        tok_source = out
+    else:
+        tok_source = tok
     dt, counts, splits = data.choose_dtype(tok.vocab_size, cfg["dtype"]), collections.Counter(), []
 
     def converted():
@@ -233,9 +272,9 @@ def prepare_chat(cfg, tok, tok_source, records, sources, issues):
                 if len(ids) > max_len:
                     ids, mask = ids[:max_len], mask[:max_len]
                     counts["truncated"] += 1
-                if not mask.any():
-                    counts["dropped_no_reply_left"] += 1
-                    continue
+                    if not mask.any():  # every assistant token was past max_len: nothing left to train on
+                        counts["dropped_lost_all_supervised_tokens"] += 1
+                        continue
                 writer.write(f"{split}_mask.bin", mask, np.uint8)
                 index[split].append(o + len(ids))
             else:
@@ -259,8 +298,9 @@ def prepare_chat(cfg, tok, tok_source, records, sources, issues):
         rows = np.array([0] + rows if sft else rows, dtype=np.int64)
         np.save(os.path.join(out, f"{split}_idx.npy"), rows if sft else rows.reshape(-1, 4))
     counts.update(skipped_bad_records=issues.count, kept=len(index["train"]) + len(index["val"]))
+    grown = {"base_tokenizer_sha256": base_checksum, "added_tokens": added} if added else {}
     return data.write_meta(out, tok, dt, cfg, {
         "train_records": len(index["train"]), "val_records": len(index["val"]), "train_tokens": tokens["train"],
-        "val_tokens": tokens["val"], "max_len": max_len, "sources": list(sources),
+        "val_tokens": tokens["val"], "max_len": max_len, **grown, "sources": list(sources),
         "counts": dict(sorted(counts.items())), "skipped_examples": issues.examples})
 

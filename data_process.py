@@ -24,15 +24,24 @@ On-disk layouts (np.memmap friendly; dtype uint16, or uint32 when vocab_size > 6
   pretrain: train.bin / val.bin one token stream each, EOS after every document (BOS before it when `bos`).
             Documents go to val greedily so val holds `val_fraction` of the tokens, deterministically.
   sft:      {split}.bin tokens, {split}_mask.bin uint8 (1 = an assistant token that is trained on: each reply and its
-            end-of-turn marker as the chat template renders them, ChatML "reply<|im_end|>\n"), {split}_idx.npy int64
+            end-of-turn marker as the chat template renders them, ChatML "reply<|im_end|>\n", qa "reply" + EOS; the
+            mask comes from these spans, so an EOS that is also the pad token is trained), {split}_idx.npy int64
             record offsets (n + 1). data.load_sft(dir, split)[i] -> (input_ids, labels), labels -100 where the mask is 0
-            (not shifted). Records longer than `max_len` are cut (counted; dropped when no reply token is left).
+            (not shifted). Records longer than `max_len` are cut: counts.truncated, and those that lost all
+            supervised tokens are dropped, counts.dropped_lost_all_supervised_tokens.
   dpo:      {split}.bin tokens (prompt, chosen, rejected of each record back to back), {split}_idx.npy int64 (n, 4)
             = prompt start, chosen start, rejected start, end. data.load_dpo(dir, split)[i] -> (prompt, chosen,
             rejected); the prompt ends with the generation prompt, the replies with the end-of-turn marker. Over `max_len`
             (counted): the prompt keeps its last max_len/2 tokens at most, then the replies are cut.
   Every data dir also holds meta.json (dtype, vocab_size, token counts, tokenizer_sha256, bos/eos ids, sources,
   counts) and the tokenizer (save_pretrained), so trainers can check they use the same one.
+Chat templates (`template`, sft and dpo): auto renders with the tokenizer's own chat template (ChatML for ours and
+for one without a template, SmolLM2's for it); chatml with "<|im_start|>{role}\n{content}<|im_end|>\n" and the generation prompt
+"<|im_start|>assistant\n"; qa with "##Question:\n{q}\n" then "##Answer:\n{a}" + EOS for each turn (the format of
+the Chinese Phi-2 projects; a system prompt is a first line of its own, "{system}\n"). The data dir's tokenizer
+carries the template used. ChatML markers the vocabulary lacks (a plain GPT-2 or LLaMA tokenizer) are added as
+special tokens at new ids after it; meta.json then holds base_tokenizer_sha256 (the tokenizer before) and
+added_tokens ({token: id}), and the model's embeddings must grow to the new vocab_size.
 Chat records (any mix): alpaca {instruction, input, output[, system, history]}, sharegpt {conversations:[{from,
 value}], system}, messages {messages:[{role, content}]}; preference {prompt, chosen, rejected}, {conversations,
 chosen, rejected} with chosen/rejected as strings or {from, value}, and hh-rlhf full "Human:/Assistant:"
@@ -83,6 +92,7 @@ shingle = 5                # characters per shingle (works for CJK and space-sep
 bos = False                # BOS before every pretraining document
 dtype = "auto"             # auto | uint16 | uint32
 max_len = 1024             # sft/dpo: records longer than this are truncated (counted)
+template = "auto"          # sft/dpo: auto (the tokenizer's chat template) | chatml | qa (module docstring)
 num_workers = 0            # tokenizer processes; 0: one per CPU core
 lenient = False            # skip and count bad records instead of stopping
 bench = False              # measure MB/s and peak RSS with 1 and 2 workers instead of a normal run
@@ -233,6 +243,13 @@ def _report(meta):
     print(f"wrote {meta['config']['out_dir']}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
           f"({meta['dtype']}), {c.get('kept', 0):,} kept of {c.get('docs_read', c.get('records_read', 0)):,}")
     print("  " + ", ".join(f"{k}={v:,}" for k, v in c.items() if k not in ("kept",)))
+    if meta["format"] != "pretrain":
+        print(f"  max_len={meta['max_len']:,}: {c.get('truncated', 0):,} record(s) truncated" + (
+            f", {c.get('dropped_lost_all_supervised_tokens', 0):,} of them lost all supervised tokens and were "
+            f"dropped" if meta["format"] == "sft" else " (the prompt keeps its end, then the replies are cut)"))
+    if meta.get("added_tokens"):
+        print(f"  added special tokens {meta['added_tokens']} to the tokenizer (vocab_size now {meta['vocab_size']:,}): "
+              f"the model's embeddings must grow to match")
     for e in meta.get("skipped_examples", [])[:5]:
         print(f"  skipped: {e}")
     if "run" in meta:

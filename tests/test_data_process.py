@@ -17,6 +17,7 @@ import data
 import data_process as dp
 import dedup
 import readers
+from tokenizer import CHATML_TEMPLATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -26,6 +27,7 @@ class CharTokenizer:
     """Stand-in with the Tokenizer interface: one id per character (6 + code point), ChatML specials."""
 
     specials = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, IM_START: 4, IM_END: 5}
+    chat_template = CHATML_TEMPLATE  # what apply_chat_template below renders
 
     def __init__(self, vocab_size=65000):
         self.vocab_size, self.bos_id, self.eos_id, self.pad_id, self.unk_id = vocab_size, 1, 2, 3, 0
@@ -440,7 +442,7 @@ def test_sft_mask_covers_exactly_the_assistant_replies(tmp_path):
     path = write(tmp_path / "s.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in recs))
     tok = CharTokenizer()
     meta = dp.run(cfg(tmp_path, input=path, format="sft", max_len=100), tok=tok)
-    assert meta["counts"]["truncated"] == 2 and meta["counts"]["dropped_no_reply_left"] == 1
+    assert meta["counts"]["truncated"] == 2 and meta["counts"]["dropped_lost_all_supervised_tokens"] == 1
     records = data.load_sft(str(tmp_path / "out"), "train")
     ids, labels = records[0]
     assert tok.decode(ids) == tok.apply_chat_template(chat_data.to_conversation(recs[0]), add_generation_prompt=False)

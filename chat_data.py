@@ -36,6 +36,15 @@ def _message(m):
     return {"role": _ROLES[role], "content": strip_control(content)}
 
 
+def _turns(value, role):
+    """A string (one message of `role`) or a message list."""
+    if isinstance(value, str):
+        return [_message({"role": role, "content": value})]
+    if not isinstance(value, list):
+        raise ValueError(f"expected a string or a message list, got {type(value).__name__}")
+    return [_message(m) for m in value]
+
+
 def _with_system(rec, msgs):
     return ([_message({"role": "system", "content": rec["system"]})] if rec.get("system") else []) + msgs
 
@@ -90,9 +99,11 @@ def to_conversation(rec, counts=None):
         msgs = _with_system(rec, [_message(m) for m in rec["conversations"]])
     elif "instruction" in rec and "output" in rec:
         msgs = _alpaca(rec) + [_message({"role": "assistant", "content": rec["output"]})]
+    elif "prompt" in rec and "completion" in rec:  # TRL's prompt-completion layout
+        msgs = _with_system(rec, _turns(rec["prompt"], "user") + _turns(rec["completion"], "assistant"))
     else:
-        raise ValueError(f"not a chat record: expected messages, conversations or instruction/output "
-                         f"(record has: {', '.join(list(rec)[:12])})")
+        raise ValueError(f"not a chat record: expected messages, conversations, instruction/output or "
+                         f"prompt/completion (record has: {', '.join(list(rec)[:12])}; --rename maps other keys)")
     while len(msgs) > 1 and msgs[-1]["role"] == "user":
         msgs.pop()
         if counts is not None:
@@ -142,6 +153,17 @@ def to_preference(rec):
     if chosen == rejected:
         raise ValueError("chosen and rejected are identical")
     return prompt, chosen, rejected
+
+
+def parse_rename(spec):
+    """data_process's `rename`: "old:new,..." -> {old: new}."""
+    renames = {}
+    for pair in filter(str.strip, spec.split(",")):
+        old, sep, new = (x.strip() for x in pair.partition(":"))
+        if not (sep and old and new):
+            raise SystemExit(f"rename: expected old:new pairs separated by commas, got {pair!r}")
+        renames[old] = new
+    return renames
 
 
 class TemplateError(ValueError):
@@ -231,9 +253,9 @@ def _template_errors_exit(encoded, cfg):
 def prepare_chat(cfg, tok, tok_source, records, sources, issues):
     """--format=sft|dpo: convert, validate, tokenize and write the records (layouts in the module docstring)."""
     out, sft, max_len = cfg["out_dir"], cfg["format"] == "sft", cfg["max_len"]
-    os.makedirs(out, exist_ok=True)
-    base_checksum = tok.checksum()
+    renames, base_checksum = parse_rename(cfg["rename"]), tok.checksum()
     tok, added = chat_tokenizer(tok, cfg["template"], cfg["tokenizer"] or "tokenizer")
+    os.makedirs(out, exist_ok=True)
     if isinstance(tok_source, str):  # workers that load the tokenizer again load this one (template, added tokens)
         tok.save_pretrained(out)
         tok_source = out
@@ -244,6 +266,8 @@ def prepare_chat(cfg, tok, tok_source, records, sources, issues):
     def converted():
         for rec, path, line in records:
             counts["records_read"] += 1
+            if renames and isinstance(rec, dict):
+                rec = {renames.get(k, k): v for k, v in rec.items()}
             try:
                 item = to_conversation(rec, counts) if sft else to_preference(rec)
             except ValueError as e:

@@ -43,7 +43,8 @@ carries the template used. ChatML markers the vocabulary lacks (a plain GPT-2 or
 special tokens at new ids after it; meta.json then holds base_tokenizer_sha256 (the tokenizer before) and
 added_tokens ({token: id}), and the model's embeddings must grow to the new vocab_size.
 Chat records (any mix): alpaca {instruction, input, output[, system, history]}, sharegpt {conversations:[{from,
-value}], system}, messages {messages:[{role, content}]}; preference {prompt, chosen, rejected}, {conversations,
+value}], system}, messages {messages:[{role, content}]}, TRL's {prompt, completion} (strings or message lists,
+optional system); other keys via `rename` (riddles {riddle, answer}: --rename=riddle:prompt,answer:completion); preference {prompt, chosen, rejected}, {conversations,
 chosen, rejected} with chosen/rejected as strings or {from, value}, and hh-rlhf full "Human:/Assistant:"
 transcripts. Roles must alternate (user first, optional system), contents be non-empty, SFT end with the assistant
 (trailing unanswered user turns are dropped, counted). A record with "split": "train"/"val" keeps that split.
@@ -93,6 +94,7 @@ bos = False                # BOS before every pretraining document
 dtype = "auto"             # auto | uint16 | uint32
 max_len = 1024             # sft/dpo: records longer than this are truncated (counted)
 template = "auto"          # sft/dpo: auto (the tokenizer's chat template) | chatml | qa (module docstring)
+rename = ""                # sft/dpo: record keys renamed before reading, "old:new,..." (riddle:prompt,answer:completion)
 num_workers = 0            # tokenizer processes; 0: one per CPU core
 lenient = False            # skip and count bad records instead of stopping
 bench = False              # measure MB/s and peak RSS with 1 and 2 workers instead of a normal run

@@ -153,3 +153,28 @@ def test_bad_template_settings_are_named(tmp_path, bpe_dir):  # noqa: F811
     (tmp_path / "no_eos" / "tokenizer_config.json").write_text("{}")  # names no EOS
     with pytest.raises(SystemExit, match="no_eos: --template=qa ends every answer with EOS, and this tokenizer has no"):
         make(tmp_path, tmp_path / "no_eos", recs, template="qa")
+
+
+def test_prompt_completion_records_and_renamed_keys(tmp_path, bpe_dir):  # noqa: F811
+    msgs = chat_data.to_conversation({"prompt": "Q?", "completion": "A.", "system": SYSTEM})
+    assert msgs == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Q?"},
+                    {"role": "assistant", "content": "A."}]
+    turns = [{"role": "user", "content": "Q?"}]
+    assert chat_data.to_conversation({"prompt": turns, "completion": [{"role": "assistant", "content": "A."}]}) == \
+        msgs[1:]
+    recs = [{"riddle": f"What has {k} legs?", "answer": f"A thing with {k}."} for k in range(10)]
+    with pytest.raises(SystemExit, match="not a chat record.*--rename maps other keys"):
+        make(tmp_path, bpe_dir, recs)
+    out, meta = make(tmp_path, bpe_dir, recs, rename="riddle:prompt, answer:completion", template="qa")
+    tok = Tokenizer.from_pretrained(out)
+    ids, labels = data.load_sft(out, "train")[0]
+    assert tok.decode(ids) == "##Question:\nWhat has 0 legs?\n##Answer:\nA thing with 0.</s>"
+    with pytest.raises(SystemExit, match="rename: expected old:new pairs separated by commas, got 'riddle'"):
+        make(tmp_path, bpe_dir, recs, rename="riddle")
+
+
+def test_real_riddles_render(tmp_path, bpe_dir, shared_data):  # noqa: F811
+    path = os.path.join(shared_data, "sft_en", "riddles_nkilm")
+    meta = dp.run(dp.config(input=path, tokenizer=str(bpe_dir), out_dir=str(tmp_path / "r"), format="sft",
+                            num_workers=1, rename="riddle:prompt,answer:completion"))
+    assert meta["train_records"] + meta["val_records"] == 545 and meta["counts"]["skipped_bad_records"] == 0

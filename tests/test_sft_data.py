@@ -105,6 +105,10 @@ def test_chatml_markers_are_added_to_a_tokenizer_without_them(tmp_path, bpe_dir,
         ids, labels = data.load_sft(out, "train")[0]
         assert ids[0] == n and (ids == n + 1).sum() == 1 + 2 * len(TURNS)  # every marker is one new id
         assert labelled_runs(ids, labels)[0][-2:] == [n + 1] + base.encode("\n")
+    prefs = [{"prompt": f"Q{k}?", "chosen": "yes", "rejected": "no"} for k in range(10)]
+    out, meta = make(tmp_path, base_dir, prefs, name="dpo", format="dpo", template="chatml")
+    p, c, r = data.load_dpo(out, "train")[0]
+    assert meta["added_tokens"] == {IM_START: n, IM_END: n + 1} and p[0] == n and c[-2] == r[-2] == n + 1
     out, meta = make(tmp_path, bpe_dir, recs, name="has_them", template="chatml")
     assert "added_tokens" not in meta and "base_tokenizer_sha256" not in meta
 

@@ -2,8 +2,11 @@
 
     y = base(x) + (dropout(x) @ A.T @ B.T) * alpha / r          A: (r, in), random;  B: (out, r), zeros at start
 
-so the adapted model starts out equal to the base. Only A and B train; merging folds the update into the weight
-(W + B @ A * alpha / r) and the model is a plain Transformer again.
+so the adapted model starts out equal to the base. Only A and B train (plus any modules named in `trainable`, such
+as the embeddings and lm_head for added tokens: PEFT's modules_to_save); merging folds the update into the weight
+(W + B @ A * alpha / r) and the model is a plain Transformer again. QLoRA (Dettmers et al. 2023, quantize="nf4")
+keeps the frozen base linears as bitsandbytes NF4 codes with bf16 matmuls and A and B in fp32; merging then
+dequantises the base first.
 
 Adapters are saved as PEFT folders (adapter_config.json + adapter_model.safetensors with transformers' module
 names), so an adapter trained here loads with peft.PeftModel on the transformers model, and one trained with peft
@@ -12,8 +15,9 @@ on a transformers LLaMA/Phi loads here:
     model, base = lora.load(adapter_dir)                   # the base from adapter_config.json's base_model_name_or_path
     model, base = lora.load(adapter_dir, base="base_dir")  # or a base named here (a folder or a .gguf)
     lora.add_lora(model, rank=8, alpha=16)                 # fresh adapters on a model; freezes everything else
+    lora.add_lora(model, 32, 32, 0.1, "Wqkv,out_proj,fc1,fc2", trainable="embed,lm_head", quantize="nf4")  # QLoRA
     lora.save_adapter(model, out_dir, base="base_dir")
-    lora.merge_lora(model)                                 # back to plain nn.Linear layers
+    lora.merge_lora(model, dtype=torch.bfloat16)           # back to plain nn.Linear layers
 """
 import json
 import math
@@ -24,11 +28,15 @@ import torch
 import torch.nn as nn
 
 import convert
-from model import swap_modules
+from model import resize_embeddings, swap_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2")
+# names recipes use for our modules: transformers' Phi (dense), microsoft/phi-2's own (fused Wqkv, out_proj; we
+# split Wqkv into q/k/v on loading), and transformers' embedding (embed_tokens)
+ALIASES = {"Wqkv": ("q_proj", "k_proj", "v_proj"), "out_proj": ("o_proj",), "dense": ("o_proj",),
+           "embed_tokens": ("embed",)}
 
 
 class LoRALinear(nn.Module):
@@ -59,17 +67,44 @@ class LoRALinear(nn.Module):
         return self.base(x) + (update * self.scaling).to(x.dtype)
 
     def merged(self):
-        """An nn.Linear holding W + B @ A * scaling."""
-        if not isinstance(self.base, nn.Linear):
-            raise TypeError(f"cannot merge LoRA into a {type(self.base).__name__}: dequantize the base first")
+        """An nn.Linear holding W + B @ A * scaling (W dequantised first for an NF4 base), in W's float dtype."""
+        weight = dequantized_weight(self.base)
         out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+                        device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-            out.weight.copy_(self.base.weight.float() + delta)
+            out.weight.copy_(weight.float() + delta)
             if self.base.bias is not None:
                 out.bias.copy_(self.base.bias)
         return out
+
+
+def nf4_linear(linear):
+    """A frozen bitsandbytes Linear4bit holding `linear` in NF4 (4-bit NormalFloat codes in blocks of 64,
+    double-quantised scales) that multiplies in bf16: QLoRA's base layer."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SystemExit("QLoRA (quantize='nf4') needs bitsandbytes: pip install bitsandbytes") from None
+    weight = linear.weight
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+    # moving a Params4bit to its device is what quantises it (CPU included)
+    layer.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, quant_type="nf4").to(weight.device)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return layer
+
+
+def dequantized_weight(base):
+    """The float weight of a LoRA base layer: an nn.Linear's own, or an NF4 layer's decoded in its original dtype."""
+    quant_state = getattr(base.weight, "quant_state", None)  # bitsandbytes' Params4bit
+    if quant_state is not None:
+        import bitsandbytes.functional
+        return bitsandbytes.functional.dequantize_4bit(base.weight.data, quant_state)
+    if type(base) is not nn.Linear:
+        raise TypeError(f"cannot merge LoRA into a {type(base).__name__}: dequantize the base first")
+    return base.weight
 
 
 def _matches(name, targets):
@@ -77,37 +112,81 @@ def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=ALL_LINEAR, use_rslora=False):
-    """Wrap every linear layer named by `targets` (e.g. "q_proj,v_proj", "layers.0.attn.q_proj"; "all" for every
-    projection; lm_head only when named) and freeze all other parameters. Returns the wrapped module names."""
-    if isinstance(targets, str):
-        targets = ALL_LINEAR if targets == "all" else tuple(t.strip() for t in targets.split(",") if t.strip())
+def _names(names):
+    """A comma-separated string or a sequence of module names, with ALIASES spelled out."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    return tuple(ours for n in names for ours in ALIASES.get(n, (n,)))
+
+
+def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=ALL_LINEAR, use_rslora=False, trainable=(),
+             quantize=None):
+    """Wrap every linear layer named by `targets` (e.g. "q_proj,v_proj", "layers.0.attn.q_proj", Phi's
+    "Wqkv,out_proj,fc1,fc2"; "all" for every projection; lm_head only when named) in a LoRALinear, train the modules
+    named by `trainable` in full (e.g. "embed,lm_head"; a tied lm_head is the embedding, so both are saved), and
+    freeze all other parameters. quantize="nf4": the wrapped base layers become frozen NF4 layers (QLoRA).
+    Returns the wrapped module names; model.modules_to_save lists the fully trained ones."""
+    targets = ALL_LINEAR if targets == "all" else _names(targets)
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"add_lora: quantize={quantize!r}; expected None or 'nf4'")
     model.requires_grad_(False)
     chosen = [name for name, m in model.named_modules()
               if _matches(name, targets) and hasattr(m, "in_features") and not isinstance(m, LoRALinear)]
     if not chosen:
         names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if hasattr(m, "in_features")})
         raise ValueError(f"no linear layer named {list(targets)} in the model; its linear layers are {names}")
-    swap_modules(model, {n: LoRALinear(model.get_submodule(n), rank, alpha, dropout, use_rslora) for n in chosen})
+    full = _trained_in_full(model, _names(trainable))
+    if set(full) & set(chosen):
+        raise ValueError(f"{sorted(set(full) & set(chosen))}: a module is either a LoRA target or trained in full")
+    for name in full:
+        model.get_submodule(name).requires_grad_(True)
+    model.modules_to_save = full
+    quantized = nf4_linear if quantize else (lambda linear: linear)
+    swap_modules(model, {n: LoRALinear(quantized(model.get_submodule(n)), rank, alpha, dropout, use_rslora)
+                         for n in chosen})
     return chosen
+
+
+def _trained_in_full(model, names):
+    """Our module names that `names` pick, both halves of a tied embedding/lm_head pair when one is picked."""
+    full = [n for n, m in model.named_modules() if n and _matches(n, names) and _has_weights(m)]
+    missing = [t for t in names if not any(_matches(n, [t]) for n in full)]
+    if missing:
+        names = sorted(n for n, m in model.named_modules() if n and _has_weights(m))
+        raise ValueError(f"trainable modules {missing} are not in the model; its modules with weights are "
+                         f"{names[:12]}{' ...' if len(names) > 12 else ''}")
+    if model.config.tie_embeddings and {"embed", "lm_head"} & set(full):
+        full = sorted(set(full) | {"embed", "lm_head"})  # PEFT keeps one copy per name: save both
+    return full
+
+
+def _has_weights(module):
+    return next(module.parameters(recurse=False), None) is not None
 
 
 def lora_layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def merge_lora(model):
-    """Fold every adapter into its layer's weight; the model has plain nn.Linear layers afterwards."""
+def merge_lora(model, dtype=None):
+    """Fold every adapter into its layer's weight (dequantising an NF4 base); the model has plain nn.Linear layers
+    afterwards, cast to dtype if given, and convert.save_pretrained writes it."""
     swap_modules(model, {name: layer.merged() for name, layer in lora_layers(model).items()})
-    return model
+    model.modules_to_save = []
+    return model if dtype is None else model.to(dtype)
 
 
 def lora_state_dict(model):
-    """{module.lora_A / module.lora_B: tensor} in model.py's names: what a LoRA checkpoint needs to hold."""
-    return {f"{name}.{ab}": getattr(m, ab).detach() for name, m in lora_layers(model).items()
-            for ab in ("lora_A", "lora_B")}
+    """{name: tensor} in model.py's names of everything that trains: the lora_A / lora_B of each LoRA layer and the
+    modules trained in full. What a LoRA checkpoint needs to hold."""
+    state = {f"{name}.{ab}": getattr(m, ab).detach() for name, m in lora_layers(model).items()
+             for ab in ("lora_A", "lora_B")}
+    for name in getattr(model, "modules_to_save", []):
+        for leaf, p in model.get_submodule(name).named_parameters(recurse=False):
+            state[f"{name}.{leaf}"] = p.detach()
+    return state
 
 
 # ----------------------------------------------------------------------------- PEFT adapter folders
@@ -125,8 +204,8 @@ def _rename_module(name, table):
 
 
 def save_adapter(model, folder, base=""):
-    """Write the adapters as a PEFT folder; `base` is recorded as base_model_name_or_path (use an absolute path or
-    a hub id so the folder can be loaded from anywhere)."""
+    """Write the adapters (and the modules trained in full, as PEFT's modules_to_save) as a PEFT folder; `base` is
+    recorded as base_model_name_or_path (use an absolute path or a hub id so the folder loads from anywhere)."""
     from safetensors.torch import save_file
     layers = lora_layers(model)
     if not layers:
@@ -138,6 +217,13 @@ def save_adapter(model, folder, base=""):
         hf_targets.add(hf.rpartition(".")[2])
         for ab in ("lora_A", "lora_B"):
             tensors[f"base_model.model.{hf}.{ab}.weight"] = getattr(m, ab).detach().to("cpu").contiguous()
+    hf_full = set()
+    for name in getattr(model, "modules_to_save", []):
+        hf = _rename_module(name, to_hf)
+        hf_full.add(hf.rpartition(".")[2])
+        for leaf, p in model.get_submodule(name).named_parameters(recurse=False):
+            # a clone: a tied embedding and lm_head are one tensor, and safetensors refuses shared memory
+            tensors[f"base_model.model.{hf}.{leaf}"] = p.detach().to("cpu").clone()
     first = next(iter(layers.values()))
     if any((m.rank, m.alpha, m.use_rslora) != (first.rank, first.alpha, first.use_rslora) for m in layers.values()):
         raise ValueError("adapters of different ranks or alphas in one model: not representable in one "
@@ -145,7 +231,7 @@ def save_adapter(model, folder, base=""):
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": os.fspath(base),
         "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
-        "target_modules": sorted(hf_targets), "bias": "none",
+        "target_modules": sorted(hf_targets), "modules_to_save": sorted(hf_full) or None, "bias": "none",
         "fan_in_fan_out": False, "use_rslora": first.use_rslora, "inference_mode": True,
     }
     os.makedirs(folder, exist_ok=True)
@@ -164,7 +250,7 @@ def read_adapter_config(folder):
     if config.get("peft_type") != "LORA":
         raise SystemExit(f"{path}: peft_type {config.get('peft_type')!r}; only LORA adapters are supported")
     for key, off in (("use_dora", False), ("fan_in_fan_out", False), ("rank_pattern", {}), ("alpha_pattern", {}),
-                     ("layers_to_transform", None), ("modules_to_save", None)):
+                     ("layers_to_transform", None)):
         if config.get(key) not in (None, off):
             raise SystemExit(f"{path}: {key}={config[key]!r} is not supported (only plain LoRA on linear layers)")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -174,7 +260,8 @@ def read_adapter_config(folder):
 
 
 def load_adapter(model, folder):
-    """Add the adapters of a PEFT LoRA folder to `model` (whose weights must be the adapter's base)."""
+    """Add the adapters of a PEFT LoRA folder to `model` (whose weights must be the adapter's base), with its
+    modules_to_save; embeddings saved with more rows (added tokens) grow the model's first."""
     from safetensors.torch import load_file
     config = read_adapter_config(folder)
     targets = config["target_modules"]
@@ -187,27 +274,41 @@ def load_adapter(model, folder):
         [n for n in linear if _matches(_rename_module(n, to_hf) or n, targets)]
     if not ours:
         raise SystemExit(f"{folder}: target_modules {targets} match no linear layer of the base model")
-    add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), ours,
-             config.get("use_rslora", False))
+    full_names = config.get("modules_to_save") or []
+    full = [n for n, m in model.named_modules() if n and _has_weights(m)
+            and _matches(_rename_module(n, to_hf) or n, full_names)]
+    unknown = [t for t in full_names if not any(_matches(_rename_module(n, to_hf) or n, [t]) for n in full)]
+    if unknown:
+        raise SystemExit(f"{folder}: modules_to_save {unknown} name no module of the base model")
     path = os.path.join(folder, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: adapter weights missing (only safetensors adapters are read)")
+    tensors = load_file(path)
+    embed = tensors.get(f"base_model.model.{_rename_module('embed', to_hf)}.weight")
+    if embed is not None and embed.shape[0] > model.config.vocab_size:
+        resize_embeddings(model, embed.shape[0], multiple_of=1)  # the adapter was trained with added tokens
+    add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), ours,
+             config.get("use_rslora", False), trainable=full)
     layers = lora_layers(model)
+    wanted = {f"{n}.{ab}": getattr(m, ab) for n, m in layers.items() for ab in ("lora_A", "lora_B")}
+    wanted.update({f"{n}.{leaf}": p for n in model.modules_to_save
+                   for leaf, p in model.get_submodule(n).named_parameters(recurse=False)})
     loaded = set()
-    for key, tensor in load_file(path).items():
+    for key, tensor in tensors.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.\w+)?\.weight", key)  # [.adapter name]
-        ours = m and _rename_module(m.group(1), from_hf)
-        if ours not in layers:
-            raise SystemExit(f"{path}: tensor {key!r} does not belong to a LoRA layer of this base model")
-        ab = m.group(2)
-        param = getattr(layers[ours], ab)
+        m = m or re.fullmatch(r"base_model\.model\.(.+)\.(\w+)", key)  # a module trained in full
+        module = m and _rename_module(m.group(1), from_hf)
+        name = module and f"{module}.{m.group(2)}"
+        if name not in wanted:
+            raise SystemExit(f"{path}: tensor {key!r} is neither a LoRA layer nor a module_to_save of this base model")
+        param = wanted[name]
         if tuple(tensor.shape) != tuple(param.shape):
             raise SystemExit(f"{path}: {key} has shape {tuple(tensor.shape)}, the base model needs "
                              f"{tuple(param.shape)}: is base_model_name_or_path the adapter's base?")
         with torch.no_grad():
             param.copy_(tensor)
-        loaded.add((ours, ab))
-    missing = [f"{n}.{ab}" for n in layers for ab in ("lora_A", "lora_B") if (n, ab) not in loaded]
+        loaded.add(id(param))
+    missing = [n for n, p in wanted.items() if id(p) not in loaded]  # by tensor: a tied lm_head is the embedding
     if missing:
         raise SystemExit(f"{path}: no weights for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     return model

@@ -74,6 +74,97 @@ def test_our_adapter_loads_in_peft(tmp_path):
         torch.testing.assert_close(after, peft_model(IDS).logits, atol=1e-4, rtol=1e-4)
 
 
+def perturbed(model, *modules):
+    """Random non-zero B (and random full-module weights): an adapter that changes the output."""
+    with torch.no_grad():
+        for m in lora.lora_layers(model).values():
+            m.lora_B.normal_(0, 0.05)
+        for name in modules:
+            for p in model.get_submodule(name).parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_modules_to_save_and_dropout_round_trip_through_peft(tmp_path, tie):
+    """Embeddings and lm_head trained in full (named as PEFT does) next to LoRA with dropout: only they and the
+    adapters train, the folder loads in peft and back here with equal logits, and merging changes nothing."""
+    hf, base = hf_base(tmp_path)
+    if tie:
+        hf = hf_llama(tie=True)
+        hf.save_pretrained(base)
+    ours = convert.from_pretrained(base)
+    lora.add_lora(ours, rank=4, alpha=8, dropout=0.1, targets="q_proj,v_proj,down_proj",
+                  trainable="embed_tokens,lm_head")
+    assert ours.modules_to_save == ["embed", "lm_head"]
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in ours.named_parameters() if n.endswith(("lora_A", "lora_B"))} | \
+        ({"embed.weight"} if tie else {"embed.weight", "lm_head.weight"})
+    perturbed(ours, "embed", "lm_head").eval()
+    with torch.no_grad():
+        want = ours(IDS)[0]
+    assert set(lora.lora_state_dict(ours)) >= {"embed.weight", "lm_head.weight"}
+    lora.save_adapter(ours, tmp_path / "adapter", base=base)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["embed_tokens", "lm_head"] and saved["lora_dropout"] == 0.1
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(base)
+    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    back, _ = lora.load(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(IDS).logits, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(back.eval()(IDS)[0], want, atol=1e-5, rtol=1e-5)
+        back.train()
+        assert (back(IDS)[0] - want).abs().max() > 1e-3  # dropout came back with the adapter
+        lora.merge_lora(back.eval())
+        torch.testing.assert_close(back(IDS)[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_added_tokens_adapter_resizes_its_base(tmp_path):
+    """An adapter trained after resize_embeddings carries the bigger embedding; loading it grows the base to match
+    (here and, after resize_token_embeddings, in peft) with equal logits."""
+    from model import resize_embeddings
+    hf, base = hf_base(tmp_path)
+    ours = convert.from_pretrained(base)
+    assert resize_embeddings(ours, V + 3) == 128
+    lora.add_lora(ours, rank=4, alpha=8, targets="q_proj", trainable="embed,lm_head")
+    perturbed(ours, "embed", "lm_head")
+    ids = torch.cat([IDS, torch.tensor([[V, V + 2]] * 2)], 1)  # the added tokens
+    with torch.no_grad():
+        want = ours(ids)[0]
+    lora.save_adapter(ours, tmp_path / "adapter", base=base)
+    back, _ = lora.load(str(tmp_path / "adapter"))
+    assert back.config.vocab_size == 128
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(base)
+    fresh.resize_token_embeddings(128)
+    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids)[0], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(peft_model(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_phi_recipe_names(tmp_path):
+    """Phi-2 recipes name Wqkv, out_proj, fc1, fc2 (microsoft/phi-2's naming): they pick our q/k/v, o_proj, fc1, fc2;
+    the adapter (with the biased lm_head trained in full) loads in peft on transformers' Phi with equal logits."""
+    hf, base = hf_base(tmp_path, "phi")
+    ours = convert.from_pretrained(base)
+    names = lora.add_lora(ours, rank=4, alpha=4, targets=["Wqkv", "out_proj", "fc1", "fc2"], trainable=["lm_head"])
+    assert sorted({n.rpartition(".")[2] for n in names}) == ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]
+    assert ours.lm_head.bias.requires_grad and not ours.embed.weight.requires_grad
+    perturbed(ours, "lm_head").eval()
+    lora.save_adapter(ours, tmp_path / "adapter", base=base)
+    peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                                tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want = ours(IDS)[0]
+        torch.testing.assert_close(peft_model(IDS).logits, want, atol=1e-4, rtol=1e-4)
+        lora.merge_lora(ours)
+        torch.testing.assert_close(ours(IDS)[0], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="either a LoRA target or trained in full"):
+        lora.add_lora(convert.from_pretrained(base), targets="lm_head", trainable="lm_head")
+    with pytest.raises(ValueError, match=r"trainable modules \['wte'\] are not in the model"):
+        lora.add_lora(convert.from_pretrained(base), trainable="wte")
+
+
 def test_only_adapters_get_gradients(tmp_path):
     _, base = hf_base(tmp_path)
     model = convert.from_pretrained(base).train()

@@ -248,9 +248,7 @@ class Tokenizer:
         """A new tokenizer with `tokens` as special tokens at new ids after the vocabulary, each encoded as a single
         id (ChatML's markers on a tokenizer without them); this one is left as it is. Its checksum differs."""
         for t in tokens:
-            known = self.sp.piece_to_id(t) if self.sp is not None else self.hf.token_to_id(t)
-            if t in self.special_tokens or (self.sp is not None and self.sp.id_to_piece(known) == t) or (
-                    self.sp is None and known is not None):
+            if t in self.special_tokens or self._piece_id(t) is not None:
                 raise ValueError(f"{t!r} is already in the vocabulary")
         if len(set(tokens)) != len(tokens):
             raise ValueError(f"duplicate tokens in {tokens}")
@@ -271,6 +269,13 @@ class Tokenizer:
                 raise ValueError(f"the new tokens got ids {got}, not the next ones after the vocabulary {new_ids}")
         return Tokenizer(sp_model=sp_model, hf=hf, special_tokens={**self.special_tokens, **new_ids}, bos=self.bos_id,
                          eos=self.eos_id, pad=self.pad_id, unk=self.unk_id, chat_template=self.chat_template)
+
+    def _piece_id(self, token):
+        """The id of `token` as one entry of the vocabulary, or None."""
+        if self.sp is None:
+            return self.hf.token_to_id(token)
+        i = self.sp.piece_to_id(token)  # the unknown piece's id when it has none
+        return i if self.sp.id_to_piece(i) == token else None
 
     def save_pretrained(self, out_dir):
         """tokenizer.model (sentencepiece), tokenizer.json and tokenizer_config.json: AutoTokenizer gives our ids."""

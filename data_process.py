@@ -3,6 +3,7 @@
     python data_process.py --tokenizer=out/tok --out_dir=data/pydocs                  # embedded default corpus
     python data_process.py --input=corpus/,more.jsonl.gz --tokenizer=out/tok --out_dir=data/mine
     python data_process.py --format=sft --input=sft.jsonl --tokenizer=out/tok --out_dir=data/sft
+    python data_process.py --format=sft --template=qa --input=sft.jsonl --tokenizer=out/tok --out_dir=data/sft_qa
     python data_process.py --bench=True --tokenizer=out/tok                            # MB/s and peak RSS
 
 Inputs (`input`: comma-separated files, folders and globs; .txt/.jsonl/.json/.csv/.parquet, .gz read transparently,
@@ -36,18 +37,19 @@ On-disk layouts (np.memmap friendly; dtype uint16, or uint32 when vocab_size > 6
   Every data dir also holds meta.json (dtype, vocab_size, token counts, tokenizer_sha256, bos/eos ids, sources,
   counts) and the tokenizer (save_pretrained), so trainers can check they use the same one.
 Chat templates (`template`, sft and dpo): auto renders with the tokenizer's own chat template (ChatML for ours and
-for one without a template, SmolLM2's for it); chatml with "<|im_start|>{role}\n{content}<|im_end|>\n" and the generation prompt
-"<|im_start|>assistant\n"; qa with "##Question:\n{q}\n" then "##Answer:\n{a}" + EOS for each turn (the format of
-the Chinese Phi-2 projects; a system prompt is a first line of its own, "{system}\n"). The data dir's tokenizer
-carries the template used. ChatML markers the vocabulary lacks (a plain GPT-2 or LLaMA tokenizer) are added as
-special tokens at new ids after it; meta.json then holds base_tokenizer_sha256 (the tokenizer before) and
+for one without a template, SmolLM2's for it); chatml with "<|im_start|>{role}\n{content}<|im_end|>\n" and the
+generation prompt "<|im_start|>assistant\n"; qa with "##Question:\n{q}\n" then "##Answer:\n{a}" + EOS for each turn
+(the format of the Chinese Phi-2 projects; a system prompt is a first line of its own, "{system}\n"). The data dir's
+tokenizer carries the template used. ChatML markers the vocabulary lacks (a plain GPT-2 or LLaMA tokenizer) are
+added as special tokens at new ids after it; meta.json then holds base_tokenizer_sha256 (the tokenizer before) and
 added_tokens ({token: id}), and the model's embeddings must grow to the new vocab_size.
 Chat records (any mix): alpaca {instruction, input, output[, system, history]}, sharegpt {conversations:[{from,
 value}], system}, messages {messages:[{role, content}]}, TRL's {prompt, completion} (strings or message lists,
-optional system); other keys via `rename` (riddles {riddle, answer}: --rename=riddle:prompt,answer:completion); preference {prompt, chosen, rejected}, {conversations,
-chosen, rejected} with chosen/rejected as strings or {from, value}, and hh-rlhf full "Human:/Assistant:"
-transcripts. Roles must alternate (user first, optional system), contents be non-empty, SFT end with the assistant
-(trailing unanswered user turns are dropped, counted). A record with "split": "train"/"val" keeps that split.
+optional system), other keys renamed to these with `rename` (riddles: --rename=riddle:prompt,answer:completion);
+preference {prompt, chosen, rejected}, {conversations, chosen, rejected} with chosen/rejected as strings or {from,
+value}, and hh-rlhf full "Human:/Assistant:" transcripts. Roles must alternate (user first, optional system),
+contents be non-empty, SFT end with the assistant (trailing unanswered user turns are dropped, counted). A record
+with "split": "train"/"val" keeps that split.
 """
 import collections
 import hashlib
@@ -94,7 +96,7 @@ bos = False                # BOS before every pretraining document
 dtype = "auto"             # auto | uint16 | uint32
 max_len = 1024             # sft/dpo: records longer than this are truncated (counted)
 template = "auto"          # sft/dpo: auto (the tokenizer's chat template) | chatml | qa (module docstring)
-rename = ""                # sft/dpo: record keys renamed before reading, "old:new,..." (riddle:prompt,answer:completion)
+rename = ""                # sft/dpo: record keys renamed before reading: "old:new,..." (module docstring)
 num_workers = 0            # tokenizer processes; 0: one per CPU core
 lenient = False            # skip and count bad records instead of stopping
 bench = False              # measure MB/s and peak RSS with 1 and 2 workers instead of a normal run
@@ -250,8 +252,8 @@ def _report(meta):
             f", {c.get('dropped_lost_all_supervised_tokens', 0):,} of them lost all supervised tokens and were "
             f"dropped" if meta["format"] == "sft" else " (the prompt keeps its end, then the replies are cut)"))
     if meta.get("added_tokens"):
-        print(f"  added special tokens {meta['added_tokens']} to the tokenizer (vocab_size now {meta['vocab_size']:,}): "
-              f"the model's embeddings must grow to match")
+        print(f"  added special tokens {meta['added_tokens']} to the tokenizer (vocab_size now "
+              f"{meta['vocab_size']:,}): the model's embeddings must grow to match")
     for e in meta.get("skipped_examples", [])[:5]:
         print(f"  skipped: {e}")
     if "run" in meta:

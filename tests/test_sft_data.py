@@ -182,3 +182,15 @@ def test_real_riddles_render(tmp_path, bpe_dir, shared_data):  # noqa: F811
     meta = dp.run(dp.config(input=path, tokenizer=str(bpe_dir), out_dir=str(tmp_path / "r"), format="sft",
                             num_workers=1, rename="riddle:prompt,answer:completion"))
     assert meta["train_records"] + meta["val_records"] == 545 and meta["counts"]["skipped_bad_records"] == 0
+
+
+def test_the_embedded_default_set_renders_with_a_held_out_split(tmp_path, bpe_dir):  # noqa: F811
+    """run.sh's SFT stage trains on it and answers a held-out question."""
+    meta = dp.run(dp.config(format="sft", tokenizer=str(bpe_dir), out_dir=str(tmp_path / "d"), num_workers=1))
+    assert meta["train_records"] > 1000 and meta["val_records"] > 100
+    assert meta["counts"]["skipped_bad_records"] == 0 and "truncated" not in meta["counts"]
+    tok = Tokenizer.from_pretrained(str(tmp_path / "d"))
+    ids, labels = data.load_sft(str(tmp_path / "d"), "val")[0]
+    question, answer = next(r["messages"] for r in dp.default_sft_records() if r["split"] == "val")
+    assert tok.decode(ids).startswith(f"{IM_START}user\n{question['content']}{IM_END}\n")
+    assert tok.decode(ids[labels != -100]) == f"{answer['content']}{IM_END}\n"

@@ -165,7 +165,10 @@ class DataDir:
 def open_data_dir(data_dir, fmt="pretrain", tokenizer=None, vocab_size=None, splits=("train", "val")):
     """Open a data directory for reading as format `fmt`, checked against the model's `tokenizer` (a Tokenizer;
     None: the model brings none, e.g. a fresh one that takes the data's) and its `vocab_size` (embedding rows).
-    Refuses a format, tokenizer, vocabulary or size mismatch; warns when the data records no tokenizer."""
+    Data whose tokenizer is the model's plus added special tokens (meta.json's base_tokenizer_sha256 and
+    added_tokens: ChatML's markers on a tokenizer without them) is accepted when the caller passes no vocab_size
+    (it resizes the embeddings to meta.json's vocab_size itself). Refuses a format, tokenizer, vocabulary or size
+    mismatch; warns when the data records no tokenizer."""
     meta = read_meta(data_dir)
     path = os.path.join(data_dir, "meta.json")
     if vocab_size is not None and meta["vocab_size"] > vocab_size:
@@ -183,7 +186,8 @@ def open_data_dir(data_dir, fmt="pretrain", tokenizer=None, vocab_size=None, spl
                          f"{data_dir} ({data_tok.checksum()[:12]}...); {MAKE_IT} again")
     if data_tok is not None and data_tok.vocab_size != meta["vocab_size"]:
         raise SystemExit(f"{path}: vocab_size={meta['vocab_size']} but its tokenizer has {data_tok.vocab_size}")
-    if tokenizer is not None and recorded is not None and tokenizer.checksum() != recorded:
+    extends_model = tokenizer is not None and meta.get("base_tokenizer_sha256") == tokenizer.checksum()
+    if tokenizer is not None and recorded is not None and tokenizer.checksum() != recorded and not extends_model:
         raise SystemExit(f"{data_dir} was tokenized with another tokenizer (sha256 {recorded[:12]}...) than the "
                          f"model's ({tokenizer.checksum()[:12]}...): its ids mean other tokens to this model. "
                          f"Re-run data_process.py with --tokenizer=<the model's folder>")

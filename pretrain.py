@@ -18,6 +18,7 @@ import torch
 import configurator
 import trainer
 from data import open_data_dir, read_meta
+from metrics import log
 from model import ModelConfig
 
 # -- the training loop's settings: every field of trainer.TrainConfig (batch, optimizer and schedule, precision,
@@ -99,7 +100,7 @@ def main():
         raise SystemExit(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
     data = open_data_dir(data_dir, "pretrain", tokenizer=model_tok, vocab_size=model.config.vocab_size)
     if "tokenizer_sha256" in data.meta:
-        trainer.log(f"data: {data_dir} matches the model's tokenizer (sha256 {data.meta['tokenizer_sha256'][:12]}...)")
+        log(f"data: {data_dir} matches the model's tokenizer (sha256 {data.meta['tokenizer_sha256'][:12]}...)")
     batches = PretrainData(data, block_size, cfg["batch_size"], cfg["seed"])
     trainer.Trainer(cfg, model, batches.train_batch, batches.val_batch,
                     tokenizer_dir=data.tokenizer_dir or (init_from if model_tok is not None else None)).fit()

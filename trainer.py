@@ -16,6 +16,15 @@ A script builds a model, a batch function and (optionally) a loss function and a
   (input ids, labels with -100 = no loss)); DPO passes its preference loss and a reference model, which the
   trainer moves to the device, freezes and keeps replicated on every rank. Run chosen and rejected sequences
   through `model` in ONE forward (concatenated): DDP and FSDP expect one forward per backward.
+- `weight_fn(batch)` counts what a micro-batch's loss is a mean over (default: its labels that are not -100).
+  Each micro-batch's loss is weighted by its share of the optimizer step's total over all micro-batches and
+  processes, so the step minimises the mean over every supervised token of the step: batch 8 x accumulation 1
+  equals batch 1 x accumulation 8 on samples of different lengths. DPO counts pairs.
+- `on_eval(trainer)` (optional) runs on rank 0 after each evaluation (SFT answers a few held-out prompts);
+  `export(trainer)` (optional) writes the final model instead of the plain hf/ export (LoRA: the adapter and
+  the merged model); it runs on every rank, as trainer.full_state_dict() is collective under FSDP and ZeRO-3.
+- Checkpoints hold the trainable parameters (all of them in pretraining; LoRA's A/B and the modules trained in
+  full in LoRA/QLoRA) and buffers; frozen base weights are rebuilt from the model the run started from.
 
 Parallelism: `parallel="ddp"` is plain single-process training, or DDP when launched by torchrun with several
 processes; "fsdp" is FSDP2 fully_shard per block with sharded (torch.distributed.checkpoint) checkpoints;
@@ -29,7 +38,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +48,7 @@ import torch.distributed as dist
 
 import checkpoint
 from distributed import barrier, deepspeed_engine, setup_distributed, teardown_distributed
+from metrics import default_peak_flops, log, plot_losses, read_metrics, start_wandb
 from model import ModelConfig, Transformer
 
 
@@ -52,6 +61,7 @@ class TrainConfig:
     learning_rate: float = 6e-4
     min_lr: float = 6e-5             # the cosine decays to this
     warmup_iters: int = 100
+    lr_schedule: str = "cosine"      # cosine (to min_lr at lr_decay_iters) | constant (after the warmup)
     lr_decay_iters: int = 0          # 0: max_iters
     weight_decay: float = 0.1        # on matrices (dim >= 2) only; norms and biases are not decayed
     beta1: float = 0.9
@@ -63,7 +73,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     parallel: str = "ddp"            # ddp (single process unless torchrun starts several) | fsdp | deepspeed
     deepspeed_config: str = "config/ds_zero2.json"
-    init_from: str = "scratch"       # scratch | resume | a checkpoint path (read by the script)
+    init_from: str = "scratch"       # scratch | resume | a model folder or .gguf (build_model)
     seed: int = 1337
     eval_interval: int = 250         # evaluate and checkpoint every this many steps
     eval_iters: int = 20
@@ -77,6 +87,7 @@ class TrainConfig:
 
 
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda"),
+           "lr_schedule": ("cosine", "constant"),
            "parallel": ("ddp", "fsdp", "deepspeed"), "wandb_mode": ("off", "online", "offline")}
 AT_LEAST_ONE = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
                 "max_nan_skips")
@@ -108,32 +119,18 @@ def train_config(cfg):
 
 
 def lm_loss(model, batch, ref_model=None):
-    """Next-token cross-entropy over the labels that are not -100 (pretraining, SFT)."""
-    x, y = batch
-    return model(x, y)[1]
+    """Next-token cross-entropy over the labels that are not -100 (pretraining, SFT): batches of (input ids,
+    labels) or, packed, (input ids, labels, document ids)."""
+    x, y, *packed = batch
+    return (model(x, y, doc_ids=packed[0]) if packed else model(x, y))[1]
+
+
+def supervised_tokens(batch):
+    """What lm_loss is a mean over: the labels that are not -100."""
+    return (batch[1] != -100).sum()
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
-
-def log(*args):
-    if int(os.environ.get("RANK", 0)) == 0:
-        from tqdm import tqdm
-        tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
-        sys.stdout.flush()
-
-
-# Dense bf16 peak FLOP/s per device. This CPU: AMD EPYC (Zen 4, AVX512-BF16), a 4096x4096 bf16 matmul measured
-# 410 GFLOP/s with 2 threads (fp32: 185), so about 2.05e11 per thread; other CPUs: set peak_flops.
-GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
-CPU_PEAK_FLOPS_PER_THREAD = 2.05e11
-
-
-def default_peak_flops(device):
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
-    return CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads()
-
 
 def resolve_dtype(name, device):
     if name == "auto":
@@ -142,13 +139,15 @@ def resolve_dtype(name, device):
     return name
 
 
-def cosine_lr(step, c):
-    """Linear warmup, then cosine from learning_rate to min_lr at lr_decay_iters (nanoGPT). A pure function of the
-    step and the config, set on the optimizer every step: a resumed run follows the schedule its own config asks
-    for, never one stored in the checkpoint."""
+def lr_at(step, c):
+    """Linear warmup, then cosine from learning_rate to min_lr at lr_decay_iters (nanoGPT), or constant. A pure
+    function of the step and the config, set on the optimizer every step: a resumed run follows the schedule its
+    own config asks for, never one stored in the checkpoint."""
     decay_iters = c.lr_decay_iters or c.max_iters
     if step < c.warmup_iters:
         lr = c.learning_rate * (step + 1) / (c.warmup_iters + 1)
+    elif c.lr_schedule == "constant":
+        lr = c.learning_rate
     elif step > decay_iters:
         lr = c.min_lr
     else:
@@ -169,22 +168,32 @@ def make_optimizer(model, c, device):
         return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2))
 
 
-def build_model(init_from, out_dir, scratch_config):
+def build_model(init_from, out_dir, scratch_config=None):
     """(model, tokenizer) a run starts from; the tokenizer is None where the model brings none (a fresh model takes
-    the data's). scratch: Transformer(scratch_config); resume: the newest checkpoint's architecture (Trainer.fit
-    loads its weights); a model folder or .gguf: its weights in fp32 (master weights, whatever is stored)."""
+    the data's). scratch: Transformer(scratch_config); a model folder or .gguf: its weights in fp32 (master
+    weights, whatever is stored); resume: what the newest checkpoint's run started from (its frozen weights, as
+    LoRA needs) or, for a run that trained every weight, the checkpoint's architecture. Trainer.fit then loads the
+    checkpoint's weights."""
     if init_from == "scratch":
+        if scratch_config is None:
+            raise SystemExit("init_from=scratch: this script fine-tunes a model; name its folder or .gguf")
         return Transformer(scratch_config), None
     if init_from == "resume":
         path = checkpoint.latest_checkpoint(out_dir)
         if path is None:
             raise SystemExit(f"init_from=resume: no checkpoint in {out_dir}/ckpt")
-        saved = ModelConfig(**checkpoint.read_trainer_state(path)["model_config"])
-        ignored = [f"{f.name}={getattr(scratch_config, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
-                   for f in fields(ModelConfig) if getattr(scratch_config, f.name) != getattr(saved, f.name)
-                   and f.name not in ("vocab_size", "bos_id", "eos_id")]
-        if ignored:
-            log(f"init_from=resume: the model's shape comes from {path}; ignored: {', '.join(ignored)}")
+        state = checkpoint.read_trainer_state(path)
+        source = state.get("model_source", "scratch")
+        if source != "scratch" and (state.get("frozen") or os.path.exists(source)):
+            log(f"init_from=resume: the model is rebuilt from {source}, then {path} is loaded onto it")
+            return build_model(source, out_dir)
+        saved = ModelConfig(**state["model_config"])
+        if scratch_config is not None:
+            ignored = [f"{f.name}={getattr(scratch_config, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+                       for f in fields(ModelConfig) if getattr(scratch_config, f.name) != getattr(saved, f.name)
+                       and f.name not in ("vocab_size", "bos_id", "eos_id")]
+            if ignored:
+                log(f"init_from=resume: the model's shape comes from {path}; ignored: {', '.join(ignored)}")
         return Transformer(saved), None
     if not os.path.exists(init_from):
         raise SystemExit(f"init_from={init_from}: no such model folder or .gguf (or use scratch / resume)")
@@ -198,29 +207,15 @@ def build_model(init_from, out_dir, scratch_config):
     return model, Tokenizer.from_pretrained(init_from) if has_tokenizer else None
 
 
-def read_metrics(path):
-    """The records of a metrics.jsonl; a line a kill cut short (or any unreadable one) is dropped with a warning
-    naming it, so it never stops a resume."""
-    recs = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or "step" not in rec:
-                    raise ValueError("not a record with a step")
-                recs.append(rec)
-            except ValueError:
-                log(f"warning: {path}:{n}: unreadable metrics line dropped ({line.strip()[:60]!r})")
-    return recs
-
-
 # ------------------------------------------------------------------------------------------------ the trainer
 
 class Trainer:
-    def __init__(self, cfg, model, train_batch, val_batch=None, loss_fn=lm_loss, ref_model=None, tokenizer_dir=None):
+    def __init__(self, cfg, model, train_batch, val_batch=None, loss_fn=lm_loss, ref_model=None, tokenizer_dir=None,
+                 weight_fn=supervised_tokens, on_eval=None, export=None):
         self.cfg = dict(cfg)
         self.c = c = train_config(cfg)
         self.train_batch, self.val_batch, self.loss_fn = train_batch, val_batch, loss_fn
+        self.weight_fn, self.on_eval, self.export = weight_fn, on_eval, export
         self.tokenizer_dir = tokenizer_dir
         self.rank, self.world, self.device = setup_distributed(c.parallel, c.device)
         self.master = self.rank == 0
@@ -240,6 +235,8 @@ class Trainer:
         random.seed(c.seed + self.rank)
 
         self.raw_model = model
+        self.frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
+        self.model_source = c.init_from  # what build_model started from; a resume keeps the first run's
         self.model_cls = type(model)  # before FSDP swaps the class; the HF export builds a fresh one from it
         model.gradient_checkpointing = c.activation_checkpointing
         model.to(self.device).train()  # from_pretrained hands models over in eval mode
@@ -301,7 +298,7 @@ class Trainer:
         loaded on resume carries the old run's values, and the config of the run being resumed wins."""
         c = self.c
         for group, decay in zip(self.optimizer.param_groups, (c.weight_decay, 0.0)):  # make_optimizer's order
-            group.update(lr=cosine_lr(self.step, c), betas=(c.beta1, c.beta2), weight_decay=decay)
+            group.update(lr=lr_at(self.step, c), betas=(c.beta1, c.beta2), weight_decay=decay)
 
     def _to_device(self, batch):
         pin = self.device.type == "cuda"
@@ -313,37 +310,50 @@ class Trainer:
         return out if isinstance(out, tuple) else (out, {})
 
     def train_step(self):
-        """One optimizer step over this rank's micro-batches. Returns (loss, grad_norm, extra metrics, skipped)."""
+        """One optimizer step over this rank's micro-batches. Returns (loss, grad_norm, extra metrics, skipped).
+        Each micro-batch's mean loss is weighted by its share of the step's weight_fn total over all micro-batches
+        and processes (DDP, FSDP and DeepSpeed average gradients over processes; DeepSpeed also divides by the
+        accumulation steps itself), so the step's gradient is that of the mean over all its supervised units."""
         c, model = self.c, self.model
         self.set_hyperparameters()
+        batches = [self.train_batch(self.step, self.rank * self.accum + k) for k in range(self.accum)]
+        weights = torch.tensor([float(self.weight_fn(b)) for b in batches])
+        total = weights.sum().to(self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        total = total.item()
+        if total == 0:  # every label of the step, on every rank, is -100: nothing to learn from
+            log(f"step {self.step}: no supervised token in the step's batches")
+            self.step += 1
+            return float("nan"), float("nan"), {}, True
+        scales = (weights * self.world / total * (self.accum if self.engine is not None else 1)).tolist()
         loss_sum = torch.zeros((), device=self.device)
         extras = {}
-        for k in range(self.accum):
-            micro = self.rank * self.accum + k
-            batch = self._to_device(self.train_batch(self.step, micro))
+        for k, batch in enumerate(batches):
+            batch = self._to_device(batch)
             self.seq_len = batch[0].shape[-1]
             self.tokens_seen += batch[0].numel() * self.world
             last = k == self.accum - 1
             sync = model.no_sync() if self.mode == "ddp" and not last else nullcontext()
             with sync:
                 loss, metrics = self._compute_loss(batch)
+                scaled = loss * scales[k]
                 if self.engine is not None:
-                    self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
-                    self.engine.step()          # an optimizer step only at the accumulation boundary
+                    self.engine.backward(scaled)  # scales by 1/gradient_accumulation_steps itself
+                    self.engine.step()            # an optimizer step only at the accumulation boundary
                 elif self.scaler is not None:
-                    self.scaler.scale(loss / self.accum).backward()
+                    self.scaler.scale(scaled).backward()
                 else:
-                    (loss / self.accum).backward()
-            loss_sum += loss.detach().float() / self.accum
+                    scaled.backward()
+            share = weights[k].item() / total  # of the step, over every process: summed below
+            loss_sum += loss.detach().float() * share
             for name, v in metrics.items():
-                extras[name] = extras.get(name, 0.0) + torch.as_tensor(v, device=self.device).detach().float() / self.accum
+                extras[name] = extras.get(name, 0.0) + torch.as_tensor(v, device=self.device).detach().float() * share
         # one collective and one host sync per step: the loss, the extra metrics and the stop flag of every rank
         stop = torch.tensor(float(self.stop_signal > 0), device=self.device)
         packed = torch.stack([loss_sum, stop, *extras.values()])
         if self.world > 1:
-            dist.all_reduce(packed)
-            packed[0] /= self.world
-            packed[2:] /= self.world
+            dist.all_reduce(packed)  # the loss and metrics are shares of the whole step: summed, not averaged
         if self.engine is not None:
             norm = self.engine.get_global_grad_norm()
             norm = torch.tensor(float("nan") if norm is None else float(norm))
@@ -370,16 +380,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self):
-        """Mean loss over val_batch(0 .. eval_iters-1), split across ranks. Every rank runs the same number of
-        forwards (FSDP and ZeRO-3 gather weights collectively); padding batches count zero."""
+        """Mean loss over val_batch(0 .. eval_iters-1), weighted by weight_fn, split across ranks. Every rank runs
+        the same number of forwards (FSDP and ZeRO-3 gather weights collectively); padding batches count zero."""
         self.model.eval()
         total = torch.zeros(2, device=self.device)
         n = self.c.eval_iters
         for j in range(math.ceil(n / self.world)):
             i = j * self.world + self.rank
-            loss, _ = self._compute_loss(self._to_device(self.val_batch(i % n)))
-            if i < n:
-                total += torch.stack([loss.float(), torch.ones((), device=self.device)])
+            batch = self.val_batch(i % n)
+            loss, _ = self._compute_loss(self._to_device(batch))
+            if i < n:  # the mean over every supervised unit of the evaluation, as in training
+                weight = torch.as_tensor(float(self.weight_fn(batch)), device=self.device)
+                total += torch.stack([loss.float() * weight, weight]) if weight > 0 else 0
         if self.world > 1:
             dist.all_reduce(total)
         self.model.train()
@@ -392,7 +404,8 @@ class Trainer:
                  "best_step": self.best_step, "nan_skips_total": self.nan_skips_total,
                  "tokens_seen": self.tokens_seen,
                  "elapsed_s": time.time() - self.t_start, "train_time_s": self.train_time,
-                 "world_size": self.world, "parallel": self.mode,
+                 "world_size": self.world, "parallel": self.mode, "model_source": self.model_source,
+                 "frozen": sorted(self.frozen_names),
                  "model_config": asdict(self.raw_model.config) if hasattr(self.raw_model, "config") else {}}
         if self.engine is None:
             state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
@@ -433,7 +446,7 @@ class Trainer:
         barrier()
         state = self._trainer_state()
         if self.mode in ("single", "ddp"):
-            state["model"] = self.raw_model.state_dict()
+            state["model"] = self.trainable_state_dict()
             state["optimizer"] = self.optimizer.state_dict()
         elif self.mode == "fsdp":
             import torch.distributed.checkpoint as dcp
@@ -463,7 +476,11 @@ class Trainer:
         if saved_by != (self.mode if self.mode != "single" else "ddp"):
             raise SystemExit(f"{path}: saved with parallel={saved_by}; resume it with --parallel={saved_by}")
         if self.mode in ("single", "ddp"):
-            self.raw_model.load_state_dict(state["model"])
+            missing, unexpected = self.raw_model.load_state_dict(state["model"], strict=False)
+            not_frozen = [k for k in missing if not self._frozen(k)]
+            if unexpected or not_frozen:
+                raise SystemExit(f"{path}: its weights do not fit this model (unexpected: {unexpected[:5]}, missing: "
+                                 f"{not_frozen[:5]}); resume with the settings that made it")
             self.optimizer.load_state_dict(state["optimizer"])
         elif self.mode == "fsdp":
             import torch.distributed.checkpoint as dcp
@@ -477,6 +494,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.report_changes(state["config"], path)
+        self.model_source = state.get("model_source", self.model_source)
         self.step = state["step"]
         self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
         self.nan_skips_total, self.tokens_seen = state["nan_skips_total"], state["tokens_seen"]
@@ -498,6 +516,15 @@ class Trainer:
             log(f"resume: settings changed since {path} (training settings take this run's values; the model's "
                 f"shape stays the checkpoint's):\n  " + "\n  ".join(changed))
 
+    def _frozen(self, key):
+        """Whether a state-dict key belongs to a frozen parameter (its own key or a quantized weight's parts)."""
+        return any(key == name or key.startswith(name + ".") for name in self.frozen_names)
+
+    def trainable_state_dict(self):
+        """What a checkpoint holds: every entry of the model's state dict except frozen parameters, which are
+        rebuilt from the model the run started from (a LoRA checkpoint holds the adapters, not the base)."""
+        return {k: v for k, v in self.raw_model.state_dict().items() if not self._frozen(k)}
+
     def full_state_dict(self):
         """The whole model's weights on CPU, on rank 0 (None elsewhere); collective under FSDP and ZeRO-3."""
         if self.mode == "fsdp":
@@ -508,6 +535,13 @@ class Trainer:
             with deepspeed.zero.GatheredParameters(list(self.raw_model.parameters()), modifier_rank=None):
                 return {k: v.detach().cpu().clone() for k, v in self.raw_model.state_dict().items()} if self.master else None
         return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()} if self.master else None
+
+    def export_model(self):
+        """The final model: the script's export(trainer) on every rank (it may gather with full_state_dict), or
+        the plain hf/ folder."""
+        if self.export is not None:
+            return self.export(self)
+        return self.export_hf()
 
     def export_hf(self):
         """out_dir/hf: config.json + model.safetensors (convert.save_pretrained) and the data's tokenizer."""
@@ -537,37 +571,6 @@ class Trainer:
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
 
-    def _start_wandb(self):
-        self.wandb = None
-        if self.c.wandb_mode == "off" or not self.master:
-            return
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("wandb_mode is not 'off' but the wandb package is not installed (pip install wandb)")
-        wandb.init(project=self.c.wandb_project, name=self.c.wandb_run_name or None, config=self.cfg,
-                   mode=self.c.wandb_mode, dir=self.c.out_dir)
-        self.wandb = wandb
-
-    def plot_losses(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        recs = read_metrics(self.metrics_path)
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ("train_loss", "val_loss"):
-            pts = [(r["step"], r[key]) for r in recs if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        path = os.path.join(self.c.out_dir, "loss.png")
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        log(f"loss curve: {path}")
-
     # -------------------------------------------------------------------------------------------- the loop
 
     def _on_signal(self, signum, frame):
@@ -593,7 +596,7 @@ class Trainer:
                     recs = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
                 with open(self.metrics_path, "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in recs)
-            self._start_wandb()
+            self.wandb = start_wandb(self.c, self.cfg) if self.master else None
             previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
             try:
                 self._loop()
@@ -631,8 +634,13 @@ class Trainer:
                         self.best_val_loss, self.best_step = val_loss, self.step
                     best = f" (best {self.best_val_loss:.4f} at step {self.best_step})" if self.best_step > 0 else ""
                     log(f"step {self.step}: val loss {val_loss:.4f}{best}")
-                    self._record({"step": self.step, "val_loss": val_loss, "lr": cosine_lr(self.step, c),
+                    self._record({"step": self.step, "val_loss": val_loss, "lr": lr_at(self.step, c),
                                   **self._clocks()})
+                if self.on_eval is not None and self.master and self.mode in ("single", "ddp"):
+                    self.raw_model.eval()
+                    with torch.no_grad():  # generation runs in the weights' own dtype (its KV cache is in it)
+                        self.on_eval(self)
+                    self.raw_model.train()
                 if self.step > 0:
                     self.save_checkpoint()
             if at_end:
@@ -643,7 +651,7 @@ class Trainer:
                 bar.close()
                 raise SystemExit(128 + self.stop_signal)
             t0, tokens0 = time.time(), self.tokens_seen
-            lr = cosine_lr(self.step, c)
+            lr = lr_at(self.step, c)
             loss, norm, extras, skipped = self.train_step()
             dt = time.time() - t0
             self.train_time += dt
@@ -675,9 +683,9 @@ class Trainer:
                               **self._clocks(), **extras})
                 interval_time, interval_tokens = 0.0, 0
         bar.close()
-        self.export_hf()
+        self.export_model()
         if self.master:
-            self.plot_losses()
+            plot_losses(self.metrics_path, os.path.join(self.c.out_dir, "loss.png"))
             if self.nan_skips_total:
                 log(f"{self.nan_skips_total} steps were skipped for non-finite losses")
             log(f"done: {self.step} steps, {self.tokens_seen / 1e6:.2f}M tokens, {time.time() - self.t_start:.1f}s; "

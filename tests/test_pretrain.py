@@ -15,7 +15,7 @@ import torch
 
 from model import ModelConfig, Transformer
 from data import open_data_dir
-from trainer import TrainConfig, Trainer, cosine_lr, lm_loss, make_optimizer
+from trainer import TrainConfig, Trainer, lm_loss, lr_at, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 128
@@ -237,7 +237,7 @@ def test_batches_are_windows_of_the_stream_deterministic_per_step_and_micro(data
 
 def test_cosine_schedule_matches_the_formula():
     c = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
-    lr = [cosine_lr(s, c) for s in range(130)]
+    lr = [lr_at(s, c) for s in range(130)]
     assert lr[0] == pytest.approx(1e-3 / 11) and lr[9] == pytest.approx(1e-3 * 10 / 11)  # linear warmup
     assert lr[10] == pytest.approx(1e-3)
     assert lr[60] == pytest.approx((1e-3 + 1e-4) / 2)  # half way: the cosine is at zero

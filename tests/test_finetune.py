@@ -157,7 +157,7 @@ def test_qlora_run_learns_on_cpu(setup, tmp_path):
                                                     max_seq_len=128)), model_dir)
     out = str(tmp_path / "qlora")
     fine_tune([f"--init_from={model_dir}", f"--data_dir={data_dir}", f"--out_dir={out}", "--method=qlora",
-               "--epochs=3", "--learning_rate=1e-2", "--lora_rank=4", "--sample_prompts=0", "--dtype=bfloat16"])
+               "--epochs=3", "--learning_rate=1e-2", "--lora_rank=4", "--sample_prompts=1", "--dtype=bfloat16"])
     vals = val_losses(out)
     assert vals[-1] < vals[0] - 0.1, vals
     from safetensors.torch import load_file

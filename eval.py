@@ -81,6 +81,7 @@ max_new_tokens = 256  # generate (fewer where the prompt leaves less of the mode
 temperature = 0.7     # generate: 0 = greedy
 top_k = 50            # generate: 0 = off
 top_p = 0.9           # generate: 1.0 = off
+no_repeat_ngram_size = 0  # generate: never repeat an n-gram of this size (0 = off; small models loop without it)
 chat = True           # generate: wrap prompts in the chat template
 system = ""           # generate: system prompt ("" = the template's default, if any)
 seed = 1337
@@ -525,7 +526,8 @@ def main():
             print(f"### {p}")
             try:
                 completion = inference.stream_reply(model, tok, text, max_new_tokens, temperature, top_k, top_p,
-                                                    on_text=lambda s: print(s, end="", flush=True))
+                                                    on_text=lambda s: print(s, end="", flush=True),
+                                                    no_repeat_ngram_size=no_repeat_ngram_size)
             except ValueError as e:
                 raise SystemExit(f"{data}: prompt {k}: {e}")
             print("\n")

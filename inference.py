@@ -89,7 +89,7 @@ def fit_history(tok, history, system, budget):
 
 
 def stream_reply(model, tok, prompt, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9,
-                 repetition_penalty=1.0, on_text=None):
+                 repetition_penalty=1.0, on_text=None, no_repeat_ngram_size=0):
     """Generate after the prompt text until a stop token, at most max_new_tokens and never past the model's context
     (shortened with a note on stderr; a prompt that fills the context is a ValueError). on_text(new_text) is called
     as text arrives (a multi-byte character is held back until it is complete). Returns the reply text without the
@@ -116,7 +116,8 @@ def stream_reply(model, tok, prompt, max_new_tokens=256, temperature=0.7, top_k=
 
     try:
         model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k or None,
-                       top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=tok.stop_ids, callback=on_token)
+                       top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                       stop_ids=tok.stop_ids, callback=on_token)
     except KeyboardInterrupt:
         pass  # the reply so far stands
     return tok.decode([i for i in new_ids if i not in tok.stop_ids], skip_special=True)

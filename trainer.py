@@ -132,6 +132,23 @@ def supervised_tokens(batch):
 
 # ----------------------------------------------------------------------------------------------- small helpers
 
+def _from_trainer_checkpoint(path):
+    """(model, tokenizer) of a checkpoint folder a training run wrote (ckpt/step_N): its weights, and the tokenizer
+    of the data it trained on."""
+    state = checkpoint.read_trainer_state(path)
+    if state.get("frozen"):
+        raise SystemExit(f"{path}: a checkpoint of adapters, not of a whole model; start from its run's hf/ folder")
+    model = Transformer(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    data_dir = state["config"].get("data_dir", "")
+    has_tokenizer = any(os.path.isfile(os.path.join(data_dir, f)) for f in ("tokenizer.json", "tokenizer.model"))
+    if not has_tokenizer:
+        log(f"warning: {path}: its run's data_dir {data_dir!r} holds no tokenizer: the data is NOT checked")
+    from tokenizer import Tokenizer
+    log(f"init_from: the weights of {path} (step {state['step']})")
+    return model, Tokenizer.from_pretrained(data_dir) if has_tokenizer else None
+
+
 def resolve_dtype(name, device):
     if name == "auto":
         ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
@@ -197,9 +214,16 @@ def build_model(init_from, out_dir, scratch_config=None):
         return Transformer(saved), None
     if not os.path.exists(init_from):
         raise SystemExit(f"init_from={init_from}: no such model folder or .gguf (or use scratch / resume)")
+    if os.path.isdir(os.path.join(init_from, "ckpt")):  # a training run's out_dir: its newest checkpoint
+        init_from = checkpoint.latest_checkpoint(init_from) or init_from
+    if os.path.isfile(os.path.join(init_from, "state.pt")):
+        return _from_trainer_checkpoint(init_from)
     import convert
     from tokenizer import Tokenizer
-    model = convert.from_pretrained(init_from, dtype=torch.float32)
+    try:
+        model = convert.from_pretrained(init_from, dtype=torch.float32)
+    except (ValueError, FileNotFoundError) as e:  # the loader's message names the file
+        raise SystemExit(f"init_from={init_from}: {e}") from None
     has_tokenizer = init_from.endswith(".gguf") or any(
         os.path.isfile(os.path.join(init_from, f)) for f in ("tokenizer.json", "tokenizer.model"))
     if not has_tokenizer:

@@ -246,3 +246,16 @@ def test_bad_settings_are_refused_before_any_work(setup, tmp_path):
            f"--data_dir={pretrain_data}", f"--out_dir={tmp_path / 'o2'}"]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "this is pretrain data, not sft data" in r.stderr
+
+
+def test_a_training_runs_out_dir_or_checkpoint_is_a_starting_point(tmp_path):
+    from test_pretrain import tiny_trainer
+    t = tiny_trainer(tmp_path / "run", lambda m, b, r: m(b[0], b[1])[1], max_iters=6, eval_interval=3)
+    t.fit()
+    want = {k: v.clone() for k, v in t.raw_model.state_dict().items()}
+    for source in (tmp_path / "run", tmp_path / "run" / "ckpt" / "step_00000006"):
+        model, tok = trainer.build_model(str(source), str(tmp_path / "new"))
+        assert tok is None  # that run's data had no tokenizer
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+    with pytest.raises(SystemExit, match="init_from=.*README.md: .*expected a checkpoint folder"):
+        trainer.build_model(os.path.join(ROOT, "README.md"), str(tmp_path / "new"))

@@ -1,0 +1,349 @@
+"""Direct preference optimisation (DPO, Rafailov et al. 2023) - full, LoRA or QLoRA - on trainer.py's loop.
+
+    python data_process.py --format=dpo --tokenizer=out/run/sft/hf --out_dir=out/run/dpo_data
+    python dpo.py --init_from=out/run/sft/hf --data_dir=out/run/dpo_data --out_dir=out/run/dpo
+    python dpo.py --init_from=$GGUF --data_dir=data/dpo --method=lora --reference=adapter_off --learning_rate=5e-5
+    python dpo.py ... --reference=cached     # reference log-probs computed once into out_dir: one model in memory
+    python dpo.py ... --init_from=resume     # continue the newest checkpoint in out_dir
+
+Data: a DPO directory of `data_process.py --format=dpo` (prompt / chosen / rejected in the chat template of the
+data's tokenizer). Each pair becomes two rows, prompt + chosen and prompt + rejected, which go through the model in
+ONE forward (chosen rows first, right-padded); only the answer tokens (the reply and its end-of-turn marker) are
+scored, and a pair's log-probability is the sum over them. A pair whose answer would start past max_len is left out.
+
+Losses, as TRL's DPOTrainer defines them, with logits = (policy chosen - policy rejected) - (reference chosen -
+reference rejected) summed log-probs:
+  sigmoid  -log sigmoid(beta * logits)                 (DPO; label_smoothing=eps gives conservative DPO, cDPO:
+           -(1 - eps) log sigmoid(beta * logits) - eps log sigmoid(-beta * logits))
+  ipo      (logits - 1 / (2 beta))^2                   (IPO, Azar et al. 2023; TRL divides the log-probs by the
+                                                        answer length first, here they are sums as for the others)
+  hinge    relu(1 - beta * logits)                     (SLiC)
+plus sft_weight * the mean NLL of the chosen answer tokens (TRL's rpo_alpha). Rewards are beta * (policy -
+reference) log-probs; logged: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies (chosen reward
+above rejected), logps/chosen, logps/rejected (and nll/chosen with sft_weight), in the log line, metrics.jsonl and
+wandb, and on the held-out split at each evaluation. Dropout is switched off, as TRL does by default, so the
+policy and its reference score alike at step 0 (the sigmoid loss is then ln 2).
+
+The reference (`reference`): copy - a frozen copy of the starting model; adapter_off - the LoRA/QLoRA policy with
+its adapters bypassed (no second model); cached - the reference log-probs of every pair computed once before
+training into out_dir/ref_logps_{split}.npy ((records, 2): chosen, rejected; NaN for pairs left out), reused by a
+resume, so training holds one model.
+
+What lands in out_dir is fine_tuning.py's: checkpoints, metrics.jsonl, loss.png, hf/ (and adapter/ with LoRA).
+"""
+import copy
+import math
+import os
+import sys
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import checkpoint
+import configurator
+import fine_tuning
+import lora
+import trainer
+from data import open_data_dir
+from metrics import log
+from model import resize_embeddings
+
+# -- the training loop's settings (every field of trainer.TrainConfig), then fine_tuning.py's model, LoRA and
+# schedule keys with its defaults (documented there); DPO's own defaults follow
+globals().update(vars(trainer.TrainConfig()))
+SHARED_KEYS = ("init_from", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora",
+               "trainable", "merge_dtype", "epochs", "max_iters", "max_len", "eval_interval", "eval_iters",
+               "sample_prompts", "sample_tokens")
+globals().update({k: vars(fine_tuning)[k] for k in SHARED_KEYS})
+out_dir = "out/dpo"
+data_dir = "data/dpo"       # data_process.py --format=dpo
+beta = 0.1                  # the strength of the pull towards the reference (DPO's beta)
+loss_type = "sigmoid"       # sigmoid | ipo | hinge
+label_smoothing = 0.0       # sigmoid only: the assumed share of flipped labels (cDPO); 0: plain DPO
+sft_weight = 0.0            # > 0: adds this times the mean NLL of the chosen answers
+reference = "copy"          # copy | adapter_off (LoRA/QLoRA) | cached (module docstring)
+batch_size = 8              # pairs per micro-batch (two rows each)
+learning_rate = 1e-6
+min_lr = 1e-7
+warmup_iters = 10
+weight_decay = 0.0
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+REFERENCES = ("copy", "adapter_off", "cached")
+
+
+# ------------------------------------------------------------------------------------------------ the losses
+
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid",
+                    label_smoothing=0.0):
+    """(per-pair losses, chosen rewards, rejected rewards) of summed answer log-probs (tensors of shape (pairs,));
+    the formulas are the module docstring's. Rewards carry no gradient."""
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+                  - F.logsigmoid(-beta * logits) * label_smoothing)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+def pair_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected):
+    """TRL's logged means over the pairs of a batch."""
+    return {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": policy_chosen.detach().mean(), "logps/rejected": policy_rejected.detach().mean()}
+
+
+# ------------------------------------------------------------------------------------------------ log-probs
+
+def answer_logps(model, ids, labels):
+    """(summed log-probability of each row's labelled tokens, their count): labels are -100 on the prompt and the
+    padding, so only the answer is scored."""
+    logits = model(ids)[0]
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return -nll.view(labels.shape).sum(-1), (labels != -100).sum(-1)
+
+
+@contextmanager
+def adapters_off(model):
+    """The model with every LoRA layer running its frozen base alone: the starting model of a LoRA/QLoRA run,
+    without a second copy. (A plain model is left as it is.)"""
+    layers = list(lora.lora_layers(model).values())
+    for layer in layers:
+        layer.forward = layer.base.forward  # an instance attribute shadows LoRALinear.forward
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def disable_dropout(model):
+    """TRL's disable_dropout (LoRA's dropout too): the policy scores as its reference does, so the rewards start
+    at 0 and a cached reference equals a live one."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(getattr(m, "dropout", None), float):  # model.Attention's attention-weight dropout
+            m.dropout = 0.0
+
+
+def dpo_loss_fn(beta, loss_type, label_smoothing, sft_weight, reference):
+    """The trainer's loss_fn(model, batch, ref_model) for batches of DPOBatches: (loss, metrics)."""
+    def loss_fn(model, batch, ref_model):
+        ids, labels, *cached = batch
+        pairs = len(ids) // 2
+        logps, counts = answer_logps(model, ids, labels)
+        with torch.no_grad():
+            if reference == "cached":
+                ref = cached[0].t()
+            elif reference == "adapter_off":
+                with adapters_off(getattr(model, "module", model)) as base:  # DDP/DeepSpeed: the wrapped module
+                    ref = answer_logps(base, ids, labels)[0].view(2, pairs)
+            else:
+                ref = answer_logps(ref_model, ids, labels)[0].view(2, pairs)
+        policy = logps.view(2, pairs)
+        losses, chosen_rewards, rejected_rewards = preference_loss(policy[0], policy[1], ref[0], ref[1], beta,
+                                                                   loss_type, label_smoothing)
+        loss = losses.mean()
+        metrics = pair_metrics(chosen_rewards, rejected_rewards, policy[0], policy[1])
+        if sft_weight > 0:
+            nll = -policy[0].sum() / counts[:pairs].sum()
+            loss = loss + sft_weight * nll
+            metrics["nll/chosen"] = nll.detach()
+        return loss, metrics
+    return loss_fn
+
+
+def pairs_in(batch):
+    """weight_fn: what a DPO batch's loss is a mean over, its pairs."""
+    return len(batch[0]) // 2
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+class DPOBatches(fine_tuning.SFTBatches):
+    """Micro-batches of (input ids, labels[, reference log-probs (pairs, 2)]) for step and micro index, a pure
+    function of both, in SFTBatches' seeded epoch order: each pair gives a prompt + chosen row and a prompt +
+    rejected row, the chosen rows first, right-padded with pad_id (labels -100), cut after max_len input tokens.
+    `ref` is set to the (records, 2) reference log-probs when they are cached."""
+
+    def __init__(self, records, max_len, batch_size, pad_id, seed):
+        self.records, self.max_len, self.batch_size, self.pad_id, self.seed = records, max_len, batch_size, pad_id, seed
+        self.packing, self._order, self.ref = False, {}, None
+        self.kept, self.cut = [], 0
+        for i in range(len(records)):
+            prompt, chosen, rejected = records[i]
+            # the first answer token is predicted from the prompt's last one, at input position len(prompt) - 1
+            if 1 <= len(prompt) <= max_len and len(chosen) and len(rejected):
+                self.kept.append(i)
+                self.cut += len(prompt) + max(len(chosen), len(rejected)) > max_len + 1
+        self.dropped = len(records) - len(self.kept)
+        self.units = [[i] for i in self.kept]
+
+    def _row(self, prompt, answer):
+        seq = np.concatenate([prompt, answer])[:self.max_len + 1]
+        labels = seq[1:].copy()
+        labels[:len(prompt) - 1] = -100  # tokens of the prompt are context only
+        return seq[:-1], labels
+
+    def _rows(self, units):
+        index = [unit[0] for unit in units]
+        recs = [self.records[i] for i in index]
+        rows = [self._row(p, c) for p, c, _ in recs] + [self._row(p, r) for p, _, r in recs]
+        width = max(len(x) for x, _ in rows)
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        y = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, (a, b) in enumerate(rows):
+            x[r, :len(a)], y[r, :len(b)] = torch.from_numpy(a), torch.from_numpy(b)
+        return (x, y) if self.ref is None else (x, y, torch.from_numpy(self.ref[index]))
+
+    def all_batches(self):
+        """(record indices, batch) over every kept pair once, in order: for the reference cache."""
+        for s in range(0, len(self.kept), self.batch_size):
+            units = self.units[s:s + self.batch_size]
+            yield [u[0] for u in units], self._rows(units)
+
+
+# ------------------------------------------------------------------------------------------------ the reference
+
+@torch.no_grad()
+def reference_cache(t, batches, path, reuse):
+    """The (records, 2) reference log-probs (chosen, rejected) of every pair of `batches`, by the trainer's model
+    with its adapters off (its starting weights: called before fit loads a checkpoint), in the trainer's dtype.
+    Written atomically to `path`; with `reuse`, a file already there of the right shape is read instead."""
+    n = len(batches.records)
+    if reuse and os.path.isfile(path):
+        cached = np.load(path)
+        if cached.shape == (n, 2):
+            log(f"reference log-probs: {path} (cached)")
+            return cached
+    out = np.full((n, 2), np.nan, dtype=np.float32)
+    model = getattr(t.model, "module", t.model)  # every rank runs every forward (FSDP gathers collectively)
+    model.eval()
+    with adapters_off(model), t.autocast:
+        for index, (ids, labels) in batches.all_batches():
+            logps, _ = answer_logps(model, ids.to(t.device), labels.to(t.device))
+            out[index] = logps.view(2, -1).t().float().cpu().numpy()
+    model.train()
+    if t.master:
+        np.save(path + ".tmp.npy", out)
+        os.replace(path + ".tmp.npy", path)
+        log(f"reference log-probs of {len(batches.kept)} pairs: {path}")
+    return out
+
+
+def held_out(loss_fn, val, prompts, tok):
+    """on_eval: the DPO metrics averaged over the held-out pairs (weighted by pairs, as in training), logged and
+    recorded as val/..., then greedy answers to a few held-out prompts beside their chosen answer."""
+    answer = fine_tuning.answer_prompts(tok, prompts, sample_tokens) if prompts else None
+
+    def run(t):
+        sums, total = {}, 0
+        for i in range(t.c.eval_iters):
+            batch = tuple(x.to(t.device) for x in val.val_batch(i))
+            with t.autocast:
+                loss, metrics = loss_fn(t.raw_model, batch, t.ref_model)
+            n = pairs_in(batch)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            total += n
+        means = {f"val/{k}": v / total for k, v in sums.items()}
+        log(f"step {t.step}: held-out " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in means.items()))
+        t._record({"step": t.step, **means})
+        if answer is not None:
+            answer(t)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ the script
+
+def check_settings(cfg):
+    """fine_tuning.py's checks of the keys shared with it (they read its module globals: given this run's values
+    first), then DPO's own."""
+    vars(fine_tuning).update({k: cfg[k] for k in SHARED_KEYS})
+    fine_tuning.check_settings()
+    if loss_type not in LOSS_TYPES:
+        raise SystemExit(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    if reference not in REFERENCES:
+        raise SystemExit(f"reference={reference!r}: expected one of {', '.join(REFERENCES)}")
+    if reference == "adapter_off" and method == "full":
+        raise SystemExit("reference=adapter_off needs method=lora or qlora (a full run has no adapter to switch off)")
+    if beta <= 0:
+        raise SystemExit(f"beta={beta}: must be positive")
+    if not 0 <= label_smoothing < 0.5:
+        raise SystemExit(f"label_smoothing={label_smoothing}: must be in [0, 0.5)")
+    if label_smoothing and loss_type != "sigmoid":
+        raise SystemExit(f"label_smoothing={label_smoothing} applies to loss_type=sigmoid only (cDPO)")
+    if sft_weight < 0:
+        raise SystemExit(f"sft_weight={sft_weight}: must not be negative")
+
+
+def main():
+    cfg = configurator.apply(globals(), [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    check_settings(cfg)
+    trainer.train_config({**cfg, "max_iters": 1, "eval_interval": 1, "eval_iters": 1})  # the rest, before any work
+    if init_from == "resume" and reference == "copy":
+        path = checkpoint.latest_checkpoint(out_dir)
+        source = path and checkpoint.read_trainer_state(path).get("model_source", "scratch")
+        if source and not os.path.exists(source):
+            raise SystemExit(f"reference=copy: the reference is the model the run started from, {source}, which is "
+                             f"gone; resume with --reference=cached only if out_dir holds its ref_logps files")
+    model, model_tok = trainer.build_model(init_from, out_dir)
+    data = open_data_dir(data_dir, "dpo", tokenizer=model_tok)
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(data.tokenizer_dir) if data.tokenizer_dir else model_tok
+    if tok is None:
+        raise SystemExit(f"neither {data_dir} nor the model holds a tokenizer")
+    added = data.meta.get("added_tokens") or {}
+    if data.meta["vocab_size"] > model.config.vocab_size:
+        new = resize_embeddings(model, data.meta["vocab_size"])
+        log(f"embeddings resized to {new} rows for the tokens the data's tokenizer added: {', '.join(added)}")
+    length = max_len or model.config.max_seq_len
+    if length > model.config.max_seq_len:
+        raise SystemExit(f"max_len={length} exceeds the model's context of {model.config.max_seq_len}")
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    train_records, val_records = data.dpo("train"), data.dpo("val")
+    train = DPOBatches(train_records, length, batch_size, pad, cfg["seed"])
+    val = DPOBatches(val_records, length, batch_size, pad, cfg["seed"]) if len(val_records) else None
+    log(f"data: {len(train.kept)} train pairs ({train.cut} cut to {length} tokens, {train.dropped} left out: no "
+        f"answer token within them)" + (f"; {len(val.kept)} val pairs" if val else "; no val split"))
+    if not train.kept:
+        raise SystemExit(f"{data_dir}: no train pair keeps an answer token within max_len={length}")
+    ref_model = copy.deepcopy(model).requires_grad_(False) if reference == "copy" else None
+    if method != "full":
+        extra = trainable or ("embed,lm_head" if added else "")
+        if extra and reference == "adapter_off":
+            raise SystemExit(f"reference=adapter_off: {extra} train in full, so switching the adapters off does not "
+                             f"give the starting model back; use reference=copy or cached")
+        lora.add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets, use_rslora, trainable=extra,
+                      quantize="nf4" if method == "qlora" else None)
+    disable_dropout(model)
+    steps_per_epoch = math.ceil(len(train) / (batch_size * cfg["grad_accum"]))
+    cfg.update(max_iters=max_iters or math.ceil(epochs * steps_per_epoch),
+               eval_interval=eval_interval or max(1, steps_per_epoch // 2),
+               eval_iters=eval_iters or (math.ceil(len(val) / batch_size) if val else 1))
+    loss_fn = dpo_loss_fn(beta, loss_type, label_smoothing, sft_weight, reference)
+    prompts = [tuple(x.tolist() for x in val_records[i][:2]) for i in val.kept[:sample_prompts]] if val else []
+    t = trainer.Trainer(cfg, model, lambda s, m: train.train_batch(s, m, cfg["grad_accum"]),
+                        val.val_batch if val else None, loss_fn=loss_fn, ref_model=ref_model,
+                        tokenizer_dir=data.tokenizer_dir, weight_fn=pairs_in,
+                        on_eval=held_out(loss_fn, val, prompts, tok) if val else None,
+                        export=fine_tuning.lora_export(tok, merge_dtype) if method != "full" else None)
+    if reference == "cached":
+        for split, batches in (("train", train), ("val", val)):
+            if batches is not None:
+                path = os.path.join(out_dir, f"ref_logps_{split}.npy")
+                batches.ref = reference_cache(t, batches, path, reuse=init_from == "resume")
+    t.fit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""dpo.py: every loss and metric is its published formula, answers alone are scored in one forward, the three
+references agree with what they stand for and stay frozen, a tiny run learns a held-out preference, and a run
+resumes after kill -9 to the same end."""
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import data_process
+import dpo
+import lora
+import trainer
+from conftest import char_tokenizer_folder, tiny_transformer
+from test_pretrain import ENV, ROOT, read_metrics
+
+REFUSALS = ["no idea.", "ask someone else.", "i cannot say."]
+
+
+def records():
+    """A learnable preference: a sum beats a refusal; every seventh prompt held out."""
+    out = []
+    for k, (a, b) in enumerate((a, b) for a in range(2, 9) for b in range(1, 8)):
+        out.append({"prompt": f"add {a} and {b}", "chosen": f"it is {a + b}.", "rejected": REFUSALS[k % 3],
+                    "split": "val" if k % 7 == 3 else "train"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model folder with a character tokenizer and DPO data made for it by data_process.py."""
+    root = tmp_path_factory.mktemp("dpo")
+    model_dir = str(root / "model")
+    tok = char_tokenizer_folder(model_dir)
+    import convert
+    convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=64), model_dir)
+    src = root / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records()))
+    data_dir = str(root / "data")
+    data_process.run(data_process.config(format="dpo", template="chatml", input=str(src), tokenizer=model_dir,
+                                         out_dir=data_dir, num_workers=1))
+    return model_dir, data_dir
+
+
+def load(model_dir):
+    import convert
+    return convert.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def run_dpo(args, timeout=300):
+    cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), "--dtype=float32", "--log_interval=5", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def digest(model):
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- the losses
+
+PC, PR, RC, RR = [-5.0, -7.0, -3.0], [-6.0, -4.0, -9.0], [-5.5, -6.0, -3.0], [-5.0, -5.0, -8.0]
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)])
+def test_each_loss_and_metric_is_the_published_formula(loss_type, eps):
+    beta = 0.3
+    losses, rc, rr = dpo.preference_loss(*map(torch.tensor, (PC, PR, RC, RR)), beta, loss_type, eps)
+    metrics = dpo.pair_metrics(rc, rr, torch.tensor(PC), torch.tensor(PR))
+    for i, (pc, pr, ref_c, ref_r) in enumerate(zip(PC, PR, RC, RR)):
+        h = (pc - pr) - (ref_c - ref_r)
+        want = {"sigmoid": -(1 - eps) * math.log(sigmoid(beta * h)) - eps * math.log(sigmoid(-beta * h)),
+                "ipo": (h - 1 / (2 * beta)) ** 2, "hinge": max(0.0, 1 - beta * h)}[loss_type]
+        assert losses[i].item() == pytest.approx(want, rel=1e-6)
+        assert rc[i].item() == pytest.approx(beta * (pc - ref_c)) and rr[i].item() == pytest.approx(beta * (pr - ref_r))
+    chosen = [beta * (a - b) for a, b in zip(PC, RC)]
+    rejected = [beta * (a - b) for a, b in zip(PR, RR)]
+    want = {"rewards/chosen": np.mean(chosen), "rewards/rejected": np.mean(rejected),
+            "rewards/margins": np.mean(np.subtract(chosen, rejected)),
+            "rewards/accuracies": np.mean(np.greater(chosen, rejected)),  # 0.05 > -0.3, -0.3 < 0.3, 0 > -0.3: 2/3
+            "logps/chosen": np.mean(PC), "logps/rejected": np.mean(PR)}
+    assert want["rewards/accuracies"] == pytest.approx(2 / 3)
+    assert {k: pytest.approx(v, rel=1e-6) for k, v in want.items()} == {k: v.item() for k, v in metrics.items()}
+
+
+def test_at_step_0_the_sigmoid_loss_is_ln2_and_the_rewards_are_0(setup):
+    model_dir, data_dir = setup
+    model, ref = load(model_dir), load(model_dir)
+    batches = dpo.DPOBatches(data.load_dpo(data_dir, "train"), 64, 4, 0, 7)
+    loss, metrics = dpo.dpo_loss_fn(0.1, "sigmoid", 0.0, 0.0, "copy")(model, batches.train_batch(0, 0, 1), ref)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/chosen"] == 0 and metrics["rewards/rejected"] == 0 and metrics["rewards/margins"] == 0
+    assert metrics["rewards/accuracies"] == 0  # no reward is above another yet
+
+
+def test_the_sft_term_is_the_mean_nll_of_the_chosen_answers(setup):
+    model_dir, data_dir = setup
+    model = load(model_dir)
+    batches = dpo.DPOBatches(data.load_dpo(data_dir, "train"), 64, 4, 0, 7)
+    ids, labels = batches.train_batch(0, 0, 1)
+    loss, metrics = dpo.dpo_loss_fn(0.1, "sigmoid", 0.0, 0.5, "copy")(model, (ids, labels), load(model_dir))
+    nll = model(ids[:4], labels[:4])[1].item()  # the model's own mean cross-entropy over the chosen answers
+    assert metrics["nll/chosen"].item() == pytest.approx(nll, rel=1e-5)
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+
+def test_only_answer_tokens_are_scored_chosen_and_rejected_in_one_forward(setup):
+    model_dir, data_dir = setup
+    model, records_ = load(model_dir), data.load_dpo(data_dir, "train")
+    batches = dpo.DPOBatches(records_, 64, 3, 0, 7)
+    ids, labels = batches.val_batch(0)
+    assert ids.shape[0] == 6  # 3 pairs: chosen rows, then rejected rows, one forward
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    logps, counts = dpo.answer_logps(model, ids, labels)
+    assert calls == [ids.shape]
+    for k in range(3):
+        prompt, chosen, rejected = records_[batches.kept[k]]
+        for row, answer in ((k, chosen), (3 + k, rejected)):
+            seq = torch.from_numpy(np.concatenate([prompt, answer]))[None]
+            logp = F.log_softmax(model(seq)[0][0, :-1].float(), -1)  # unpadded, alone
+            want = sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(answer.tolist()))
+            assert logps[row].item() == pytest.approx(want, rel=1e-5)
+            assert counts[row].item() == len(answer)
+
+
+def test_a_pair_whose_answer_starts_past_max_len_is_left_out():
+    pairs = [([1, 2], [3, 4, 5], [6]), ([1, 2, 3, 4], [5], [6, 7]), ([1, 2, 3, 4, 5], [6], [7]), ([], [1], [2])]
+    tokens = np.array([t for p in pairs for part in p for t in part])
+    index, o = [], 0
+    for p, c, r in pairs:
+        index.append((o, o + len(p), o + len(p) + len(c), o + len(p) + len(c) + len(r)))
+        o = index[-1][-1]
+    batches = dpo.DPOBatches(data.DPOData(tokens, np.array(index)), 4, 4, 0, 7)
+    assert batches.kept == [0, 1] and batches.dropped == 2 and batches.cut == 1  # pair 1's rejected loses its 7
+    ids, labels = batches.val_batch(0)
+    assert ids.tolist() == [[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 0, 0], [1, 2, 3, 4]]
+    assert labels.tolist() == [[-100, 3, 4, 5], [-100, -100, -100, 5], [-100, 6, -100, -100],
+                               [-100, -100, -100, 6]]  # chosen rows, then rejected; prompts are context only
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+
+def test_adapter_off_equals_the_base_model(setup):
+    model_dir, data_dir = setup
+    base, model = load(model_dir), load(model_dir)
+    lora.add_lora(model, 4, 8.0)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.normal_()  # a trained adapter: the model now differs from its base
+    ids, labels = dpo.DPOBatches(data.load_dpo(data_dir, "train"), 64, 4, 0, 7).val_batch(0)
+    want = dpo.answer_logps(base, ids, labels)[0]
+    assert not torch.allclose(dpo.answer_logps(model, ids, labels)[0], want)
+    with dpo.adapters_off(model):
+        assert torch.equal(dpo.answer_logps(model, ids, labels)[0], want)
+    assert not torch.allclose(dpo.answer_logps(model, ids, labels)[0], want)  # switched back on
+
+
+def tiny_dpo_trainer(setup, tmp_path, reference, steps=4):
+    model_dir, data_dir = setup
+    model, ref = load(model_dir), load(model_dir) if reference == "copy" else None
+    if reference == "adapter_off":
+        lora.add_lora(model, 4, 8.0)
+    train = dpo.DPOBatches(data.load_dpo(data_dir, "train"), 64, 4, 0, 7)
+    cfg = dict(out_dir=str(tmp_path), max_iters=steps, batch_size=4, dtype="float32", eval_interval=steps,
+               eval_iters=1, warmup_iters=0, learning_rate=1e-2, min_lr=1e-3)
+    return trainer.Trainer(cfg, model, lambda s, m: train.train_batch(s, m, 1), loss_fn=dpo.dpo_loss_fn(
+        0.1, "sigmoid", 0.0, 0.0, reference), ref_model=ref, weight_fn=dpo.pairs_in, export=lambda t: None), train
+
+
+@pytest.mark.parametrize("reference", ["copy", "adapter_off"])
+def test_the_reference_is_unchanged_by_training(setup, tmp_path, reference):
+    t, train = tiny_dpo_trainer(setup, tmp_path, reference)
+    ids, labels = train.val_batch(0)
+    with torch.no_grad():
+        if reference == "copy":
+            before, before_logps = digest(t.ref_model), dpo.answer_logps(t.ref_model, ids, labels)[0]
+        else:
+            base = {k: v.clone() for k, v in t.raw_model.state_dict().items() if "lora_" not in k}
+            with dpo.adapters_off(t.raw_model):
+                before_logps = dpo.answer_logps(t.raw_model, ids, labels)[0]
+    policy_before = dpo.answer_logps(t.raw_model, ids, labels)[0].detach()
+    t.fit()
+    with torch.no_grad():
+        if reference == "copy":
+            assert digest(t.ref_model) == before
+            assert torch.equal(dpo.answer_logps(t.ref_model, ids, labels)[0], before_logps)
+        else:
+            assert all(torch.equal(t.raw_model.state_dict()[k], v) for k, v in base.items())
+            with dpo.adapters_off(t.raw_model):
+                assert torch.equal(dpo.answer_logps(t.raw_model, ids, labels)[0], before_logps)
+        assert not torch.allclose(dpo.answer_logps(t.raw_model, ids, labels)[0], policy_before)  # it trained
+
+
+def test_cached_reference_logps_equal_live_ones(setup, tmp_path):
+    model_dir, _ = setup
+    t, train = tiny_dpo_trainer(setup, tmp_path, "cached")
+    path = str(tmp_path / "ref_logps_train.npy")
+    cache = dpo.reference_cache(t, train, path, reuse=False)
+    assert np.array_equal(np.load(path), cache) and cache.shape == (len(train.records), 2)
+    train.ref = cache
+    live, batch = load(model_dir), train.train_batch(0, 0, 1)
+    logps = dpo.answer_logps(live, batch[0], batch[1])[0].view(2, -1).t()
+    assert torch.allclose(batch[2], logps.detach(), rtol=1e-5, atol=1e-5)
+    copy_loss = dpo.dpo_loss_fn(0.1, "sigmoid", 0.0, 0.0, "copy")(live, batch[:2], load(model_dir))
+    cached_loss = dpo.dpo_loss_fn(0.1, "sigmoid", 0.0, 0.0, "cached")(live, batch, None)
+    assert cached_loss[0].item() == pytest.approx(copy_loss[0].item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the script
+
+def val_accuracies(out):
+    return [(r["step"], r["val/rewards/accuracies"]) for r in read_metrics(out) if "val/rewards/accuracies" in r]
+
+
+@pytest.mark.parametrize("extra", [["--reference=copy"], ["--method=lora", "--reference=adapter_off",
+                                                          "--lora_rank=8", "--learning_rate=1e-2"]])
+def test_a_tiny_run_learns_the_held_out_preference(setup, tmp_path, extra):
+    model_dir, data_dir = setup
+    out = str(tmp_path / "out")
+    r = run_dpo([f"--init_from={model_dir}", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=30",
+                 "--eval_interval=15", "--batch_size=8", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=0",
+                 "--sample_prompts=1", "--sample_tokens=8", *extra])
+    accuracies = val_accuracies(out)
+    assert accuracies[0] == (0, 0.0) and accuracies[-1][0] == 30 and accuracies[-1][1] > 0.5, accuracies
+    train = [r for r in read_metrics(out) if "train_loss" in r]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected"} <= set(train[-1])
+    assert "rewards/accuracies" in r.stderr + r.stdout  # in the log line
+    assert os.path.isfile(os.path.join(out, "hf", "model.safetensors"))
+
+
+def test_cached_run_writes_reference_logps_equal_to_the_start_model(setup, tmp_path):
+    model_dir, data_dir = setup
+    out = str(tmp_path / "out")
+    run_dpo([f"--init_from={model_dir}", f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2",
+             "--reference=cached", "--sample_prompts=0"])
+    batches = dpo.DPOBatches(data.load_dpo(data_dir, "val"), 64, 4, 0, 7)
+    ids, labels = batches.val_batch(0)
+    live = dpo.answer_logps(load(model_dir), ids, labels)[0].view(2, -1).t().detach().numpy()
+    cached = np.load(os.path.join(out, "ref_logps_val.npy"))[[u[0] for u in batches.units[:4]]]
+    assert np.allclose(cached, live, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dpo_run_resumes_after_kill_9_to_the_same_end(setup, tmp_path):
+    model_dir, data_dir = setup
+    args = [f"--init_from={model_dir}", f"--data_dir={data_dir}", "--max_iters=30", "--eval_interval=10",
+            "--sample_prompts=0", "--dtype=float32", "--log_interval=5", "--learning_rate=3e-3", "--min_lr=3e-4",
+            "--reference=cached"]
+    reference = str(tmp_path / "ref")
+    run_dpo(args + [f"--out_dir={reference}"])
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), *args, f"--out_dir={out}"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.isdir(os.path.join(out, "ckpt", "step_00000010")):
+        assert p.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not os.path.isdir(os.path.join(out, "ckpt", "step_00000030"))
+    run_dpo([a for a in args if not a.startswith("--init_from")] + [f"--out_dir={out}", "--init_from=resume"])
+    end = [[x["train_loss"] for x in read_metrics(d) if x["step"] == 30 and "train_loss" in x] for d in (out, reference)]
+    assert len(end[0]) == 1 and end[0] == end[1]
+
+
+def test_bad_settings_are_refused_before_any_work(setup, tmp_path):
+    model_dir, data_dir = setup
+    for args, message in [(["--loss_type=kto"], "loss_type='kto': expected one of sigmoid, ipo, hinge"),
+                          (["--reference=adapter_off"], "reference=adapter_off needs method=lora or qlora"),
+                          (["--loss_type=ipo", "--label_smoothing=0.1"], "applies to loss_type=sigmoid only"),
+                          (["--beta=0"], "beta=0.0: must be positive"),
+                          (["--method=dora"], "method='dora': expected full, lora or qlora")]:
+        cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), f"--init_from={model_dir}", f"--data_dir={data_dir}",
+               f"--out_dir={tmp_path / 'o'}", *args]
+        r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr[-2000:])

@@ -29,9 +29,20 @@ its adapters bypassed (no second model); cached - the reference log-probs of eve
 training into out_dir/ref_logps_{split}.npy ((records, 2): chosen, rejected; NaN for pairs left out), reused by a
 resume, so training holds one model.
 
-What lands in out_dir is fine_tuning.py's: checkpoints, metrics.jsonl, loss.png, hf/ (and adapter/ with LoRA).
+Pairs from an early checkpoint (`make_pairs=True`, as the Chinese Phi-2 project makes them): for each SFT record
+(pairs_input, or the embedded default set) the reference answer of its last turn becomes `chosen` and the model of
+init_from (e.g. a checkpoint half an epoch into SFT, ckpt/step_N of a full run) answers the same prompt greedily for
+`rejected`; pairs whose two answers are more than max_similarity alike (difflib's SequenceMatcher ratio) or whose
+generated answer is empty are dropped and counted, and out_dir becomes a DPO data directory written by
+data_process.py from out_dir/pairs.jsonl (the pairs as text), in the checkpoint tokenizer's chat template:
+
+    python dpo.py --make_pairs=True --init_from=out/run/sft/ckpt/step_00000050 --out_dir=out/run/dpo_pairs
+
+What lands in out_dir when training is fine_tuning.py's: checkpoints, metrics.jsonl, loss.png, hf/ (and adapter/ with LoRA).
 """
 import copy
+import difflib
+import json
 import math
 import os
 import sys
@@ -65,6 +76,11 @@ label_smoothing = 0.0       # sigmoid only: the assumed share of flipped labels 
 sft_weight = 0.0            # > 0: adds this times the mean NLL of the chosen answers
 reference = "copy"          # copy | adapter_off (LoRA/QLoRA) | cached (module docstring)
 batch_size = 8              # pairs per micro-batch (two rows each)
+make_pairs = False          # True: write a DPO data directory to out_dir instead of training (module docstring)
+pairs_input = ""            # make_pairs: SFT records in data_process.py's chat layouts; empty: the embedded set
+max_similarity = 0.9        # make_pairs: pairs whose rejected is more similar to chosen are dropped; similarity is
+                            # difflib.SequenceMatcher(None, chosen, rejected).ratio() on the texts (1 = identical)
+rejected_tokens = 128       # make_pairs: at most this many generated tokens per rejected answer
 learning_rate = 1e-6
 min_lr = 1e-7
 warmup_iters = 10
@@ -263,6 +279,83 @@ def held_out(loss_fn, val, prompts, tok):
     return run
 
 
+# ------------------------------------------------------------------------------------------------ pair making
+
+def similarity(chosen, rejected):
+    """What max_similarity bounds: difflib.SequenceMatcher's ratio, 2 * matched characters / both lengths."""
+    return difflib.SequenceMatcher(None, chosen, rejected).ratio()
+
+
+def keep_pair(chosen, rejected, max_similarity):
+    """'kept', or why the pair is dropped: 'empty' (nothing generated) or 'similar' (above max_similarity)."""
+    if not rejected.strip():
+        return "empty"
+    return "similar" if similarity(chosen, rejected) > max_similarity else "kept"
+
+
+def sft_conversations(path):
+    """(conversation, split or None) of the SFT records in `path` (data_process.py's chat layouts and readers), or
+    of the embedded default set when `path` is empty."""
+    import chat_data
+    import data_process
+    import readers
+    if not path:
+        from default_data import default_sft_records
+        records = ((r, "<default>", i + 1) for i, r in enumerate(default_sft_records()))
+    else:
+        cfg = data_process.config(format="sft", input=path)
+        files, _ = readers.expand_inputs(path, cfg["exclude"])
+        records = readers.iter_records(files, cfg, readers.Issues(False), {})
+    for rec, where, line in records:
+        try:
+            yield chat_data.to_conversation(rec), rec.get("split")
+        except ValueError as e:
+            raise SystemExit(f"{where}:{line}: {e}")
+
+
+def generate_pairs(model, tok, conversations, max_tokens, max_similarity):
+    """(kept preference records for data_process.py, counts by outcome): chosen = each conversation's last reply,
+    rejected = the model's greedy reply to what comes before it."""
+    import inference
+    from tqdm import tqdm
+    kept, counts = [], {"kept": 0, "similar": 0, "empty": 0}
+    for msgs, split in tqdm(list(conversations), desc="pairs", unit="prompt"):
+        prompt, chosen = msgs[:-1], msgs[-1]["content"]
+        rejected = inference.stream_reply(model, tok, tok.apply_chat_template(prompt, add_generation_prompt=True),
+                                          max_new_tokens=max_tokens, temperature=0)
+        outcome = keep_pair(chosen, rejected, max_similarity)
+        counts[outcome] += 1
+        if outcome == "kept":
+            kept.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **({"split": split} if split else {})})
+    return kept, counts
+
+
+def write_pairs():
+    """make_pairs=True: generate, filter and write out_dir as a DPO data directory."""
+    import data_process
+    if not init_from or init_from == "resume":
+        raise SystemExit("make_pairs: --init_from=CHECKPOINT names the (early SFT) model that writes the rejected answers")
+    if not 0 <= max_similarity <= 1 or rejected_tokens < 1:
+        raise SystemExit(f"max_similarity={max_similarity} must be in [0, 1] and rejected_tokens={rejected_tokens} "
+                         f"at least 1")
+    model, tok = trainer.build_model(init_from, out_dir)
+    if tok is None:
+        raise SystemExit(f"make_pairs: {init_from} brings no tokenizer to render the prompts with")
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    with torch.no_grad():
+        records, counts = generate_pairs(model, tok, sft_conversations(pairs_input), rejected_tokens, max_similarity)
+    log(f"pairs: {counts['kept']} kept, {counts['similar']} dropped as more than {max_similarity} similar to the "
+        f"chosen answer (difflib.SequenceMatcher ratio), {counts['empty']} dropped with an empty generated answer")
+    if not records:
+        raise SystemExit("make_pairs: every pair was dropped; nothing to write")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "pairs.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    data_process.run(data_process.config(format="dpo", input=path, out_dir=out_dir, num_workers=1,
+                                         max_len=max_len or model.config.max_seq_len), tok=tok)
+
+
 # ------------------------------------------------------------------------------------------------ the script
 
 def check_settings(cfg):
@@ -288,6 +381,8 @@ def check_settings(cfg):
 
 def main():
     cfg = configurator.apply(globals(), [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    if make_pairs:
+        return write_pairs()
     check_settings(cfg)
     trainer.train_config({**cfg, "max_iters": 1, "eval_interval": 1, "eval_iters": 1})  # the rest, before any work
     if init_from == "resume" and reference == "copy":

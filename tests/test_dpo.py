@@ -294,3 +294,41 @@ def test_bad_settings_are_refused_before_any_work(setup, tmp_path):
                f"--out_dir={tmp_path / 'o'}", *args]
         r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and message in r.stderr, (args, r.stderr[-2000:])
+
+
+# ---------------------------------------------------------------------------------------------- pair making
+
+def test_pair_making_drops_exactly_the_pairs_above_the_threshold():
+    chosen = "abcdefghij"
+    # SequenceMatcher ratio = 2 * matched characters / both lengths
+    cases = [("abcdefghij", 1.0, "similar"), ("abcdefghijk", 20 / 21, "similar"), ("abcdefghiX", 18 / 20, "kept"),
+             ("abcdeXXXXX", 10 / 20, "kept"), ("  ", 0.0, "empty")]
+    for rejected, ratio, outcome in cases:
+        assert dpo.similarity(chosen, rejected) == pytest.approx(ratio)
+        assert dpo.keep_pair(chosen, rejected, 0.9) == outcome, rejected
+    assert dpo.keep_pair(chosen, "abcdefghiX", 0.89) == "similar"
+
+
+def test_make_pairs_writes_a_dpo_data_directory_of_the_kept_pairs(setup, tmp_path):
+    import inference
+    from tokenizer import Tokenizer
+    model_dir, _ = setup
+    tok, model = Tokenizer.from_pretrained(model_dir), load(model_dir)
+    prompts = [[{"role": "user", "content": f"add {a} and 3"}] for a in range(2, 8)]
+    # the first record's reference answer is what the model itself says: that pair must be dropped as identical
+    echo = inference.stream_reply(model, tok, tok.apply_chat_template(prompts[0], add_generation_prompt=True),
+                                  max_new_tokens=6, temperature=0)
+    answers = [echo] + [f"it is {a + 3}." for a in range(3, 8)]
+    src = tmp_path / "sft.jsonl"
+    src.write_text("".join(json.dumps({"messages": p + [{"role": "assistant", "content": a}],
+                                       "split": "val" if k == 5 else "train"}) + "\n"
+                           for k, (p, a) in enumerate(zip(prompts, answers))))
+    out = str(tmp_path / "pairs")
+    r = run_dpo(["--make_pairs=True", f"--init_from={model_dir}", f"--pairs_input={src}", f"--out_dir={out}",
+                 "--rejected_tokens=6"])
+    assert "pairs: 5 kept, 1 dropped as more than 0.9 similar" in r.stdout + r.stderr
+    train, val = data.load_dpo(out, "train"), data.load_dpo(out, "val")
+    assert (len(train), len(val)) == (4, 1)
+    kept = [json.loads(line) for line in open(os.path.join(out, "pairs.jsonl"))]
+    assert [k["chosen"] for k in kept] == answers[1:]
+    assert tok.decode(train[0][1].tolist(), skip_special=True).startswith("it is 6.")

@@ -38,7 +38,8 @@ data_process.py from out_dir/pairs.jsonl (the pairs as text), in the checkpoint 
 
     python dpo.py --make_pairs=True --init_from=out/run/sft/ckpt/step_00000050 --out_dir=out/run/dpo_pairs
 
-What lands in out_dir when training is fine_tuning.py's: checkpoints, metrics.jsonl, loss.png, hf/ (and adapter/ with LoRA).
+What lands in out_dir when training is fine_tuning.py's: checkpoints, metrics.jsonl, loss.png, hf/ (and adapter/
+with LoRA).
 """
 import copy
 import difflib
@@ -257,8 +258,9 @@ def reference_cache(t, batches, path, reuse):
 
 
 def held_out(loss_fn, val, prompts, tok):
-    """on_eval: the DPO metrics averaged over the held-out pairs (weighted by pairs, as in training), logged and
-    recorded as val/..., then greedy answers to a few held-out prompts beside their chosen answer."""
+    """on_eval: the DPO metrics averaged over the held-out pairs (weighted by pairs, as in training; the trainer
+    records the loss itself), logged and recorded as val_<name> (val_rewards/accuracies ...), then greedy answers
+    to a few held-out prompts beside their chosen answer."""
     answer = fine_tuning.answer_prompts(tok, prompts, sample_tokens) if prompts else None
 
     def run(t):
@@ -266,12 +268,12 @@ def held_out(loss_fn, val, prompts, tok):
         for i in range(t.c.eval_iters):
             batch = tuple(x.to(t.device) for x in val.val_batch(i))
             with t.autocast:
-                loss, metrics = loss_fn(t.raw_model, batch, t.ref_model)
+                _, metrics = loss_fn(t.raw_model, batch, t.ref_model)
             n = pairs_in(batch)
-            for k, v in {"loss": loss, **metrics}.items():
+            for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             total += n
-        means = {f"val/{k}": v / total for k, v in sums.items()}
+        means = {f"val_{k}": v / total for k, v in sums.items()}
         log(f"step {t.step}: held-out " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in means.items()))
         t._record({"step": t.step, **means})
         if answer is not None:
@@ -326,7 +328,8 @@ def generate_pairs(model, tok, conversations, max_tokens, max_similarity):
         outcome = keep_pair(chosen, rejected, max_similarity)
         counts[outcome] += 1
         if outcome == "kept":
-            kept.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **({"split": split} if split else {})})
+            split_key = {"split": split} if split else {}  # the SFT record's own split, else data_process's
+            kept.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **split_key})
     return kept, counts
 
 
@@ -334,7 +337,8 @@ def write_pairs():
     """make_pairs=True: generate, filter and write out_dir as a DPO data directory."""
     import data_process
     if not init_from or init_from == "resume":
-        raise SystemExit("make_pairs: --init_from=CHECKPOINT names the (early SFT) model that writes the rejected answers")
+        raise SystemExit("make_pairs: --init_from=CHECKPOINT names the (early SFT) model that writes the rejected "
+                         "answers")
     if not 0 <= max_similarity <= 1 or rejected_tokens < 1:
         raise SystemExit(f"max_similarity={max_similarity} must be in [0, 1] and rejected_tokens={rejected_tokens} "
                          f"at least 1")

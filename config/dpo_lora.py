@@ -3,7 +3,8 @@
 #   python data_process.py --format=dpo --input=../shared/data/dpo_en/dpo_en_demo --tokenizer=$GGUF \
 #       --out_dir=data/dpo_en --max_len=1024
 #   python dpo.py config/dpo_lora.py --init_from=$GGUF --data_dir=data/dpo_en
-#   python dpo.py config/dpo_lora.py --init_from=$GGUF --data_dir=data/dpo_en --reference=cached --out_dir=out/dpo_cached
+#   python dpo.py config/dpo_lora.py --init_from=$GGUF --data_dir=data/dpo_en --reference=cached \
+#       --out_dir=out/dpo_cached
 out_dir = "out/dpo_lora"
 method = "lora"
 lora_rank = 16

@@ -143,6 +143,19 @@ def test_only_answer_tokens_are_scored_chosen_and_rejected_in_one_forward(setup)
             assert counts[row].item() == len(answer)
 
 
+def test_a_row_is_the_whole_conversation_rendered_once_no_doubled_bos_or_eos(setup):
+    from tokenizer import Tokenizer
+    _, data_dir = setup
+    tok = Tokenizer.from_pretrained(data_dir)
+    first = next(r for r in records() if r["split"] == "train")
+    ids, labels = dpo.DPOBatches(data.load_dpo(data_dir, "train"), 64, 1, 0, 7).val_batch(0)
+    for row, answer in ((0, first["chosen"]), (1, first["rejected"])):
+        msgs = [{"role": "user", "content": first["prompt"]}, {"role": "assistant", "content": answer}]
+        want = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=False))
+        seq = ids[row, :len(want) - 1].tolist() + [int(labels[row, len(want) - 2])]  # inputs, then the last target
+        assert seq == want and (labels[row, len(want) - 1:] == -100).all()
+
+
 def test_a_pair_whose_answer_starts_past_max_len_is_left_out():
     pairs = [([1, 2], [3, 4, 5], [6]), ([1, 2, 3, 4], [5], [6, 7]), ([1, 2, 3, 4, 5], [6], [7]), ([], [1], [2])]
     tokens = np.array([t for p in pairs for part in p for t in part])
@@ -229,7 +242,7 @@ def test_cached_reference_logps_equal_live_ones(setup, tmp_path):
 # ---------------------------------------------------------------------------------------------- the script
 
 def val_accuracies(out):
-    return [(r["step"], r["val/rewards/accuracies"]) for r in read_metrics(out) if "val/rewards/accuracies" in r]
+    return [(r["step"], r["val_rewards/accuracies"]) for r in read_metrics(out) if "val_rewards/accuracies" in r]
 
 
 @pytest.mark.parametrize("extra", [["--reference=copy"], ["--method=lora", "--reference=adapter_off",
@@ -279,7 +292,8 @@ def test_a_dpo_run_resumes_after_kill_9_to_the_same_end(setup, tmp_path):
     p.wait()
     assert not os.path.isdir(os.path.join(out, "ckpt", "step_00000030"))
     run_dpo([a for a in args if not a.startswith("--init_from")] + [f"--out_dir={out}", "--init_from=resume"])
-    end = [[x["train_loss"] for x in read_metrics(d) if x["step"] == 30 and "train_loss" in x] for d in (out, reference)]
+    end = [[x["train_loss"] for x in read_metrics(d) if x["step"] == 30 and "train_loss" in x]
+           for d in (out, reference)]
     assert len(end[0]) == 1 and end[0] == end[1]
 
 

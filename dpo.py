@@ -419,11 +419,11 @@ def main():
     ref_model = copy.deepcopy(model).requires_grad_(False) if reference == "copy" else None
     if method != "full":
         extra = trainable or ("embed,lm_head" if added else "")
-        if extra and reference == "adapter_off":
-            raise SystemExit(f"reference=adapter_off: {extra} train in full, so switching the adapters off does not "
-                             f"give the starting model back; use reference=copy or cached")
         lora.add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets, use_rslora, trainable=extra,
                       quantize="nf4" if method == "qlora" else None)
+    if reference == "adapter_off" and model.modules_to_save:
+        raise SystemExit(f"reference=adapter_off: {', '.join(model.modules_to_save)} train in full, so switching the "
+                         f"adapters off does not give the starting model back; use reference=copy or cached")
     disable_dropout(model)
     steps_per_epoch = math.ceil(len(train) / (batch_size * cfg["grad_accum"]))
     cfg.update(max_iters=max_iters or math.ceil(epochs * steps_per_epoch),

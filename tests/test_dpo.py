@@ -301,6 +301,8 @@ def test_bad_settings_are_refused_before_any_work(setup, tmp_path):
     model_dir, data_dir = setup
     for args, message in [(["--loss_type=kto"], "loss_type='kto': expected one of sigmoid, ipo, hinge"),
                           (["--reference=adapter_off"], "reference=adapter_off needs method=lora or qlora"),
+                          (["--reference=adapter_off", "--method=lora", "--trainable=lm_head"],
+                           "reference=adapter_off: embed, lm_head train in full"),
                           (["--loss_type=ipo", "--label_smoothing=0.1"], "applies to loss_type=sigmoid only"),
                           (["--beta=0"], "beta=0.0: must be positive"),
                           (["--method=dora"], "method='dora': expected full, lora or qlora")]:

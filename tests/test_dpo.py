@@ -1,6 +1,6 @@
 """dpo.py: every loss and metric is its published formula, answers alone are scored in one forward, the three
-references agree with what they stand for and stay frozen, a tiny run learns a held-out preference, and a run
-resumes after kill -9 to the same end."""
+references agree with what they stand for and stay frozen, a tiny run learns a held-out preference, a run
+resumes after kill -9 to the same end, and pair making drops exactly the pairs above the similarity threshold."""
 import hashlib
 import json
 import math

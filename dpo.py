@@ -44,7 +44,6 @@ with LoRA).
 import copy
 import difflib
 import json
-import math
 import os
 import sys
 from contextlib import contextmanager
@@ -55,20 +54,15 @@ import torch.nn.functional as F
 
 import checkpoint
 import configurator
-import fine_tuning
 import lora
 import trainer
-from data import open_data_dir
+import tuning
 from metrics import log
-from model import resize_embeddings
 
-# -- the training loop's settings (every field of trainer.TrainConfig), then fine_tuning.py's model, LoRA and
-# schedule keys with its defaults (documented there); DPO's own defaults follow
+# -- the training loop's settings (every field of trainer.TrainConfig) and the fine-tuning ones shared with
+#    fine_tuning.py (tuning.TuningConfig: the model, method, LoRA, epochs, evaluation); DPO's own defaults follow
 globals().update(vars(trainer.TrainConfig()))
-SHARED_KEYS = ("init_from", "method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora",
-               "trainable", "merge_dtype", "epochs", "max_iters", "max_len", "eval_interval", "eval_iters",
-               "sample_prompts", "sample_tokens")
-globals().update({k: vars(fine_tuning)[k] for k in SHARED_KEYS})
+globals().update(vars(tuning.TuningConfig()))
 out_dir = "out/dpo"
 data_dir = "data/dpo"       # data_process.py --format=dpo
 beta = 0.1                  # the strength of the pull towards the reference (DPO's beta)
@@ -186,7 +180,7 @@ def pairs_in(batch):
 
 # ------------------------------------------------------------------------------------------------ batches
 
-class DPOBatches(fine_tuning.SFTBatches):
+class DPOBatches(tuning.SFTBatches):
     """Micro-batches of (input ids, labels[, reference log-probs (pairs, 2)]) for step and micro index, a pure
     function of both, in SFTBatches' seeded epoch order: each pair gives a prompt + chosen row and a prompt +
     rejected row, the chosen rows first, right-padded with pad_id (labels -100), cut after max_len input tokens.
@@ -255,30 +249,6 @@ def reference_cache(t, batches, path, reuse):
         os.replace(path + ".tmp.npy", path)
         log(f"reference log-probs of {len(batches.kept)} pairs: {path}")
     return out
-
-
-def held_out(loss_fn, val, prompts, tok):
-    """on_eval: the DPO metrics averaged over the held-out pairs (weighted by pairs, as in training; the trainer
-    records the loss itself), logged and recorded as val_<name> (val_rewards/accuracies ...), then greedy answers
-    to a few held-out prompts beside their chosen answer."""
-    answer = fine_tuning.answer_prompts(tok, prompts, sample_tokens) if prompts else None
-
-    def run(t):
-        sums, total = {}, 0
-        for i in range(t.c.eval_iters):
-            batch = tuple(x.to(t.device) for x in val.val_batch(i))
-            with t.autocast:
-                _, metrics = loss_fn(t.raw_model, batch, t.ref_model)
-            n = pairs_in(batch)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-            total += n
-        means = {f"val_{k}": v / total for k, v in sums.items()}
-        log(f"step {t.step}: held-out " + " | ".join(f"{k[4:]} {v:.4f}" for k, v in means.items()))
-        t._record({"step": t.step, **means})
-        if answer is not None:
-            answer(t)
-    return run
 
 
 # ------------------------------------------------------------------------------------------------ pair making
@@ -363,10 +333,8 @@ def write_pairs():
 # ------------------------------------------------------------------------------------------------ the script
 
 def check_settings(cfg):
-    """fine_tuning.py's checks of the keys shared with it (they read its module globals: given this run's values
-    first), then DPO's own."""
-    vars(fine_tuning).update({k: cfg[k] for k in SHARED_KEYS})
-    fine_tuning.check_settings()
+    """The fine-tuning keys' checks (tuning.py), then DPO's own."""
+    tuning.check_settings(cfg)
     if loss_type not in LOSS_TYPES:
         raise SystemExit(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     if reference not in REFERENCES:
@@ -395,21 +363,9 @@ def main():
         if source and not os.path.exists(source):
             raise SystemExit(f"reference=copy: the reference is the model the run started from, {source}, which is "
                              f"gone; resume with --reference=cached only if out_dir holds its ref_logps files")
-    model, model_tok = trainer.build_model(init_from, out_dir)
-    data = open_data_dir(data_dir, "dpo", tokenizer=model_tok)
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_pretrained(data.tokenizer_dir) if data.tokenizer_dir else model_tok
-    if tok is None:
-        raise SystemExit(f"neither {data_dir} nor the model holds a tokenizer")
-    added = data.meta.get("added_tokens") or {}
-    if data.meta["vocab_size"] > model.config.vocab_size:
-        new = resize_embeddings(model, data.meta["vocab_size"])
-        log(f"embeddings resized to {new} rows for the tokens the data's tokenizer added: {', '.join(added)}")
-    length = max_len or model.config.max_seq_len
-    if length > model.config.max_seq_len:
-        raise SystemExit(f"max_len={length} exceeds the model's context of {model.config.max_seq_len}")
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    model, tok, data, length = tuning.load_for_tuning(cfg, "dpo")
     train_records, val_records = data.dpo("train"), data.dpo("val")
+    pad = tuning.pad_id(tok)
     train = DPOBatches(train_records, length, batch_size, pad, cfg["seed"])
     val = DPOBatches(val_records, length, batch_size, pad, cfg["seed"]) if len(val_records) else None
     log(f"data: {len(train.kept)} train pairs ({train.cut} cut to {length} tokens, {train.dropped} left out: no "
@@ -418,24 +374,19 @@ def main():
         raise SystemExit(f"{data_dir}: no train pair keeps an answer token within max_len={length}")
     ref_model = copy.deepcopy(model).requires_grad_(False) if reference == "copy" else None
     if method != "full":
-        extra = trainable or ("embed,lm_head" if added else "")
-        lora.add_lora(model, lora_rank, lora_alpha, lora_dropout, lora_targets, use_rslora, trainable=extra,
-                      quantize="nf4" if method == "qlora" else None)
+        tuning.add_adapters(model, cfg, data)
     if reference == "adapter_off" and model.modules_to_save:
         raise SystemExit(f"reference=adapter_off: {', '.join(model.modules_to_save)} train in full, so switching the "
                          f"adapters off does not give the starting model back; use reference=copy or cached")
     disable_dropout(model)
-    steps_per_epoch = math.ceil(len(train) / (batch_size * cfg["grad_accum"]))
-    cfg.update(max_iters=max_iters or math.ceil(epochs * steps_per_epoch),
-               eval_interval=eval_interval or max(1, steps_per_epoch // 2),
-               eval_iters=eval_iters or (math.ceil(len(val) / batch_size) if val else 1))
+    tuning.resolve_schedule(cfg, train, val)
     loss_fn = dpo_loss_fn(beta, loss_type, label_smoothing, sft_weight, reference)
     prompts = [tuple(x.tolist() for x in val_records[i][:2]) for i in val.kept[:sample_prompts]] if val else []
     t = trainer.Trainer(cfg, model, lambda s, m: train.train_batch(s, m, cfg["grad_accum"]),
                         val.val_batch if val else None, loss_fn=loss_fn, ref_model=ref_model,
                         tokenizer_dir=data.tokenizer_dir, weight_fn=pairs_in,
-                        on_eval=held_out(loss_fn, val, prompts, tok) if val else None,
-                        export=fine_tuning.lora_export(tok, merge_dtype) if method != "full" else None)
+                        on_eval=tuning.answer_prompts(tok, prompts, sample_tokens) if prompts else None,
+                        export=tuning.lora_export(tok, merge_dtype) if method != "full" else None)
     if reference == "cached":
         for split, batches in (("train", train), ("val", val)):
             if batches is not None:

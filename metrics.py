@@ -68,7 +68,16 @@ def plot_losses(metrics_path, path):
             ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.legend(loc="upper left")
+    if any("rewards/accuracies" in r or "val_rewards/accuracies" in r for r in recs):  # DPO, on a second axis
+        right = ax.twinx()
+        for key, style in (("rewards/accuracies", ":"), ("val_rewards/accuracies", "--")):
+            pts = [(r["step"], r[key]) for r in recs if key in r]
+            if pts:
+                right.plot(*zip(*pts), style, marker="o" if key.startswith("val") else None, label=key, color="C2")
+        right.set_ylabel("reward accuracy")
+        right.set_ylim(0, 1)
+        right.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -404,22 +404,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self):
-        """Mean loss over val_batch(0 .. eval_iters-1), weighted by weight_fn, split across ranks. Every rank runs
-        the same number of forwards (FSDP and ZeRO-3 gather weights collectively); padding batches count zero."""
+        """(mean loss, {name: mean}) of the loss_fn's extra metrics over val_batch(0 .. eval_iters-1), weighted by
+        weight_fn, split across ranks. Every rank runs the same number of forwards (FSDP and ZeRO-3 gather weights
+        collectively); padding batches count zero."""
         self.model.eval()
-        total = torch.zeros(2, device=self.device)
+        sums, names = None, []
         n = self.c.eval_iters
         for j in range(math.ceil(n / self.world)):
             i = j * self.world + self.rank
             batch = self.val_batch(i % n)
-            loss, _ = self._compute_loss(self._to_device(batch))
-            if i < n:  # the mean over every supervised unit of the evaluation, as in training
-                weight = torch.as_tensor(float(self.weight_fn(batch)), device=self.device)
-                total += torch.stack([loss.float() * weight, weight]) if weight > 0 else 0
+            loss, metrics = self._compute_loss(self._to_device(batch))
+            names = list(metrics)
+            values = torch.stack([loss.detach().float(), *(torch.as_tensor(v, device=self.device).detach().float()
+                                                          for v in metrics.values()), torch.ones((), device=self.device)])
+            weight = float(self.weight_fn(batch)) if i < n else 0.0  # the mean over every unit, as in training
+            if weight > 0:
+                sums = values * weight if sums is None else sums + values * weight
+        if sums is None:  # this rank had no batch to count
+            sums = torch.zeros(len(names) + 2, device=self.device)
         if self.world > 1:
-            dist.all_reduce(total)
+            dist.all_reduce(sums)
         self.model.train()
-        return (total[0] / total[1]).item()
+        means = (sums[:-1] / sums[-1]).tolist()
+        return means[0], dict(zip(names, means[1:]))
 
     # -------------------------------------------------------------------------------------------- checkpoints
 
@@ -653,13 +660,14 @@ class Trainer:
             if (self.step % c.eval_interval == 0 or at_end) and self.step != last_eval_step:
                 last_eval_step = self.step
                 if self.val_batch is not None:
-                    val_loss = self.evaluate()
+                    val_loss, val_metrics = self.evaluate()
                     if val_loss < self.best_val_loss and self.step > 0:  # step 0 saves no checkpoint to name
                         self.best_val_loss, self.best_step = val_loss, self.step
                     best = f" (best {self.best_val_loss:.4f} at step {self.best_step})" if self.best_step > 0 else ""
-                    log(f"step {self.step}: val loss {val_loss:.4f}{best}")
+                    extra = "".join(f" | {k} {v:.4f}" for k, v in val_metrics.items())
+                    log(f"step {self.step}: val loss {val_loss:.4f}{extra}{best}")
                     self._record({"step": self.step, "val_loss": val_loss, "lr": lr_at(self.step, c),
-                                  **self._clocks()})
+                                  **{f"val_{k}": v for k, v in val_metrics.items()}, **self._clocks()})
                 if self.on_eval is not None and self.master and self.mode in ("single", "ddp"):
                     self.raw_model.eval()
                     with torch.no_grad():  # generation runs in the weights' own dtype (its KV cache is in it)

@@ -17,7 +17,7 @@ import data_process
 import inference
 import trainer
 from conftest import char_tokenizer_folder, tiny_transformer
-from fine_tuning import SFTBatches
+from tuning import SFTBatches
 from test_pretrain import ENV, ROOT, read_metrics
 
 ADD = [(a, b) for a in range(2, 9) for b in range(1, 8)]

@@ -62,9 +62,14 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x):
-        # A and B may be fp32 beside a quantized or bf16 base: compute in theirs, add in x's dtype
+        out = self.base(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast runs the matmuls in its dtype: an fp32 copy of x first would only cost time and memory
+            # (measured: 12% of a SmolLM2 LoRA step on CPU, and 11% of its peak memory)
+            return out + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        # A and B may be fp32 beside a quantized or bf16 base: compute in theirs, add in the output's dtype
         update = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()
-        return self.base(x) + (update * self.scaling).to(x.dtype)
+        return out + (update * self.scaling).to(out.dtype)
 
     def merged(self):
         """An nn.Linear holding W + B @ A * scaling (W dequantised first for an NF4 base), in W's float dtype."""

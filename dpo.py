@@ -312,7 +312,7 @@ def write_pairs():
     if not 0 <= max_similarity <= 1 or rejected_tokens < 1:
         raise SystemExit(f"max_similarity={max_similarity} must be in [0, 1] and rejected_tokens={rejected_tokens} "
                          f"at least 1")
-    model, tok = trainer.build_model(init_from, out_dir)
+    model, tok = checkpoint.build_model(init_from, out_dir)
     if tok is None:
         raise SystemExit(f"make_pairs: {init_from} brings no tokenizer to render the prompts with")
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import torch
 
+import checkpoint
 import configurator
 import trainer
 from data import open_data_dir, read_meta
@@ -95,7 +96,7 @@ def main():
     trainer.train_config(cfg)  # every setting checked before any work
     meta_vocab = read_meta(data_dir)["vocab_size"]
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (FSDP shards them as they are)
-    model, model_tok = trainer.build_model(init_from, out_dir, scratch_config(vocab_size or meta_vocab))
+    model, model_tok = checkpoint.build_model(init_from, out_dir, scratch_config(vocab_size or meta_vocab))
     if model.config.max_seq_len < block_size:
         raise SystemExit(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
     data = open_data_dir(data_dir, "pretrain", tokenizer=model_tok, vocab_size=model.config.vocab_size)

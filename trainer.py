@@ -49,7 +49,6 @@ import torch.distributed as dist
 import checkpoint
 from distributed import barrier, deepspeed_engine, setup_distributed, teardown_distributed
 from metrics import default_peak_flops, log, plot_losses, read_metrics, start_wandb
-from model import ModelConfig, Transformer
 
 
 @dataclass
@@ -73,7 +72,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     parallel: str = "ddp"            # ddp (single process unless torchrun starts several) | fsdp | deepspeed
     deepspeed_config: str = "config/ds_zero2.json"
-    init_from: str = "scratch"       # scratch | resume | a model folder or .gguf (build_model)
+    init_from: str = "scratch"       # scratch | resume | a model folder or .gguf (checkpoint.build_model)
     seed: int = 1337
     eval_interval: int = 250         # evaluate and checkpoint every this many steps
     eval_iters: int = 20
@@ -132,23 +131,6 @@ def supervised_tokens(batch):
 
 # ----------------------------------------------------------------------------------------------- small helpers
 
-def _from_trainer_checkpoint(path):
-    """(model, tokenizer) of a checkpoint folder a training run wrote (ckpt/step_N): its weights, and the tokenizer
-    of the data it trained on."""
-    state = checkpoint.read_trainer_state(path)
-    if state.get("frozen"):
-        raise SystemExit(f"{path}: a checkpoint of adapters, not of a whole model; start from its run's hf/ folder")
-    model = Transformer(ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    data_dir = state["config"].get("data_dir", "")
-    has_tokenizer = any(os.path.isfile(os.path.join(data_dir, f)) for f in ("tokenizer.json", "tokenizer.model"))
-    if not has_tokenizer:
-        log(f"warning: {path}: its run's data_dir {data_dir!r} holds no tokenizer: the data is NOT checked")
-    from tokenizer import Tokenizer
-    log(f"init_from: the weights of {path} (step {state['step']})")
-    return model, Tokenizer.from_pretrained(data_dir) if has_tokenizer else None
-
-
 def resolve_dtype(name, device):
     if name == "auto":
         ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
@@ -185,50 +167,7 @@ def make_optimizer(model, c, device):
         return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2))
 
 
-def build_model(init_from, out_dir, scratch_config=None):
-    """(model, tokenizer) a run starts from; the tokenizer is None where the model brings none (a fresh model takes
-    the data's). scratch: Transformer(scratch_config); a model folder or .gguf: its weights in fp32 (master
-    weights, whatever is stored); resume: what the newest checkpoint's run started from (its frozen weights, as
-    LoRA needs) or, for a run that trained every weight, the checkpoint's architecture. Trainer.fit then loads the
-    checkpoint's weights."""
-    if init_from == "scratch":
-        if scratch_config is None:
-            raise SystemExit("init_from=scratch: this script fine-tunes a model; name its folder or .gguf")
-        return Transformer(scratch_config), None
-    if init_from == "resume":
-        path = checkpoint.latest_checkpoint(out_dir)
-        if path is None:
-            raise SystemExit(f"init_from=resume: no checkpoint in {out_dir}/ckpt")
-        state = checkpoint.read_trainer_state(path)
-        source = state.get("model_source", "scratch")
-        if source != "scratch" and (state.get("frozen") or os.path.exists(source)):
-            log(f"init_from=resume: the model is rebuilt from {source}, then {path} is loaded onto it")
-            return build_model(source, out_dir)
-        saved = ModelConfig(**state["model_config"])
-        if scratch_config is not None:
-            ignored = [f"{f.name}={getattr(scratch_config, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
-                       for f in fields(ModelConfig) if getattr(scratch_config, f.name) != getattr(saved, f.name)
-                       and f.name not in ("vocab_size", "bos_id", "eos_id")]
-            if ignored:
-                log(f"init_from=resume: the model's shape comes from {path}; ignored: {', '.join(ignored)}")
-        return Transformer(saved), None
-    if not os.path.exists(init_from):
-        raise SystemExit(f"init_from={init_from}: no such model folder or .gguf (or use scratch / resume)")
-    if os.path.isdir(os.path.join(init_from, "ckpt")):  # a training run's out_dir: its newest checkpoint
-        init_from = checkpoint.latest_checkpoint(init_from) or init_from
-    if os.path.isfile(os.path.join(init_from, "state.pt")):
-        return _from_trainer_checkpoint(init_from)
-    import convert
-    from tokenizer import Tokenizer
-    try:
-        model = convert.from_pretrained(init_from, dtype=torch.float32)
-    except (ValueError, FileNotFoundError) as e:  # the loader's message names the file
-        raise SystemExit(f"init_from={init_from}: {e}") from None
-    has_tokenizer = init_from.endswith(".gguf") or any(
-        os.path.isfile(os.path.join(init_from, f)) for f in ("tokenizer.json", "tokenizer.model"))
-    if not has_tokenizer:
-        log(f"warning: {init_from} holds no tokenizer: the data's tokenizer is NOT checked against the model's")
-    return model, Tokenizer.from_pretrained(init_from) if has_tokenizer else None
+
 
 
 # ------------------------------------------------------------------------------------------------ the trainer

@@ -12,7 +12,7 @@ import torch
 import convert
 import inference
 import lora
-import trainer
+import checkpoint
 from data import open_data_dir
 from metrics import log
 from model import resize_embeddings
@@ -172,7 +172,7 @@ def check_settings(cfg):
 def load_for_tuning(cfg, fmt):
     """(model, tokenizer, data directory, max_len) of a fine-tuning run (SFT, DPO): the model of init_from, the data
     of format fmt checked against its tokenizer, the embeddings grown for tokens the data's tokenizer added."""
-    model, model_tok = trainer.build_model(cfg["init_from"], cfg["out_dir"])
+    model, model_tok = checkpoint.build_model(cfg["init_from"], cfg["out_dir"])
     data = open_data_dir(cfg["data_dir"], fmt, tokenizer=model_tok)
     from tokenizer import Tokenizer
     tok = Tokenizer.from_pretrained(data.tokenizer_dir) if data.tokenizer_dir else model_tok

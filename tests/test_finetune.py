@@ -8,10 +8,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import data_process
 import inference
@@ -254,8 +254,8 @@ def test_a_training_runs_out_dir_or_checkpoint_is_a_starting_point(tmp_path):
     t.fit()
     want = {k: v.clone() for k, v in t.raw_model.state_dict().items()}
     for source in (tmp_path / "run", tmp_path / "run" / "ckpt" / "step_00000006"):
-        model, tok = trainer.build_model(str(source), str(tmp_path / "new"))
+        model, tok = checkpoint.build_model(str(source), str(tmp_path / "new"))
         assert tok is None  # that run's data had no tokenizer
         assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
     with pytest.raises(SystemExit, match="init_from=.*README.md: .*expected a checkpoint folder"):
-        trainer.build_model(os.path.join(ROOT, "README.md"), str(tmp_path / "new"))
+        checkpoint.build_model(os.path.join(ROOT, "README.md"), str(tmp_path / "new"))

@@ -4,8 +4,9 @@ weights with the same LoRA config, batch and precision: tokens/s and peak memory
     python bench_finetune.py --threads=1                       # batch 4 x 256, r=32 on every linear, bf16 autocast
     python bench_finetune.py --batch_size=8 --seq_len=128 --steps=20
 
-Each side runs in a fresh process (peak RSS is per process), on the same random token batch, fp32 master weights
-under bf16 autocast, AdamW on the adapters only; the first warmup steps are not timed. transformers loads our
+Each side runs in a fresh process (peak RSS is per process), both at once with `threads` threads each (give them a
+core each: on a shared machine they then see the same load at the same time), on the same random token batch, fp32
+master weights under bf16 autocast, AdamW on the adapters only; the first warmup steps are not timed. transformers loads our
 convert.save_pretrained export of the GGUF's weights, so both hold the same numbers.
 """
 import json
@@ -95,14 +96,19 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         import convert
         convert.save_pretrained(convert.from_pretrained(ckpt or smollm2_path()), tmp)
-        rows = []
+        # both sides at once, one per core: on a shared machine they see the same load at the same time
+        procs = {}
         for which in ("ours", "hf"):
             cmd = [sys.executable, os.path.abspath(__file__), f"--side={which}", f"--export_dir={tmp}",
                    *[a for a in sys.argv[1:] if not a.startswith(("--side", "--export_dir"))]]
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-            if done.returncode:
-                raise SystemExit(f"{which} failed:\n{done.stderr[-3000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            procs[which] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        rows = []
+        for which, p in procs.items():
+            out, err = p.communicate()
+            if p.returncode:
+                raise SystemExit(f"{which} failed:\n{err[-3000:]}")
+            rows.append(json.loads(out.strip().splitlines()[-1]))
     ours, hf = rows
     print(f"LoRA r={lora_rank} on {','.join(TARGETS)}, batch {batch_size} x {seq_len}, {dtype} autocast, "
           f"{threads} thread(s), {steps} timed steps after {warmup}")

@@ -92,3 +92,32 @@ def ckpt_folder(tmp_path):
     tok = char_tokenizer_folder(path)
     convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=128), path)
     return path
+
+
+def tiny_model_with_data(root, records, fmt, max_seq_len=128):
+    """(model_dir, data_dir): a tiny model folder with a character tokenizer (ChatML markers included) and a
+    data_process.py directory of format `fmt` ("sft" or "dpo", ChatML) made from `records` for it."""
+    import data_process
+    model_dir = str(root / "model")
+    tok = char_tokenizer_folder(model_dir)
+    convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=max_seq_len), model_dir)
+    src = root / "records.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data_dir = str(root / "data")
+    data_process.run(data_process.config(format=fmt, template="chatml", input=str(src), tokenizer=model_dir,
+                                         out_dir=data_dir, num_workers=1))
+    return model_dir, data_dir
+
+
+def kill_at_checkpoint(cmd, out_dir, step, env=None, cwd=None):
+    """Start a training script, wait for its checkpoint of `step`, then kill -9 it (the resume tests' crash)."""
+    import signal
+    import subprocess
+    import time
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.isdir(os.path.join(out_dir, "ckpt", f"step_{step:08d}")):
+        assert p.poll() is None and time.time() < deadline, f"the run ended before its step-{step} checkpoint"
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()

@@ -5,10 +5,8 @@ import hashlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,11 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import data
-import data_process
 import dpo
 import lora
 import trainer
-from conftest import char_tokenizer_folder, tiny_transformer
+from conftest import kill_at_checkpoint, tiny_model_with_data
 from test_pretrain import ENV, ROOT, read_metrics
 
 REFUSALS = ["no idea.", "ask someone else.", "i cannot say."]
@@ -38,17 +35,7 @@ def records():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny model folder with a character tokenizer and DPO data made for it by data_process.py."""
-    root = tmp_path_factory.mktemp("dpo")
-    model_dir = str(root / "model")
-    tok = char_tokenizer_folder(model_dir)
-    import convert
-    convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=64), model_dir)
-    src = root / "pairs.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in records()))
-    data_dir = str(root / "data")
-    data_process.run(data_process.config(format="dpo", template="chatml", input=str(src), tokenizer=model_dir,
-                                         out_dir=data_dir, num_workers=1))
-    return model_dir, data_dir
+    return tiny_model_with_data(tmp_path_factory.mktemp("dpo"), records(), "dpo", max_seq_len=64)
 
 
 def load(model_dir):
@@ -282,14 +269,8 @@ def test_a_dpo_run_resumes_after_kill_9_to_the_same_end(setup, tmp_path):
     reference = str(tmp_path / "ref")
     run_dpo(args + [f"--out_dir={reference}"])
     out = str(tmp_path / "out")
-    cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), *args, f"--out_dir={out}"]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not os.path.isdir(os.path.join(out, "ckpt", "step_00000010")):
-        assert p.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
-        time.sleep(0.005)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_checkpoint([sys.executable, os.path.join(ROOT, "dpo.py"), *args, f"--out_dir={out}"], out, 10,
+                       env=ENV, cwd=ROOT)
     assert not os.path.isdir(os.path.join(out, "ckpt", "step_00000030"))
     run_dpo([a for a in args if not a.startswith("--init_from")] + [f"--out_dir={out}", "--init_from=resume"])
     end = [[x["train_loss"] for x in read_metrics(d) if x["step"] == 30 and "train_loss" in x]

@@ -3,10 +3,8 @@ score like separate records, full / LoRA / QLoRA runs export what eval.py loads,
 embeddings, and a run resumes after kill -9 to the same end."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import data
 import data_process
 import inference
 import trainer
-from conftest import char_tokenizer_folder, tiny_transformer
+from conftest import kill_at_checkpoint, char_tokenizer_folder, tiny_model_with_data, tiny_transformer
 from tuning import SFTBatches
 from test_pretrain import ENV, ROOT, read_metrics
 
@@ -39,17 +37,7 @@ def records():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny model folder with a character tokenizer (ChatML markers included) and SFT data made for it."""
-    root = tmp_path_factory.mktemp("sft")
-    model_dir = str(root / "model")
-    tok = char_tokenizer_folder(model_dir)
-    import convert
-    convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=128), model_dir)
-    src = root / "records.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in records()))
-    data_dir = str(root / "data")
-    data_process.run(data_process.config(format="sft", template="chatml", input=str(src), tokenizer=model_dir,
-                                         out_dir=data_dir, num_workers=1))
-    return model_dir, data_dir
+    return tiny_model_with_data(tmp_path_factory.mktemp("sft"), records(), "sft")
 
 
 def fine_tune(args, timeout=300):
@@ -208,14 +196,8 @@ def test_full_sft_resumes_after_kill_9_to_the_same_end(setup, tmp_path):
     reference = str(tmp_path / "ref")
     fine_tune(args + [f"--out_dir={reference}"])
     out = str(tmp_path / "out")
-    cmd = [sys.executable, os.path.join(ROOT, "fine_tuning.py"), *args, f"--out_dir={out}"]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not os.path.isdir(os.path.join(out, "ckpt", "step_00000010")):
-        assert p.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
-        time.sleep(0.005)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_at_checkpoint([sys.executable, os.path.join(ROOT, "fine_tuning.py"), *args, f"--out_dir={out}"], out, 10,
+                       env=ENV, cwd=ROOT)
     assert not os.path.isdir(os.path.join(out, "ckpt", "step_00000040"))
     resume = [a for a in args if not a.startswith("--init_from")] + [f"--out_dir={out}", "--init_from=resume"]
     fine_tune(resume)

@@ -101,10 +101,8 @@ def read_meta(data_dir):
 
 def _tokenizer_of(folder):
     """The tokenizer saved in a folder, or None when it holds none."""
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.model", "tokenizer.json")):
-        return None
-    from tokenizer import Tokenizer
-    return Tokenizer.from_pretrained(folder)
+    from tokenizer import Tokenizer, tokenizer_in
+    return Tokenizer.from_pretrained(folder) if tokenizer_in(folder) else None
 
 
 class DataDir:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import convert
 import lora
 import quant
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, tokenizer_in
 
 
 def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
@@ -44,8 +44,7 @@ def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
     try:
         if os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, lora.ADAPTER_CONFIG)):
             model, base = lora.load(ckpt, base=lora_base, device=device, dtype=dtype, merge=True)
-            has_tokenizer = any(os.path.isfile(os.path.join(ckpt, f)) for f in ("tokenizer.json", "tokenizer.model"))
-            tok = Tokenizer.from_pretrained(ckpt if has_tokenizer else base)
+            tok = Tokenizer.from_pretrained(ckpt if tokenizer_in(ckpt) else base)
         else:
             if quant.read_quantization_config(ckpt) is not None:
                 model = quant.load_quantized(ckpt, device)

@@ -300,6 +300,14 @@ class Tokenizer:
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
+def tokenizer_in(path):
+    """Whether `path` holds a tokenizer Tokenizer.from_pretrained reads: a folder with tokenizer.model or
+    tokenizer.json, or a .gguf file (its embedded tokenizer)."""
+    if str(path).endswith(".gguf"):
+        return os.path.isfile(path)
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.model", "tokenizer.json"))
+
+
 def _read_tokenizer_config(folder):
     """tokenizer_config.json (+ special_tokens_map.json, chat_template.jinja as transformers writes them), or {}."""
     config = {}

@@ -382,10 +382,13 @@ class Trainer:
         return state
 
     def weights_are_finite(self):
-        """Whether every weight of every rank is finite (each rank checks its own shards)."""
+        """Whether every trained weight of every rank is finite (each rank checks its own shards; frozen weights
+        never change, and a LoRA run's frozen base is most of the model)."""
         bad = torch.zeros((), device=self.device)
         with torch.no_grad():
             for p in self.raw_model.parameters():
+                if not p.requires_grad:
+                    continue
                 local = p.to_local() if hasattr(p, "to_local") else p  # FSDP: this rank's shard
                 bad += (~torch.isfinite(local)).any().float()
         if self.world > 1:

@@ -109,15 +109,40 @@ def tiny_model_with_data(root, records, fmt, max_seq_len=128):
     return model_dir, data_dir
 
 
-def kill_at_checkpoint(cmd, out_dir, step, env=None, cwd=None):
-    """Start a training script, wait for its checkpoint of `step`, then kill -9 it (the resume tests' crash)."""
+def run_script(script, args, timeout=300):
+    """A training script run the way users run it (one thread, fp32, a log line every 5 steps); it must succeed.
+    Returns the CompletedProcess."""
+    import subprocess
+    cmd = [sys.executable, os.path.join(ROOT, script), "--dtype=float32", "--log_interval=5", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def kill_then_resume(script, args, tmp_path, steps):
+    """Run `script` for `steps` steps in one go; run it again, kill -9 it at its step-10 checkpoint and resume it
+    with init_from=resume; both must end with the same train loss at the last step. Returns (resumed, reference)."""
     import signal
     import subprocess
     import time
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reference, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    args = args + [f"--max_iters={steps}", "--eval_interval=10"]
+    run_script(script, args + [f"--out_dir={reference}"])
+    cmd = [sys.executable, os.path.join(ROOT, script), "--dtype=float32", "--log_interval=5", *args, f"--out_dir={out}"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not os.path.isdir(os.path.join(out_dir, "ckpt", f"step_{step:08d}")):
-        assert p.poll() is None and time.time() < deadline, f"the run ended before its step-{step} checkpoint"
+    while not os.path.isdir(os.path.join(out, "ckpt", "step_00000010")):
+        assert p.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
         time.sleep(0.005)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    assert not os.path.isdir(os.path.join(out, "ckpt", f"step_{steps:08d}")), "killed too late to test anything"
+    run_script(script, [a for a in args if not a.startswith("--init_from")] + [f"--out_dir={out}", "--init_from=resume"])
+
+    def final_loss(folder):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            return [r["train_loss"] for r in map(json.loads, f) if r["step"] == steps and "train_loss" in r]
+    assert len(final_loss(out)) == 1 and final_loss(out) == final_loss(reference)
+    return out, reference

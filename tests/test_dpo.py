@@ -17,7 +17,7 @@ import data
 import dpo
 import lora
 import trainer
-from conftest import kill_at_checkpoint, tiny_model_with_data
+from conftest import kill_then_resume, run_script, tiny_model_with_data
 from test_pretrain import ENV, ROOT, read_metrics
 
 REFUSALS = ["no idea.", "ask someone else.", "i cannot say."]
@@ -43,11 +43,8 @@ def load(model_dir):
     return convert.from_pretrained(model_dir, dtype=torch.float32)
 
 
-def run_dpo(args, timeout=300):
-    cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), "--dtype=float32", "--log_interval=5", *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+def run_dpo(args):
+    return run_script("dpo.py", args)
 
 
 def digest(model):
@@ -263,19 +260,8 @@ def test_cached_run_writes_reference_logps_equal_to_the_start_model(setup, tmp_p
 
 def test_a_dpo_run_resumes_after_kill_9_to_the_same_end(setup, tmp_path):
     model_dir, data_dir = setup
-    args = [f"--init_from={model_dir}", f"--data_dir={data_dir}", "--max_iters=30", "--eval_interval=10",
-            "--sample_prompts=0", "--dtype=float32", "--log_interval=5", "--learning_rate=3e-3", "--min_lr=3e-4",
-            "--reference=cached"]
-    reference = str(tmp_path / "ref")
-    run_dpo(args + [f"--out_dir={reference}"])
-    out = str(tmp_path / "out")
-    kill_at_checkpoint([sys.executable, os.path.join(ROOT, "dpo.py"), *args, f"--out_dir={out}"], out, 10,
-                       env=ENV, cwd=ROOT)
-    assert not os.path.isdir(os.path.join(out, "ckpt", "step_00000030"))
-    run_dpo([a for a in args if not a.startswith("--init_from")] + [f"--out_dir={out}", "--init_from=resume"])
-    end = [[x["train_loss"] for x in read_metrics(d) if x["step"] == 30 and "train_loss" in x]
-           for d in (out, reference)]
-    assert len(end[0]) == 1 and end[0] == end[1]
+    kill_then_resume("dpo.py", [f"--init_from={model_dir}", f"--data_dir={data_dir}", "--sample_prompts=0",
+                                "--learning_rate=3e-3", "--min_lr=3e-4", "--reference=cached"], tmp_path, steps=30)
 
 
 def test_bad_settings_are_refused_before_any_work(setup, tmp_path):

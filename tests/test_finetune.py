@@ -14,7 +14,7 @@ import data
 import data_process
 import inference
 import trainer
-from conftest import kill_at_checkpoint, char_tokenizer_folder, tiny_model_with_data, tiny_transformer
+from conftest import kill_then_resume, run_script, char_tokenizer_folder, tiny_model_with_data, tiny_transformer
 from tuning import SFTBatches
 from test_pretrain import ENV, ROOT, read_metrics
 
@@ -40,11 +40,8 @@ def setup(tmp_path_factory):
     return tiny_model_with_data(tmp_path_factory.mktemp("sft"), records(), "sft")
 
 
-def fine_tune(args, timeout=300):
-    cmd = [sys.executable, os.path.join(ROOT, "fine_tuning.py"), "--dtype=float32", "--log_interval=5", *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+def fine_tune(args):
+    return run_script("fine_tuning.py", args)
 
 
 def val_losses(out):
@@ -191,18 +188,8 @@ def test_tokens_the_data_added_grow_the_embeddings_and_train(tmp_path):
 
 def test_full_sft_resumes_after_kill_9_to_the_same_end(setup, tmp_path):
     model_dir, data_dir = setup
-    args = [f"--init_from={model_dir}", f"--data_dir={data_dir}", "--max_iters=40", "--eval_interval=10",
-            "--sample_prompts=0", "--dtype=float32", "--log_interval=5", "--learning_rate=3e-3"]
-    reference = str(tmp_path / "ref")
-    fine_tune(args + [f"--out_dir={reference}"])
-    out = str(tmp_path / "out")
-    kill_at_checkpoint([sys.executable, os.path.join(ROOT, "fine_tuning.py"), *args, f"--out_dir={out}"], out, 10,
-                       env=ENV, cwd=ROOT)
-    assert not os.path.isdir(os.path.join(out, "ckpt", "step_00000040"))
-    resume = [a for a in args if not a.startswith("--init_from")] + [f"--out_dir={out}", "--init_from=resume"]
-    fine_tune(resume)
-    end = [[x["train_loss"] for x in read_metrics(d) if x["step"] == 40 and "train_loss" in x] for d in (out, reference)]
-    assert len(end[0]) == 1 and end[0] == end[1]
+    out, reference = kill_then_resume("fine_tuning.py", [f"--init_from={model_dir}", f"--data_dir={data_dir}",
+                                                         "--sample_prompts=0", "--learning_rate=3e-3"], tmp_path, steps=40)
     a = torch.load(os.path.join(out, "ckpt", "step_00000040", "state.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(reference, "ckpt", "step_00000040", "state.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)

@@ -169,12 +169,13 @@ def open_data_dir(data_dir, fmt="pretrain", tokenizer=None, vocab_size=None, spl
     mismatch; warns when the data records no tokenizer."""
     meta = read_meta(data_dir)
     path = os.path.join(data_dir, "meta.json")
-    if vocab_size is not None and meta["vocab_size"] > vocab_size:
-        raise SystemExit(f"{path}: vocab_size={meta['vocab_size']} but the model has only {vocab_size} embeddings; "
-                         f"set vocab_size to at least the data's (0 takes it from meta.json)")
     if meta["format"] != fmt:
         raise SystemExit(f"{path}: this is {meta['format']} data, not {fmt} data; make {fmt} data with "
                          f"python data_process.py --format={fmt}")
+    if vocab_size is not None and meta["vocab_size"] > vocab_size:
+        raise SystemExit(f"{path}: vocab_size={meta['vocab_size']} but the model has only {vocab_size} embeddings: "
+                         f"the data was made with a bigger vocabulary (pretrain.py from scratch: set vocab_size to at "
+                         f"least the data's, or 0 to take it from meta.json)")
     data_tok = _tokenizer_of(data_dir)
     recorded = meta.get("tokenizer_sha256")
     if data_tok is not None and recorded is None:

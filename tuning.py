@@ -13,7 +13,7 @@ import convert
 import inference
 import lora
 import checkpoint
-from data import open_data_dir
+from data import open_data_dir, read_meta
 from metrics import log
 from model import resize_embeddings
 
@@ -173,7 +173,9 @@ def load_for_tuning(cfg, fmt):
     """(model, tokenizer, data directory, max_len) of a fine-tuning run (SFT, DPO): the model of init_from, the data
     of format fmt checked against its tokenizer, the embeddings grown for tokens the data's tokenizer added."""
     model, model_tok = checkpoint.build_model(cfg["init_from"], cfg["out_dir"])
-    data = open_data_dir(cfg["data_dir"], fmt, tokenizer=model_tok)
+    # more ids than embeddings is only right when the data's tokenizer is the model's plus added tokens
+    grows = bool(read_meta(cfg["data_dir"]).get("added_tokens"))
+    data = open_data_dir(cfg["data_dir"], fmt, tokenizer=model_tok, vocab_size=None if grows else model.config.vocab_size)
     from tokenizer import Tokenizer
     tok = Tokenizer.from_pretrained(data.tokenizer_dir) if data.tokenizer_dir else model_tok
     if tok is None:

@@ -219,13 +219,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=bias)
         self.dropout = config.dropout
         self.kv_cache = None  # a KVCache while generating (Transformer.setup_cache)
+        self.rotate = apply_rope  # kernels.use_kernels may put a fused kernel here
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         dtype = q.dtype
@@ -294,6 +295,9 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False  # the trainer switches this on to trade compute for memory
+        # (hidden, lm_head, targets) -> per-token loss without all (tokens x vocab) logits at once: kernels.py's
+        # chunked or fused linear + cross-entropy, which the trainer sets; None computes the logits whole
+        self.linear_cross_entropy = None
         self.register_buffer("cache_pad", None, persistent=False)  # (B,) left-pad lengths while generating
         self._compiled_decode = None
         self.apply(self._init_weights)
@@ -317,14 +321,24 @@ class Transformer(nn.Module):
         input_pos: (T,) cache slots of idx when decoding with the KV cache (setup_cache), else None.
         doc_ids: (B, T) ids of packed samples (see hidden_states), else None.
         Returns (logits (B, T, vocab), mean cross-entropy over the unmasked targets in fp32, or None). A batch without
-        any target gives a loss of 0 with zero gradients, not NaN (the mean of nothing)."""
-        logits = self.lm_head(self.hidden_states(idx, input_pos, doc_ids))
-        loss = None
-        if targets is not None:
-            total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                                    reduction="sum")
-            loss = total / (targets != -100).sum().clamp(min=1)
-        return logits, loss
+        any target gives a loss of 0 with zero gradients, not NaN (the mean of nothing). With a linear_cross_entropy
+        set and targets given, the logits are None: they were never held whole."""
+        h = self.hidden_states(idx, input_pos, doc_ids)
+        if targets is None:
+            return self.lm_head(h), None
+        logits, nll = self._logits_and_nll(h, targets)
+        return logits, nll.sum() / (targets != -100).sum().clamp(min=1)
+
+    def token_nll(self, idx, targets, doc_ids=None):
+        """(B, T) fp32 negative log-likelihood of each target, 0 where it is -100 (DPO sums these per answer)."""
+        return self._logits_and_nll(self.hidden_states(idx, doc_ids=doc_ids), targets)[1]
+
+    def _logits_and_nll(self, h, targets):
+        if self.linear_cross_entropy is not None:
+            return None, self.linear_cross_entropy(h, self.lm_head, targets)
+        logits = self.lm_head(h)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        return logits, nll.view(targets.shape)
 
     def hidden_states(self, idx, input_pos=None, doc_ids=None):
         """The final-normed hidden states (B, T, dim). doc_ids (B, T): several samples packed into one row; each run

@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 import checkpoint
 from distributed import barrier, deepspeed_engine, setup_distributed, teardown_distributed
+from kernels import use_kernels
 from metrics import default_peak_flops, log, plot_losses, read_metrics, start_wandb
 
 
@@ -70,6 +71,9 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda
     compile: bool = False            # torch.compile (minutes of warm-up on CPU; worth it on GPU)
     activation_checkpointing: bool = False
+    kernels: str = "torch"           # torch | triton: fused RMSNorm/LayerNorm, RoPE, SwiGLU (kernels.py; CUDA)
+    chunked_loss: bool = False       # linear + cross-entropy a chunk of rows at a time, only rows with a loss:
+                                     # no (tokens x vocab) logits (kernels.py); worth it for large vocabularies
     parallel: str = "ddp"            # ddp (single process unless torchrun starts several) | fsdp | deepspeed
     deepspeed_config: str = "config/ds_zero2.json"
     init_from: str = "scratch"       # scratch | resume | a model folder or .gguf (checkpoint.build_model)
@@ -86,7 +90,7 @@ class TrainConfig:
 
 
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda"),
-           "lr_schedule": ("cosine", "constant"),
+           "lr_schedule": ("cosine", "constant"), "kernels": ("torch", "triton"),
            "parallel": ("ddp", "fsdp", "deepspeed"), "wandb_mode": ("off", "online", "offline")}
 AT_LEAST_ONE = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
                 "max_nan_skips")
@@ -202,6 +206,12 @@ class Trainer:
         self.model_source = c.init_from  # what build_model started from; a resume keeps the first run's
         self.model_cls = type(model)  # before FSDP swaps the class; the HF export builds a fresh one from it
         model.gradient_checkpointing = c.activation_checkpointing
+        if c.kernels == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("kernels=triton runs on CUDA; on CPU use kernels=torch (TRITON_INTERPRET=1 runs the "
+                             "Triton kernels through triton's interpreter: for tests, far too slow to train)")
+        for m in (model, ref_model):
+            if m is not None:
+                use_kernels(m, c.kernels, c.chunked_loss)
         model.to(self.device).train()  # from_pretrained hands models over in eval mode
         self.ref_model = ref_model.to(self.device).eval().requires_grad_(False) if ref_model is not None else None
         self.scaler = None
@@ -252,6 +262,8 @@ class Trainer:
         # the optimizer returned is DeepSpeed's (ZeRO) wrapper; set_hyperparameters writes into its param groups
         self.engine, self.optimizer, self.zero_stage = deepspeed_engine(
             model, make_optimizer(model, self.c, self.device), self.c, self.accum, self.dtype, self.device)
+        if self.zero_stage == 3 and self.c.chunked_loss:  # it reads lm_head.weight, which ZeRO-3 partitions away
+            raise SystemExit("chunked_loss=True does not work with ZeRO stage 3: use stage 1/2 or chunked_loss=False")
         self.model = self.engine
 
     # -------------------------------------------------------------------------------------------- one step

@@ -4,7 +4,8 @@ A checkpoint is a folder out_dir/ckpt/step_NNNNNNNN. The trainer writes everythi
 publish() fsyncs it and renames it into place, so a kill at any moment leaves either the old set of checkpoints or
 the new one, never half of one. What goes inside (model, optimizer, sharded DCP or DeepSpeed files, state.pt) is
 the trainer's business (trainer.Trainer.save_checkpoint). build_model() is where a run starts: a fresh model, a
-model folder or .gguf, another run's out_dir or checkpoint, or this run's own to resume.
+model folder or .gguf, another run's out_dir or checkpoint, or this run's own to resume; extend_context() then
+stretches its rotary positions to a longer context.
 """
 import glob
 import json
@@ -137,6 +138,48 @@ def build_model(init_from, out_dir, scratch_config=None):
     if not has_tokenizer:
         log(f"warning: {init_from} holds no tokenizer: the data's tokenizer is NOT checked against the model's")
     return model, Tokenizer.from_pretrained(init_from) if has_tokenizer else None
+
+
+EXTENSIONS = ("linear", "dynamic", "yarn")
+
+
+def original_context(config):
+    """The context a model was trained at before any RoPE scaling (what a scaling's factor is relative to)."""
+    s = config.rope_scaling or {}
+    kind = s.get("rope_type")
+    if kind in ("yarn", "llama3"):
+        return s.get("original_max_position_embeddings", config.max_seq_len)
+    if kind == "linear":
+        return round(config.max_seq_len / s["factor"])
+    return config.max_seq_len  # none; dynamic NTK grows from max_seq_len (transformers' max_position_embeddings)
+
+
+def extend_context(model, rope_scaling, extend_to):
+    """Scale model's rotary embeddings so it reads extend_to tokens, as transformers' rope_scaling does, in place;
+    the config carries it into every checkpoint, hf/ export, quantized folder and GGUF. rope_scaling: linear
+    (position interpolation: every position divided by the factor), dynamic (NTK: the base grows with the sequence
+    once it passes max_seq_len, which stays the trained length, as transformers' max_position_embeddings) or yarn
+    (interpolated low frequencies, kept high ones, attention temperature 0.1 ln(factor) + 1). The factor is extend_to
+    over the context the model was first trained at, so extending an extended model again, or a resumed run, restates
+    the same scaling instead of stacking a second one. Neither set: the model is left as it is. Returns the config's
+    rope_scaling."""
+    if not rope_scaling and not extend_to:
+        return model.config.rope_scaling
+    if rope_scaling not in EXTENSIONS or extend_to <= 0:
+        raise SystemExit(f"rope_scaling={rope_scaling!r}: expected one of {', '.join(EXTENSIONS)} (with extend_to)")
+    c = model.config
+    old = original_context(c)
+    if extend_to <= old:
+        raise SystemExit(f"extend_to={extend_to}: must exceed the context the model was trained at ({old})")
+    factor = extend_to / old
+    scaling = {"rope_type": rope_scaling, "factor": factor}
+    if rope_scaling == "yarn":
+        scaling["original_max_position_embeddings"] = old
+    if c.rope_scaling != scaling:
+        log(f"context: {old} -> {extend_to} tokens by {rope_scaling} RoPE scaling (factor {factor:g})")
+    c.rope_scaling = scaling
+    c.max_seq_len = old if rope_scaling == "dynamic" else extend_to
+    return scaling
 
 
 def _from_trainer_checkpoint(path):

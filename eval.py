@@ -5,6 +5,8 @@
     python eval.py --ckpt=out/run/pretrain/hf --task=arc --data=../shared/data/eval_en/arc_easy --out=arc.json
     python eval.py --ckpt=model.gguf --task=ceval --data=../shared/data/eval_zh/ceval --subject=logic --shots=5
     python eval.py --ckpt=out/run/pretrain/hf --task=generate --data=prompts.txt --max_new_tokens=64
+    python eval.py --ckpt=out/long/base/hf --task=ppl --data=out/run/data --lengths=256,512,1024 --rope_scaling=yarn --extend_to=1024
+    python eval.py --ckpt=out/long/yarn/hf --task=passkey --lengths=256,512,1024 --depths=0,0.5,1
 
 --ckpt takes anything inference.load_model reads: our checkpoint folders (transformers folders: config.json +
 model.safetensors + tokenizer; pretrain.py writes one to <out_dir>/hf), transformers Llama/Phi folders, .gguf files,
@@ -18,6 +20,11 @@ Tasks
              after each document. Windows of block_size tokens advance by stride; each window scores only the
              tokens the previous one did not (the "perplexity of fixed-length models" method of the transformers
              docs), so every token is scored once, with up to block_size - stride tokens of context carried over.
+             --lengths=256,512,1024: one row per window length (perplexity against context length).
+  passkey    retrieval of a random number (1..50000) hidden in filler text (the prompt of LongLoRA's
+             passkey_retrivial.py, after Landmark Attention), --trials prompts per --lengths (prompt tokens) and
+             --depths (where the key's line sits: 0 = first, 1 = last); a hit is a greedy continuation that starts
+             with the key. Needs no --data.
   hellaswag  HellaSwag jsonl(.gz) with lm-evaluation-harness's preprocessing (see load_hellaswag).
   arc        ARC jsonl {question: {stem, choices: [{text, label}]}, answerKey}; context "Question: ...\\nAnswer:".
   mmlu       csv folders <data>/<split>/<subject>_<split>.csv (MMLU headerless; C-Eval/CMMLU with a header, CMMLU's
@@ -29,6 +36,9 @@ Tasks
              target_delimiter (use "" for Chinese, where words are not separated by spaces).
   generate   one completion per prompt: a .txt file (one prompt per line) or jsonl {"prompt"}; --chat=True wraps
              each prompt in the checkpoint's chat template. A completion stops at the model's context.
+
+--rope_scaling=linear|dynamic|yarn with --extend_to=N stretches the checkpoint's context before evaluating (no
+fine-tuning; checkpoint.extend_context); a checkpoint extended and fine-tuned already carries its scaling.
 
 Multiple-choice scoring (lm-evaluation-harness's loglikelihood requests): for each choice the text context + sep +
 choice is tokenized as a whole, and the tokens from the context's own token count on are the choice's tokens (so a
@@ -48,6 +58,7 @@ import csv
 import glob
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -56,6 +67,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import configurator
 import data as datalayer
 import inference
@@ -65,7 +77,7 @@ from inference import gather_logprobs, pad_right, perplexity
 # ---------------------------------------------------------------------------------------------------- config
 ckpt = ""             # checkpoint: folder, .gguf, quantized folder or LoRA adapter folder (PEFT format)
 lora_base = ""        # a LoRA adapter's base checkpoint ("" = the adapter config's base_model_name_or_path)
-task = "hellaswag"    # ppl | hellaswag | arc | mmlu | ceval | cmmlu | mc | generate
+task = "hellaswag"    # ppl | passkey | hellaswag | arc | mmlu | ceval | cmmlu | mc | generate
 data = ""             # the task's data: file or folder (see the docstring)
 split = ""            # "" = the task's usual split (ppl val, hellaswag val, arc test, mmlu/cmmlu test, ceval val)
 subject = ""          # mmlu/ceval/cmmlu: comma-separated subjects ("" = all)
@@ -77,6 +89,12 @@ bos = False           # prepend BOS to every scored sequence (lm-evaluation-harn
                       # tokenizer does; turn it on for models trained with a BOS before each document)
 block_size = 0        # ppl: window length in tokens (0 = the model's max_seq_len)
 stride = 0            # ppl: tokens a window advances (0 = block_size: disjoint windows)
+lengths = ()          # ppl: window lengths, one row each (instead of block_size); passkey: prompt lengths in tokens
+                      # (required). Comma-separated: --lengths=256,512,1024 (just one: --lengths=1024,)
+depths = (0, 0.25, 0.5, 0.75, 1)  # passkey: where the key sits, as fractions of the filler
+trials = 10           # passkey: prompts (keys) per length and depth
+rope_scaling = ""     # linear | dynamic | yarn: stretch the checkpoint's context to extend_to before evaluating
+extend_to = 0
 max_new_tokens = 256  # generate (fewer where the prompt leaves less of the model's context)
 temperature = 0.7     # generate: 0 = greedy
 top_k = 50            # generate: 0 = off
@@ -453,6 +471,65 @@ def run_mc(model, tok, items, task, method="loglik", batch=16, add_bos=False):
             for g, ks in groups.items()}
 
 
+# ---------------------------------------------------------------------------------------------------- passkey
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_prompt(tok, key, length, depth, bos=False):
+    """Token ids of the longest passkey prompt within `length` tokens: the intro, filler sentences with the key's
+    line after a fraction `depth` of them, the question."""
+    info = f"The pass key is {key}. Remember it. {key} is the pass key."
+
+    def encode(n):
+        k = round(depth * n)
+        text = " ".join([PASSKEY_INTRO, *[PASSKEY_FILLER] * k, info, *[PASSKEY_FILLER] * (n - k), PASSKEY_QUESTION])
+        return ([tok.bos_id] if bos else []) + tok.encode(text)
+
+    n = max(0, (length - len(encode(0))) // len(tok.encode(" " + PASSKEY_FILLER)))
+    ids = encode(n)
+    while len(ids) > length and n > 0:  # merges across sentences can make the estimate a little long
+        n -= 1
+        ids = encode(n)
+    if len(ids) > length:
+        raise SystemExit(f"--lengths: a passkey prompt takes {len(ids)} tokens even without filler; {length} is too "
+                         f"short")
+    return ids
+
+
+def passkey(model, tok, lengths, depths, trials, batch_size, seed, bos=False):
+    """{length: {"acc@depth": fraction of hits, ..., "acc_mean": ...}} over `trials` random keys per cell."""
+    rng = random.Random(seed)
+    results = {}
+    for length in lengths:
+        row = {}
+        for depth in depths:
+            keys = [rng.randint(1, 50000) for _ in range(trials)]
+            hits = 0
+            for b in range(0, trials, batch_size):
+                batch = keys[b:b + batch_size]
+                prompts = [passkey_prompt(tok, key, length, depth, bos) for key in batch]
+                n_new = max(len(tok.encode(f" {key}.")) for key in batch)
+                out = model.generate(prompts, max_new_tokens=n_new, temperature=0)
+                for key, new in zip(batch, out[:, -n_new:].tolist()):
+                    hits += re.match(rf"\s*{key}(?!\d)", tok.decode(new)) is not None
+            row[f"acc@{depth:g}"] = hits / trials
+            print(f"passkey: {length} tokens, depth {depth:g}: {hits}/{trials}", flush=True)
+        row["acc_mean"] = sum(row.values()) / len(row)
+        results[str(length)] = row
+    return results
+
+
+def check_lengths(values):
+    if not values or any(not isinstance(v, int) or v < 2 for v in values):
+        raise SystemExit(f"--lengths={','.join(map(str, values))}: expected comma-separated lengths of at least 2 "
+                         f"tokens (just one: --lengths=1024,)")
+    return list(values)
+
+
 def print_table(rows, columns):
     """rows: {name: {column: value}}; accuracies print as percentages."""
     def fmt(column, v):
@@ -471,15 +548,23 @@ def check_settings():
     """Stop at start-up, naming the key, on settings that cannot work (before a model is loaded)."""
     if task == "chat":
         raise SystemExit("eval.py has no chat task: chat with a checkpoint with python chat.py --ckpt=...")
-    if task not in ("ppl", "generate", *MC_TASKS):
-        raise SystemExit(f"unknown --task={task!r}: ppl, {', '.join(MC_TASKS)} or generate")
+    if task not in ("ppl", "passkey", "generate", *MC_TASKS):
+        raise SystemExit(f"unknown --task={task!r}: ppl, passkey, {', '.join(MC_TASKS)} or generate")
     if method not in ("loglik", "first_token"):
         raise SystemExit(f"unknown --method={method!r}: loglik or first_token")
     if method == "first_token" and task not in LETTER_TASKS:
         raise SystemExit(f"--method=first_token applies to {', '.join(LETTER_TASKS)}, not {task}")
     if not ckpt:
         raise SystemExit("--ckpt=PATH is required")
-    if not data:
+    if task == "passkey":
+        check_lengths(lengths)
+        if not depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+                             for d in depths):
+            raise SystemExit(f"--depths={','.join(map(str, depths))}: expected comma-separated fractions in [0, 1] "
+                             f"(just one: --depths=0.5,)")
+        if trials < 1:
+            raise SystemExit(f"--trials={trials}: must be at least 1")
+    elif not data:
         raise SystemExit(f"--task={task} needs --data=PATH (see python eval.py's docstring for each task's data)")
     for key in ("batch_size",):
         if globals()[key] < 1:
@@ -504,21 +589,24 @@ def main():
     elif task == "generate":
         prompts = load_prompts(data)[:limit or None]
     model, tok = inference.load_model(ckpt, dev, dtype, lora_base)
+    checkpoint.extend_context(model, rope_scaling, extend_to)
     if bos and tok.bos_id is None:
         raise SystemExit(f"--bos=True: the tokenizer of {ckpt} has no BOS token")
     t0 = time.time()
     if task == "ppl":
         tokens = datalayer.token_stream(data, tok, split or "val")
         tokens = tokens[:limit] if limit else tokens
-        window = block_size or model.config.max_seq_len
-        if stride > window:
-            raise SystemExit(f"--stride={stride} is larger than the window of {window} tokens: tokens would go "
-                             f"unscored")
+        windows = check_lengths(lengths) if lengths else [block_size or model.config.max_seq_len]
+        if stride > min(windows):
+            raise SystemExit(f"--stride={stride} is larger than the window of {min(windows)} tokens: tokens would "
+                             f"go unscored")
         if len(tokens) < 2:
             raise SystemExit(f"{data}: {len(tokens)} token(s); perplexity needs at least 2")
-        result = {"ppl": perplexity(model, tokens, window, stride or window, batch_size)}
-        print_table(result, ["tokens", "loss", "ppl"])
-        summary = result
+        summary = {str(w) if lengths else "ppl": perplexity(model, tokens, w, stride or w, batch_size) for w in windows}
+        print_table(summary, ["tokens", "loss", "ppl"])
+    elif task == "passkey":
+        summary = passkey(model, tok, lengths, depths, trials, batch_size, seed, bos)
+        print_table(summary, [f"acc@{d:g}" for d in depths] + ["acc_mean"])
     elif task == "generate":
         summary = []
         for k, p in enumerate(prompts, 1):

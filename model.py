@@ -8,6 +8,8 @@ modeling_llama / modeling_phi (tests/test_model.py holds us to them); checkpoint
 
 Training: forward(idx, targets) takes next-token targets (-100 = no loss); doc_ids packs several samples into one
 row (positions restart per sample, no attention across samples). resize_embeddings() makes room for added tokens.
+Transformer.s2_groups > 1 trains with LongLoRA's shifted sparse attention (shifted_sparse_attention); evaluation
+and generation (eval mode) always attend in full.
 
 Inference: setup_cache() preallocates a static KV cache; generate() runs one prefill, then one-token decode steps
 (decode_step compiles with torch.compile(fullgraph=True)). Left-padded batches carry their pad lengths in the cache.
@@ -220,6 +222,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.kv_cache = None  # a KVCache while generating (Transformer.setup_cache)
         self.rotate = apply_rope  # kernels.use_kernels may put a fused kernel here
+        self.s2_groups = 0  # > 1: S²-Attn in training mode (set through Transformer.s2_groups)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
         B, T, _ = x.shape
@@ -237,10 +240,53 @@ class Attention(nn.Module):
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             if fp32:
                 q, k, v = q.float(), k.float(), v.float()
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            if self.s2_groups > 1 and self.training and input_pos is None:
+                if mask is not None:
+                    raise ValueError("S²-Attn (s2_groups > 1) does not combine with packed rows (doc_ids): its groups "
+                                     "would cut across samples")
+                y = shifted_sparse_attention(q, k, v, self.s2_groups, self.dropout)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                   dropout_p=self.dropout if self.training else 0.0,
+                                                   enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
+
+
+def shifted_sparse_attention(q, k, v, groups, dropout_p=0.0):
+    """LongLoRA's S²-Attn (arXiv:2309.12307), for training long sequences: causal attention within `groups` equal
+    groups of the sequence; the second half of the heads (heads n_heads // 2 on, as LongLoRA) uses groups shifted by
+    half a group, so information flows between neighbouring groups. q: (B, H, T, d); k, v: (B, H_kv, T, d).
+    A length that 2 * groups does not divide is padded at the end: padding comes after every real token, so causal
+    attention never lets a real token see it, and it is cut off again. With one group this is causal attention.
+    LongLoRA rolls the shifted heads by half a group, which puts the first half-group after the last one in the same
+    group, where it sees the future; here the two end half-groups attend only within themselves instead."""
+    B, H, T, _ = q.shape
+    if groups <= 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                              enable_gqa=k.shape[1] != H)
+    if k.shape[1] != H:  # grouped-query attention: each kv head serves H / H_kv consecutive query heads
+        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    pad = -T % (2 * groups)
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    n = T + pad
+    size, half = n // groups, n // groups // 2
+
+    def causal_in_groups(q, k, v, size):  # (b, h, L, d) -> attention within consecutive groups of `size` tokens
+        b, h, L, d = q.shape
+
+        def grouped(x):
+            return x.reshape(b, h, L // size, size, d).transpose(1, 2).reshape(-1, h, size, d)
+        y = F.scaled_dot_product_attention(grouped(q), grouped(k), grouped(v), is_causal=True, dropout_p=dropout_p)
+        return y.reshape(b, L // size, h, size, d).transpose(1, 2).reshape(b, h, L, d)
+
+    h = H // 2
+    parts = [causal_in_groups(q[:, :h], k[:, :h], v[:, :h], size)] if h else []
+    qs, ks, vs = q[:, h:], k[:, h:], v[:, h:]
+    middle = causal_in_groups(qs[:, :, half:n - half], ks[:, :, half:n - half], vs[:, :, half:n - half], size)
+    ends = causal_in_groups(*(torch.cat((x[:, :, :half], x[:, :, n - half:]), 2) for x in (qs, ks, vs)), half)
+    parts.append(torch.cat((ends[:, :, :half], middle, ends[:, :, half:]), 2))
+    return torch.cat(parts, 1)[:, :, :T]
 
 
 class SwiGLU(nn.Module):
@@ -313,6 +359,16 @@ class Transformer(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def s2_groups(self):
+        """> 1: training-mode attention is S²-Attn with this many groups per sequence (LongLoRA: 4); 0: full."""
+        return self.layers[0].attn.s2_groups
+
+    @s2_groups.setter
+    def s2_groups(self, groups):
+        for layer in self.layers:
+            layer.attn.s2_groups = groups
 
     # ------------------------------------------------------------------ forward
 

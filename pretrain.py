@@ -6,9 +6,13 @@
     torchrun --nproc_per_node=4 pretrain.py config/llama_124m.py --parallel=fsdp      # FSDP2
     torchrun --nproc_per_node=4 pretrain.py config/llama_124m.py --parallel=deepspeed --deepspeed_config=config/ds_zero2.json
     python pretrain.py config/tiny.py --init_from=resume       # continue the latest checkpoint in out_dir
+    python pretrain.py config/long_yarn.py --init_from=out/long/base/hf     # 256 -> 1024 tokens: YaRN + 200 steps
+    python pretrain.py config/long_s2_lora.py --init_from=out/long/base/hf  # ... S²-Attn + LoRA (LongLoRA)
 
 The loop itself lives in trainer.py (shared with SFT and DPO); this file only says what pretraining is: random
-windows of block_size+1 tokens from the stream, next-token loss on all of them.
+windows of block_size+1 tokens from the stream, next-token loss on all of them. Started from a trained model, it is
+continued pretraining: rope_scaling + extend_to stretch the model's context first (a short run at the new
+block_size is YaRN's fine-tune), s2_attn_groups trains with LongLoRA's S²-Attn, method=lora with LoRA.
 """
 import sys
 
@@ -18,6 +22,7 @@ import torch
 import checkpoint
 import configurator
 import trainer
+import tuning
 from data import open_data_dir, read_meta
 from metrics import log
 from model import ModelConfig
@@ -30,6 +35,10 @@ max_iters = 2000
 # -- data and the starting point
 data_dir = "data/pretrain"
 init_from = "scratch"         # scratch | resume | a model folder or .gguf to start from (its tokenizer must be the data's)
+# -- a started-from model's context extension and S²-Attn (rope_scaling, extend_to, s2_attn_groups), and LoRA
+#    (method=lora|qlora, lora_rank, lora_alpha, lora_dropout, lora_targets, use_rslora, trainable, merge_dtype):
+#    the keys of fine_tuning.py, described in tuning.TuningConfig
+globals().update({k: getattr(tuning.TuningConfig(), k) for k in tuning.ADAPTER_KEYS + tuning.LONG_CONTEXT_KEYS})
 # -- model (ignored when resuming or starting from a model folder: the checkpoint's own config is used)
 family = "llama"              # llama (RMSNorm, SwiGLU, sequential blocks) | phi (Phi-2: LayerNorm, GELU MLP,
                               # parallel attention + MLP, partial rotary, biases)
@@ -94,17 +103,28 @@ def main():
     # the deepspeed launcher adds --local_rank=N; the rank comes from the environment anyway
     cfg = configurator.apply(globals(), [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
     trainer.train_config(cfg)  # every setting checked before any work
+    tuning.check_adapter_settings(cfg)
+    if method != "full" and init_from == "scratch":
+        raise SystemExit(f"method={method}: LoRA adapts a trained model; name it with --init_from")
     meta_vocab = read_meta(data_dir)["vocab_size"]
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (FSDP shards them as they are)
     model, model_tok = checkpoint.build_model(init_from, out_dir, scratch_config(vocab_size or meta_vocab))
+    tuning.long_context(model, cfg)
     if model.config.max_seq_len < block_size:
-        raise SystemExit(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}")
+        raise SystemExit(f"block_size={block_size} exceeds the model's max_seq_len={model.config.max_seq_len}"
+                         + ("" if rope_scaling else "; extend it with --rope_scaling=yarn --extend_to=N"))
     data = open_data_dir(data_dir, "pretrain", tokenizer=model_tok, vocab_size=model.config.vocab_size)
     if "tokenizer_sha256" in data.meta:
         log(f"data: {data_dir} matches the model's tokenizer (sha256 {data.meta['tokenizer_sha256'][:12]}...)")
+    tokenizer_dir = data.tokenizer_dir or (init_from if model_tok is not None else None)
+    export = None
+    if method != "full":
+        tuning.add_adapters(model, cfg, data)
+        from tokenizer import Tokenizer
+        export = tuning.lora_export(model_tok or Tokenizer.from_pretrained(tokenizer_dir), merge_dtype)
     batches = PretrainData(data, block_size, cfg["batch_size"], cfg["seed"])
-    trainer.Trainer(cfg, model, batches.train_batch, batches.val_batch,
-                    tokenizer_dir=data.tokenizer_dir or (init_from if model_tok is not None else None)).fit()
+    trainer.Trainer(cfg, model, batches.train_batch, batches.val_batch, tokenizer_dir=tokenizer_dir,
+                    export=export).fit()
 
 
 if __name__ == "__main__":

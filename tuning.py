@@ -1,6 +1,7 @@
 """What the fine-tuning scripts share (fine_tuning.py for SFT, dpo.py for DPO): their settings beyond the training
-loop's, loading the model with its data (embeddings grown for added tokens), LoRA/QLoRA adapters, batches that are
-a pure function of (step, micro), held-out answers at each evaluation, and the LoRA export.
+loop's, loading the model with its data (embeddings grown for added tokens), LoRA/QLoRA adapters, a longer context
+(RoPE scaling, S²-Attn), batches that are a pure function of (step, micro), held-out answers at each evaluation, and
+the LoRA export. pretrain.py takes the adapter and long-context settings from here too (continued pretraining).
 """
 import math
 import os
@@ -37,6 +38,16 @@ class TuningConfig:
     eval_iters: int = 0          # 0: the whole val split
     sample_prompts: int = 3      # held-out prompts answered at each evaluation (0: none)
     sample_tokens: int = 48      # ... with at most this many new tokens
+    rope_scaling: str = ""       # extend the model's context: linear | dynamic | yarn, to extend_to tokens
+    extend_to: int = 0           # (checkpoint.extend_context; the scaling is saved in the model's config)
+    s2_attn_groups: int = 0      # > 1: train with LongLoRA's shifted sparse attention, this many groups per
+                                 # sequence (LongLoRA: 4); evaluation and the saved model attend in full
+
+
+# the settings pretrain.py shares with the fine-tuning scripts (continued pretraining at a longer context, LoRA)
+ADAPTER_KEYS = ("method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora", "trainable",
+                "merge_dtype")
+LONG_CONTEXT_KEYS = ("rope_scaling", "extend_to", "s2_attn_groups")
 
 
 class SFTBatches:
@@ -150,21 +161,32 @@ def lora_export(tok, dtype):
     return run
 
 
-def check_settings(cfg):
-    """The fine-tuning keys of a resolved config (this script's, or dpo.py's which shares them), before any work."""
+def check_adapter_settings(cfg):
+    """The ADAPTER_KEYS and LONG_CONTEXT_KEYS of a resolved config, before any work."""
     if cfg["method"] not in ("full", "lora", "qlora"):
         raise SystemExit(f"method={cfg['method']!r}: expected full, lora or qlora")
     if cfg["merge_dtype"] not in ("bfloat16", "float32"):
         raise SystemExit(f"merge_dtype={cfg['merge_dtype']!r}: expected bfloat16 or float32")
+    rank, alpha, dropout = cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"]
+    if cfg["method"] != "full" and (rank < 1 or alpha <= 0 or not 0 <= dropout < 1):
+        raise SystemExit(f"lora_rank={rank}, lora_alpha={alpha}, lora_dropout={dropout}: need rank >= 1, alpha > 0, "
+                         f"dropout in [0, 1)")
+    if cfg["s2_attn_groups"] < 0:
+        raise SystemExit(f"s2_attn_groups={cfg['s2_attn_groups']}: must not be negative (0: full attention)")
+    if cfg["s2_attn_groups"] > 1 and cfg.get("packing"):
+        raise SystemExit("s2_attn_groups with packing=True: S²-Attn's groups would cut across the packed records")
+    if bool(cfg["rope_scaling"]) != bool(cfg["extend_to"]):
+        raise SystemExit(f"rope_scaling={cfg['rope_scaling']!r}, extend_to={cfg['extend_to']}: set both (or neither)")
+
+
+def check_settings(cfg):
+    """The fine-tuning keys of a resolved config (this script's, or dpo.py's which shares them), before any work."""
+    check_adapter_settings(cfg)
     for key in ("max_len", "max_iters", "eval_interval", "eval_iters", "sample_prompts"):
         if cfg[key] < 0:
             raise SystemExit(f"{key}={cfg[key]}: must not be negative")
     if cfg["epochs"] <= 0 and cfg["max_iters"] == 0:
         raise SystemExit(f"epochs={cfg['epochs']}: must be positive (or set max_iters)")
-    rank, alpha, dropout = cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"]
-    if cfg["method"] != "full" and (rank < 1 or alpha <= 0 or not 0 <= dropout < 1):
-        raise SystemExit(f"lora_rank={rank}, lora_alpha={alpha}, lora_dropout={dropout}: need rank >= 1, alpha > 0, "
-                         f"dropout in [0, 1)")
     if not cfg["init_from"]:
         raise SystemExit("--init_from=MODEL is required: a folder (e.g. out/run/pretrain/hf) or a .gguf, or resume")
 
@@ -173,6 +195,7 @@ def load_for_tuning(cfg, fmt):
     """(model, tokenizer, data directory, max_len) of a fine-tuning run (SFT, DPO): the model of init_from, the data
     of format fmt checked against its tokenizer, the embeddings grown for tokens the data's tokenizer added."""
     model, model_tok = checkpoint.build_model(cfg["init_from"], cfg["out_dir"])
+    long_context(model, cfg)
     # more ids than embeddings is only right when the data's tokenizer is the model's plus added tokens
     grows = bool(read_meta(cfg["data_dir"]).get("added_tokens"))
     data = open_data_dir(cfg["data_dir"], fmt, tokenizer=model_tok, vocab_size=None if grows else model.config.vocab_size)
@@ -188,6 +211,12 @@ def load_for_tuning(cfg, fmt):
     if length > model.config.max_seq_len:
         raise SystemExit(f"max_len={length} exceeds the model's context of {model.config.max_seq_len}")
     return model, tok, data, length
+
+
+def long_context(model, cfg):
+    """cfg's context extension (written into the model's config) and S²-Attn for training, on a run's model."""
+    checkpoint.extend_context(model, cfg["rope_scaling"], cfg["extend_to"])
+    model.s2_groups = cfg["s2_attn_groups"]
 
 
 def pad_id(tok):

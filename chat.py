@@ -2,11 +2,14 @@
 
     python chat.py --ckpt=out/run/pretrain/hf                 # what bash run.sh trains
     python chat.py --ckpt=model.gguf --system="You are a pirate." --temperature=0.3
+    python chat.py --ckpt=out/run/sft/hf --rag=out/run/rag       # answers from the passages of a rag.py index
 
 Commands: /reset clears the history, /system TEXT sets the system prompt (and clears the history), /exit or
 /quit (or Ctrl-D) leaves, /help lists them. Ctrl-C while a reply streams cuts the reply short and keeps the part
 shown. A reply gets at most half of the model's context (max_new_tokens is lowered to that, with a note); when the
-conversation no longer fits the rest, the oldest turns are dropped.
+conversation no longer fits the rest, the oldest turns are dropped. With --rag=INDEX each message goes to the model
+with the rag_top_k passages the index finds for it (as many as fit; rag.py), and their sources are printed after the
+reply; the history keeps the messages without their passages.
 """
 import sys
 
@@ -14,6 +17,7 @@ import torch
 
 import configurator
 import inference
+from rag import Index, rag_messages, where
 
 # ---------------------------------------------------------------------------------------------------- config
 ckpt = ""             # any checkpoint inference.load_model reads (folder, .gguf, quantized folder, LoRA adapter)
@@ -27,14 +31,17 @@ repetition_penalty = 1.0
 seed = 1337
 device = ""           # "" = cuda when available, else cpu
 dtype = "bfloat16"
+rag = ""              # a rag.py index folder: answer each message from its passages ("" = plain chat)
+rag_top_k = 3         # passages per message
 # -----------------------------------------------------------------------------------------------------------
 
 HELP = "/reset: clear the history  /system TEXT: set the system prompt  /exit: leave  /help: this list"
 
 
 def repl(model, tok, system="", max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.0,
-         read=input, write=None):
-    """The interactive loop; read/write are swappable for tests."""
+         read=input, write=None, index=None, rag_top_k=3):
+    """The interactive loop; read/write are swappable for tests. index: a rag.Index whose rag_top_k passages go with
+    each message."""
     write = write or (lambda s: print(s, end="", flush=True))
     context = model.config.max_seq_len
     if max_new_tokens > context // 2:
@@ -69,8 +76,18 @@ def repl(model, tok, system="", max_new_tokens=256, temperature=0.7, top_k=50, t
         if text.startswith("/"):
             write(f"unknown command {text.split()[0]}; {HELP}\n")
             continue
-        history = inference.fit_history(tok, history + [{"role": "user", "content": line}], system, budget)
-        prompt = inference.render_chat(tok, history, system)
+        used = []
+        if index is not None:
+            try:
+                chunks = [c for c, _ in index.search(line, rag_top_k)]
+                messages, used = rag_messages(tok, line, chunks, budget, system, history)
+                history = messages[:-1] + [{"role": "user", "content": line}]  # kept without the passages
+            except ValueError:  # the message alone is too long: reported below
+                messages = history = [{"role": "user", "content": line}]
+        else:
+            messages = history = inference.fit_history(tok, history + [{"role": "user", "content": line}], system,
+                                                       budget)
+        prompt = inference.render_chat(tok, messages, system)
         if len(tok.encode(prompt)) > budget:
             write(f"(message too long: the prompt must leave {max_new_tokens} of the model's "
                   f"{model.config.max_seq_len} tokens for the reply)\n")
@@ -78,7 +95,7 @@ def repl(model, tok, system="", max_new_tokens=256, temperature=0.7, top_k=50, t
             continue
         reply = inference.stream_reply(model, tok, prompt, max_new_tokens, temperature, top_k, top_p,
                                        repetition_penalty, on_text=write)
-        write("\n")
+        write("\n" + "".join(f"[{n}] {where(c)}\n" for n, c in enumerate(used, 1)))
         history.append({"role": "assistant", "content": reply})
 
 
@@ -90,7 +107,9 @@ def main():
     torch.manual_seed(seed)
     model, tok = inference.load_model(ckpt, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype,
                                       lora_base)
-    repl(model, tok, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    index = Index.open(rag, tok) if rag else None
+    repl(model, tok, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, index=index,
+         rag_top_k=rag_top_k)
 
 
 if __name__ == "__main__":

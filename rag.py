@@ -219,7 +219,9 @@ def _write(folder, chunks, meta):
     retriever = bm25s.BM25()
     retriever.index([terms(c["text"]) for c in chunks], show_progress=False)
     retriever.save(os.path.join(tmp, "bm25"), show_progress=False)
-    meta = {**meta, "chunks": len(chunks), "chunks_sha256": hashlib.sha256(body).hexdigest()}
+    bm25_dir = os.path.join(tmp, "bm25")
+    bm25_files = {name: _sha256(os.path.join(bm25_dir, name)) for name in sorted(os.listdir(bm25_dir))}
+    meta = {**meta, "chunks": len(chunks), "chunks_sha256": hashlib.sha256(body).hexdigest(), "bm25": bm25_files}
     with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=1)
     if os.path.exists(folder):
@@ -261,15 +263,13 @@ class Index:
         if changed:
             raise SystemExit(f"{folder} was built with {', '.join(changed)}: index into another folder, or delete "
                              f"this one to rebuild it")
+        for name, digest in meta["bm25"].items():  # bm25s's loader has no checks of its own
+            path = os.path.join(folder, "bm25", name)
+            if not os.path.isfile(path) or _sha256(path) != digest:
+                raise SystemExit(f"{path}: missing or changed since the index was built; build the index again "
+                                 f"with python rag.py index")
         chunks = [json.loads(line) for line in body.decode().splitlines()]
-        try:
-            retriever = bm25s.BM25.load(os.path.join(folder, "bm25"), show_progress=False)
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"{folder}/bm25: damaged BM25 index ({e}); build it again with python rag.py index")
-        if retriever.scores.get("num_docs") != len(chunks):
-            raise SystemExit(f"{folder}/bm25 holds {retriever.scores.get('num_docs')} chunks, chunks.jsonl "
-                             f"{len(chunks)}: build the index again with python rag.py index")
-        return cls(folder, meta, chunks, retriever)
+        return cls(folder, meta, chunks, bm25s.BM25.load(os.path.join(folder, "bm25"), show_progress=False))
 
     def search(self, question, k):
         """The best k chunks by BM25 that share a word with the question, as [(chunk, score)], best first."""
@@ -312,12 +312,11 @@ def user_message(question, passages):
     return f"Answer the question using the context.\n\nContext:\n{context}\n\nQuestion: {question}"
 
 
-def fit_context(tok, question, passages, budget, system="", history=()):
-    """The passages, in order, that fit with the question (after `history`) into `budget` prompt tokens: whole ones
-    while they fit, then the next one shortened to the room left. A question that does not fit alone is a
-    ValueError."""
+def fit_context(tok, question, passages, budget, system=""):
+    """The passages, in order, that fit with the question into `budget` prompt tokens: whole ones while they fit,
+    then the next one shortened to the room left. A question that does not fit alone is a ValueError."""
     def size(texts):
-        messages = list(history) + [{"role": "user", "content": user_message(question, texts)}]
+        messages = [{"role": "user", "content": user_message(question, texts)}]
         return len(tok.encode(inference.render_chat(tok, messages, system)))
 
     if size([]) > budget:
@@ -343,8 +342,8 @@ def retrieve(index, model, tok, question, k, rerank_n):
 
 
 def rag_messages(tok, question, chunks, budget, system="", history=()):
-    """(messages, chunks used): the conversation so far (oldest turns dropped as needed) and the question with as
-    many chunks as fit, within `budget` prompt tokens."""
+    """(messages, chunks used): the question with as many chunks as fit within `budget` prompt tokens, after as
+    much of the conversation so far as still fits (the question comes first, then its passages, then history)."""
     texts = fit_context(tok, question, [c["text"] for c in chunks], budget, system)
     turn = {"role": "user", "content": user_message(question, texts)}
     return inference.fit_history(tok, list(history) + [turn], system, budget), chunks[:len(texts)]
@@ -435,8 +434,8 @@ def evaluate(index, qs, model=None, tok=None, k=3, rerank_n=10, system=""):
             print(f"eval {i + 1}/{n} questions, {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     result = {key: value / n for key, value in sums.items()}
     if model is not None:
-        gap = result["nll/none"] - result["nll/gold"]
-        result["gap_closed"] = (result["nll/none"] - result["nll/retrieved"]) / gap if gap else None
+        gap = result["nll/none"] - result["nll/gold"]  # only meaningful when the gold passages help at all
+        result["gap_closed"] = (result["nll/none"] - result["nll/retrieved"]) / gap if gap > 0 else None
     return {"questions": n, **result}
 
 

@@ -19,6 +19,9 @@ What lands in out_dir: checkpoints, metrics.jsonl and loss.png as in pretraining
 the adapter merged in merge_dtype) and, with LoRA/QLoRA, adapter/ (PEFT format, loads with peft.PeftModel and
 eval.py --ckpt). At each evaluation a few held-out prompts are answered greedily, so the answers can be watched
 as they change.
+
+A longer context: --rope_scaling=yarn --extend_to=4096 stretches the model's RoPE first (saved in its config), and
+--s2_attn_groups=4 trains with LongLoRA's shifted sparse attention (evaluation attends in full; not with packing).
 """
 import sys
 

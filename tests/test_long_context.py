@@ -205,6 +205,18 @@ def test_pretrain_extends_a_model_then_trains_s2_attn_with_lora(tmp_path):
     assert losses and all(math.isfinite(x) for x in losses)
 
 
+def test_fine_tuning_extends_the_model_and_trains_with_s2_attn(tmp_path):
+    from conftest import tiny_model_with_data
+    from test_finetune import records
+    model, data = tiny_model_with_data(tmp_path, records(), "sft", max_seq_len=64)
+    out = str(tmp_path / "out")
+    run_script("fine_tuning.py", [f"--init_from={model}", f"--data_dir={data}", f"--out_dir={out}", "--method=lora",
+                                  "--rope_scaling=linear", "--extend_to=128", "--s2_attn_groups=4", "--max_iters=4",
+                                  "--sample_prompts=0", "--merge_dtype=float32"])
+    saved = json.load(open(os.path.join(out, "hf", "config.json")))
+    assert saved["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and saved["max_position_embeddings"] == 128
+
+
 def run_failing(script, args):
     r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})

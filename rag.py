@@ -250,8 +250,10 @@ class Index:
                 body = f.read()
         except (OSError, ValueError) as e:
             raise SystemExit(f"{folder}: damaged index ({e}); build it again with python rag.py index") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise SystemExit(f"{path}: not a {FORMAT} index; build it again with python rag.py index")
+        needed = ("tokenizer", "tokenizer_path", "files", "chunks_sha256", "bm25", *SETTINGS)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not all(k in meta for k in needed):
+            raise SystemExit(f"{path}: not a {FORMAT} index (or a damaged one); delete {folder} and build it again "
+                             f"with python rag.py index")
         if hashlib.sha256(body).hexdigest() != meta.get("chunks_sha256"):
             raise SystemExit(f"{folder}/chunks.jsonl does not match index.json (changed or truncated); "
                              f"build the index again with python rag.py index")

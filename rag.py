@@ -184,11 +184,13 @@ def build_index(folder, spec, tok, settings, tokenizer_path=""):
                          f"chunk_tokens={settings['chunk_tokens']}")
     files = readers.expand_inputs(spec)[0] if spec else [DEFAULT_SOURCE]
     old = Index.open(folder, tok, settings) if os.path.exists(os.path.join(folder, "index.json")) else None
-    kept, chunked, chunks, fingerprints = [], [], [], {}
+    kept, chunked, chunks, fingerprints, old_chunks = [], [], [], {}, {}
+    for c in old.chunks if old else []:
+        old_chunks.setdefault(c["source"], []).append(c)
     for path in files:
         fingerprints[path] = _default_fingerprint() if path == DEFAULT_SOURCE else _sha256(path)
         if old is not None and old.meta["files"].get(path) == fingerprints[path]:
-            chunks += [c for c in old.chunks if c["source"] == path]
+            chunks += old_chunks.get(path, [])
             kept.append(path)
             continue
         chunked.append(path)
@@ -403,7 +405,9 @@ def load_questions(path):
 
 
 def _is_gold(chunk, sources):
-    return any(s in (chunk["source"], f"{chunk['source']}:{chunk['line']}") for s in sources)
+    """Whether a chunk comes from one of `sources` ("path" or "path:line"; paths compared normalised)."""
+    path = os.path.normpath(chunk["source"])
+    return any(os.path.normpath(s) in (path, f"{path}:{chunk['line']}") for s in sources)
 
 
 def evaluate(index, qs, model=None, tok=None, k=3, rerank_n=10, system=""):

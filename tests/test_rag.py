@@ -198,12 +198,16 @@ def test_eval_metrics_by_hand(tmp_path, bpe):
     idx = str(tmp_path / "idx")
     rag.build_index(idx, str(tmp_path / "docs"), bpe, SETTINGS)
     d = str(tmp_path / "docs")
-    qs = [{"question": "kiwi", "answer": "x", "source": os.path.join(d, "gold2.txt")},          # rank 1
+    qs = [{"question": "kiwi", "answer": "x", "source": os.path.join(d, ".", "gold2.txt")},     # rank 1
           {"question": "apple banana", "answer": "x", "source": os.path.join(d, "gold1.txt") + ":1"},  # rank 2
           {"question": "grape", "answer": "x", "source": os.path.join(d, "gold1.txt")}]         # not found
     result = rag.evaluate(rag.Index.open(idx), qs)
     assert result["bm25/recall@1"] == pytest.approx(1 / 3) and result["bm25/recall@5"] == pytest.approx(2 / 3)
     assert result["bm25/mrr@10"] == pytest.approx((1 + 1 / 2 + 0) / 3)
+    bad = tmp_path / "qs.jsonl"
+    bad.write_text(json.dumps(qs[0]) + "\n" + json.dumps({"question": "kiwi", "answer": "x"}) + "\n")
+    with pytest.raises(SystemExit, match="qs.jsonl:2: no source"):
+        rag.load_questions(str(bad))
 
 
 def test_default_questions_point_at_documents_that_hold_their_answers():

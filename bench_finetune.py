@@ -2,12 +2,19 @@
 weights with the same LoRA config, batch and precision: tokens/s and peak memory, side by side in one run.
 
     python bench_finetune.py --threads=1                       # batch 4 x 256, r=32 on every linear, bf16 autocast
-    python bench_finetune.py --batch_size=8 --seq_len=128 --steps=20
+    python bench_finetune.py --data=data/riddles --batch_size=8      # real SFT batches: prompts and padding masked
+    python bench_finetune.py --batch_size=1 --seq_len=1024 --sides=ours,ours_plain   # the chunked loss's memory
+    python bench_finetune.py --batch_size=1 --seq_len=1024 --sides=ours,ours_plain --activation_checkpointing=True
 
-Each side runs in a fresh process (peak RSS is per process), both at once with `threads` threads each (give them a
-core each: on a shared machine they then see the same load at the same time), on the same random token batch, fp32
-master weights under bf16 autocast, AdamW on the adapters only; the first warmup steps are not timed. transformers loads our
-convert.save_pretrained export of the GGUF's weights, so both hold the same numbers.
+Sides: ours (chunked_loss=True, the fine-tuning configs' setting), ours_plain (the whole logits), hf. Each runs in
+a fresh process (peak RSS is per process), all at once with `threads` threads each (on a shared machine they then
+see the same load at the same time), on the same batch, fp32 master weights under bf16 autocast, AdamW on the
+adapters only; the first warmup steps are not timed. "step MB" is the most the process held during the steps
+(sampled every 2 ms) above what it held with the model loaded: the step's own memory (activations, logits,
+gradients and the adapters' optimizer state). transformers loads our
+convert.save_pretrained export of the GGUF's weights, so both hold the same numbers. Without --data the batch is
+random tokens, every one with a loss; with it, the first batches of an SFT data directory (data_process.py
+--format=sft, made with the same tokenizer), cut to seq_len, where only the answers carry a loss.
 """
 import json
 import os
@@ -15,6 +22,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -30,7 +38,10 @@ lora_rank = 32
 lora_alpha = 32.0
 dtype = "bfloat16"
 threads = 1
-side = ""             # internal: ours | hf (the child processes)
+data = ""             # an SFT data directory: its batches instead of random tokens
+activation_checkpointing = False  # recompute each block in the backward pass (both sides)
+sides = "ours,hf"     # ours | ours_plain | hf, comma-separated
+side = ""             # internal: the side a child process runs
 export_dir = ""       # internal: the transformers folder both sides load
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,18 +57,49 @@ def smollm2_path():
 
 def build(which, folder):
     """(model, forward(x, y) -> loss) with LoRA on every linear of the blocks; everything else frozen."""
-    if which == "ours":
+    if which in ("ours", "ours_plain"):
         import convert
+        import kernels
         import lora
         model = convert.from_pretrained(folder, dtype=torch.float32)
         lora.add_lora(model, lora_rank, lora_alpha, 0.0, TARGETS)
+        kernels.use_kernels(model, chunked_loss=which == "ours")
+        model.gradient_checkpointing = activation_checkpointing
         return model, lambda x, y: model(x, y)[1]
     import peft
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = peft.get_peft_model(model, peft.LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
                                                        target_modules=TARGETS))
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, lambda x, y: model(input_ids=x, labels=y).loss
+
+
+def batches(which):
+    """[(input ids, targets)] for `which`: ours takes next-token targets, transformers shifts its labels itself,
+    so its labels are the targets moved one place right (the last target is -100 on both sides)."""
+    if data:
+        import data as data_lib
+        import tuning
+        records = data_lib.open_data_dir(data, "sft", splits=("train",)).sft("train")
+        sft = tuning.SFTBatches(records, seq_len, batch_size, 0, seed=0, packing=False)
+        pairs = [sft.train_batch(step, 0, 1) for step in range(warmup + steps)]
+    else:
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 49152, (batch_size, seq_len + 1), generator=gen)
+        pairs = [(tokens[:, :-1], tokens[:, 1:])] * (warmup + steps)
+    out = []
+    for x, y in pairs:
+        y = y.clone()
+        y[:, -1] = -100
+        out.append((x, y) if which != "hf" else (x, torch.cat([torch.full_like(y[:, :1], -100), y[:, :-1]], 1)))
+    return out
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_side(which, folder):
@@ -67,13 +109,19 @@ def run_side(which, folder):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 49152, (batch_size, seq_len + 1), generator=gen)
-    # ours takes targets already shifted; transformers shifts labels itself
-    x, y = (tokens[:, :-1], tokens[:, 1:]) if which == "ours" else (tokens[:, :-1], tokens[:, :-1])
     autocast = torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    times, losses = [], []
-    for step in range(warmup + steps):
+    times, losses, tokens = [], [], 0
+    with torch.no_grad():  # page in weights that loading left memory-mapped: they are not the step's memory
+        sum(float(p.float().sum()) for p in model.parameters())
+    loaded, step_peak, done = rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.wait(0.002):
+            step_peak[0] = max(step_peak[0], rss_mb())
+    sampler = threading.Thread(target=sample, daemon=True)
+    for step, (x, y) in enumerate(batches(which)):
+        if step == 0:
+            sampler.start()
         t0 = time.perf_counter()
         with autocast:
             loss = loss_of(x, y)
@@ -82,11 +130,14 @@ def run_side(which, folder):
         opt.zero_grad(set_to_none=True)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
+            tokens += x.numel()
         losses.append(loss.item())
+    done.set()
+    sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"side": which, "tok_s": batch_size * seq_len * len(times) / sum(times),
-                      "step_s": sum(times) / len(times), "peak_rss_mb": peak, "first_loss": losses[0],
-                      "trainable": sum(p.numel() for p in params)}))
+    print(json.dumps({"side": which, "tok_s": tokens / sum(times), "step_s": sum(times) / len(times),
+                      "peak_rss_mb": peak, "step_mb": step_peak[0] - loaded, "first_loss": losses[0],
+                      "last_loss": losses[-1], "trainable": sum(p.numel() for p in params)}))
 
 
 def main():
@@ -98,26 +149,32 @@ def main():
         convert.save_pretrained(convert.from_pretrained(ckpt or smollm2_path()), tmp)
         # both sides at once, one per core: on a shared machine they see the same load at the same time
         procs = {}
-        for which in ("ours", "hf"):
+        for which in sides.split(","):
+            if which not in ("ours", "ours_plain", "hf"):
+                raise SystemExit(f"sides: unknown side {which!r} (ours, ours_plain, hf)")
             cmd = [sys.executable, os.path.abspath(__file__), f"--side={which}", f"--export_dir={tmp}",
                    *[a for a in sys.argv[1:] if not a.startswith(("--side", "--export_dir"))]]
             procs[which] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        rows = []
+        rows = {}
         for which, p in procs.items():
             out, err = p.communicate()
             if p.returncode:
                 raise SystemExit(f"{which} failed:\n{err[-3000:]}")
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-    ours, hf = rows
-    print(f"LoRA r={lora_rank} on {','.join(TARGETS)}, batch {batch_size} x {seq_len}, {dtype} autocast, "
-          f"{threads} thread(s), {steps} timed steps after {warmup}")
-    print(f"{'':<22}{'tok/s':>9}{'s/step':>9}{'peak RSS MB':>13}{'first loss':>12}{'trainable':>12}")
-    for name, r in (("ours", ours), ("transformers + peft", hf)):
-        print(f"{name:<22}{r['tok_s']:>9.1f}{r['step_s']:>9.3f}{r['peak_rss_mb']:>13.0f}{r['first_loss']:>12.4f}"
-              f"{r['trainable']:>12,}")
-    print(f"speed ours / theirs: {ours['tok_s'] / hf['tok_s']:.2f}x; peak memory ours / theirs: "
-          f"{ours['peak_rss_mb'] / hf['peak_rss_mb']:.2f}x")
+            rows[which] = json.loads(out.strip().splitlines()[-1])
+    print(f"LoRA r={lora_rank} on {','.join(TARGETS)}, batch {batch_size} x {seq_len} "
+          f"({data or 'random tokens'}), {dtype} autocast, {threads} thread(s), {steps} timed steps after {warmup}"
+          + (", activation checkpointing" if activation_checkpointing else ""))
+    print(f"{'':<12}{'tok/s':>9}{'s/step':>9}{'peak RSS MB':>13}{'step MB':>9}{'first loss':>12}{'last loss':>11}"
+          f"{'trainable':>12}")
+    for name, r in rows.items():
+        print(f"{name:<12}{r['tok_s']:>9.1f}{r['step_s']:>9.3f}{r['peak_rss_mb']:>13.0f}{r['step_mb']:>9.0f}"
+              f"{r['first_loss']:>12.4f}{r['last_loss']:>11.4f}{r['trainable']:>12,}")
+    first, *others = rows
+    for other in others:
+        a, b = rows[first], rows[other]
+        print(f"{first} / {other}: speed {a['tok_s'] / b['tok_s']:.2f}x, peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, "
+              f"step memory {a['step_mb'] / b['step_mb']:.2f}x")
 
 
 if __name__ == "__main__":

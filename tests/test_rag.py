@@ -92,11 +92,14 @@ def index_bytes(folder):
             for r, _, fs in os.walk(folder) for f in fs}
 
 
-def test_reindexing_is_idempotent_and_mirrors_the_files(tmp_path, bpe):
+def test_reindexing_is_idempotent_and_mirrors_the_files(tmp_path, bpe, capsys):
     docs, idx = tmp_path / "docs", str(tmp_path / "idx")
-    write_docs(docs, {"a.txt": ENGLISH, "b.txt": CHINESE, "c.jsonl": json.dumps({"text": MIXED}) + "\n"})
+    write_docs(docs, {"a.txt": ENGLISH, "b.txt": CHINESE, "c.jsonl": json.dumps({"text": MIXED}) + "\n",
+                      "image.png": "not text"})
     first = rag.build_index(idx, str(docs), bpe, SETTINGS)
     assert len(first["chunked"]) == 3 and first["chunks"] > 20
+    err = capsys.readouterr().err
+    assert "skipped 1 file(s)" in err and "image.png" in err  # said, not silently passed over
     before = index_bytes(idx)
     again = rag.build_index(idx, str(docs), bpe, SETTINGS)
     assert again["chunked"] == [] and len(again["kept"]) == 3 and index_bytes(idx) == before

@@ -661,8 +661,9 @@ class Trainer:
                 mfu = flops * tok_s / (peak * self.world) if peak else 0.0
                 eta = (c.max_iters - self.step) * interval_time / c.log_interval
                 extra = "".join(f" | {k} {v:.4f}" for k, v in extras.items())
+                speed = f"{tok_s / 1e3:.1f}k" if tok_s >= 1e3 else f"{tok_s:.0f}"  # a 135M model on CPU: tens
                 log(f"step {self.step}/{c.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | "
-                    f"{tok_s / 1e3:.1f}k tok/s | MFU {100 * mfu:.1f}%{extra} | ETA {eta / 60:.1f} min")
+                    f"{speed} tok/s | MFU {100 * mfu:.1f}%{extra} | ETA {eta / 60:.1f} min")
                 bar.set_postfix(loss=f"{loss:.3f}")
                 self._record({"step": self.step, "train_loss": loss, "lr": lr, "grad_norm": norm,
                               "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 5),

@@ -12,7 +12,8 @@ chunk_tokens tokens of --tokenizer (the model's folder or .gguf), consecutive ch
 cut at word (Chinese: character) boundaries and preferably after a sentence. The folder holds index.json (settings,
 tokenizer checksum, files and their sha256), chunks.jsonl (source, line, character span, text) and bm25/ (bm25s).
 Indexing again mirrors --docs: unchanged files keep their chunks, changed files are re-chunked, files no longer
-named are dropped. An index of other settings, a model with another tokenizer, or a damaged index is refused.
+named are dropped. An index of other settings or a model with another tokenizer is refused; so is a damaged index,
+which indexing again builds anew.
 ask: the top_k chunks (after re-ranking the best `rerank` BM25 hits by log p(question | chunk), UPR: Sachan et
 al. 2022, when rerank > 0) go into the user message, as many as fit the context with the question and the reply
 (the last one shortened to fit); the answer is printed with the sources it was given.
@@ -21,6 +22,7 @@ eval: on questions whose source is known (JSON Lines {question, answer, source: 
 and of BM25 + re-ranking, and with --ckpt the reference answer's mean per-token NLL with no context, with the
 retrieved context and with the gold source's chunks.
 """
+import functools
 import hashlib
 import json
 import os
@@ -106,44 +108,44 @@ def chunk_spans(text, tok, chunk_tokens, overlap_tokens):
 
 def _pieces(text, tok, limit):
     """The text's pieces (they join to the text) and their token counts, pieces of more than `limit` tokens cut."""
-    pieces, out = _PIECE.findall(text), []
+    pieces, counted = _PIECE.findall(text), []
     for piece, ids in zip(pieces, tok.encode_batch(pieces) if pieces else []):
-        if len(ids) <= limit:
-            out.append((piece, len(ids)))
-        else:  # a very long word (a URL, a hash) or a run of emoji: halves until each fits
-            half = len(piece) // 2
-            out += zip(*_pieces_cut(piece[:half], tok, limit)) if half else []
-            out += zip(*_pieces_cut(piece[half:], tok, limit))
-    return [p for p, _ in out], [n for _, n in out]
+        counted += [(piece, len(ids))] if len(ids) <= limit else _halves(piece, tok, limit)
+    return [p for p, _ in counted], [n for _, n in counted]
 
 
-def _pieces_cut(piece, tok, limit):
+def _halves(piece, tok, limit):
+    """[(part, count)]: a piece of more than `limit` tokens (a URL, a hash, a run of emoji) cut in halves until
+    each fits."""
     n = len(tok.encode(piece))
     if n <= limit or len(piece) == 1:
-        return [piece], [n]
-    a, b = _pieces_cut(piece[:len(piece) // 2], tok, limit), _pieces_cut(piece[len(piece) // 2:], tok, limit)
-    return a[0] + b[0], a[1] + b[1]
+        return [(piece, n)]
+    half = len(piece) // 2
+    return _halves(piece[:half], tok, limit) + _halves(piece[half:], tok, limit)
 
 
 def terms(text):
     """The words BM25 matches on: lower-cased words without English stopwords; runs of Chinese cut by jieba."""
-    from bm25s.stopwords import STOPWORDS_CHINESE, STOPWORDS_EN
+    jieba, stop_en, stop_zh = _segmenter()
     out = []
     for m in _TERM.finditer(text.lower()):
         word = m.group()
         if _HAN.match(word):
-            out += [w for w in _jieba().lcut(word) if w not in STOPWORDS_CHINESE]
-        elif word not in STOPWORDS_EN:
+            out += [w for w in jieba.lcut(word) if w not in stop_zh]
+        elif word not in stop_en:
             out.append(word)
     return out
 
 
-def _jieba():
+@functools.cache
+def _segmenter():
+    """jieba (quiet: not its "Building prefix dict" lines) and bm25s's English and Chinese stopwords as sets."""
     import logging
 
     import jieba
-    jieba.setLogLevel(logging.WARNING)  # not the "Building prefix dict" lines on every first use
-    return jieba
+    from bm25s.stopwords import STOPWORDS_CHINESE, STOPWORDS_EN
+    jieba.setLogLevel(logging.WARNING)
+    return jieba, frozenset(STOPWORDS_EN), frozenset(STOPWORDS_CHINESE)
 
 
 # ----------------------------------------------------------------------------- the index
@@ -179,13 +181,17 @@ def build_index(folder, spec, tok, settings, tokenizer_path=""):
     """Index the documents of `spec` ("" = the embedded ones) into `folder`, reusing the chunks of files whose
     sha256 is unchanged; returns {"kept", "chunked", "dropped", "chunks"} (lists of paths, a count)."""
     readers.check_options(settings["txt_split"], settings["encoding"])
-    if not 0 <= settings["overlap_tokens"] < settings["chunk_tokens"] // 2:
-        raise SystemExit(f"overlap_tokens={settings['overlap_tokens']} must be >= 0 and less than half of "
-                         f"chunk_tokens={settings['chunk_tokens']}")
+    if settings["chunk_tokens"] < 16 or not 0 <= settings["overlap_tokens"] < settings["chunk_tokens"] // 2:
+        raise SystemExit(f"chunk_tokens={settings['chunk_tokens']} must be at least 16 and overlap_tokens="
+                         f"{settings['overlap_tokens']} at least 0 and less than half of it")
     files, skipped = readers.expand_inputs(spec) if spec else ([DEFAULT_SOURCE], [])
     if skipped:  # names readers.py does not read (or README, LICENSE, SOURCE.json) inside the folders
         print(f"{spec}: skipped {len(skipped)} file(s): {', '.join(skipped[:8])}", file=sys.stderr)
-    old = Index.open(folder, tok, settings) if os.path.exists(os.path.join(folder, "index.json")) else None
+    try:
+        old = Index.open(folder, tok, settings) if os.path.exists(os.path.join(folder, "index.json")) else None
+    except DamagedIndex as e:  # another tokenizer or other settings stay refused: the user must choose
+        print(f"{e}: building it anew", file=sys.stderr)
+        old = None
     kept, chunked, chunks, fingerprints, old_chunks = [], [], [], {}, {}
     for c in old.chunks if old else []:
         old_chunks.setdefault(c["source"], []).append(c)
@@ -196,10 +202,14 @@ def build_index(folder, spec, tok, settings, tokenizer_path=""):
             kept.append(path)
             continue
         chunked.append(path)
-        for line, text in _documents(path, settings):
+        before, shown = len(chunks), time.time()
+        for n, (line, text) in enumerate(_documents(path, settings), 1):
             for start, end in chunk_spans(text, tok, settings["chunk_tokens"], settings["overlap_tokens"]):
                 chunks.append({"source": path, "line": line, "start": start, "end": end, "text": text[start:end]})
-        print(f"{path}: {sum(c['source'] == path for c in chunks)} chunks", flush=True)
+            if time.time() - shown > 30:
+                print(f"{path}: {n} documents so far", flush=True)
+                shown = time.time()
+        print(f"{path}: {len(chunks) - before} chunks", flush=True)
     dropped = sorted(set(old.meta["files"]) - set(files)) if old else []
     report = {"kept": kept, "chunked": chunked, "dropped": dropped, "chunks": len(chunks)}
     if old is not None and not chunked and not dropped:
@@ -212,7 +222,8 @@ def build_index(folder, spec, tok, settings, tokenizer_path=""):
 
 
 def _write(folder, chunks, meta):
-    """Write the index into a new folder beside `folder`, then put it in place (a crash leaves the old one)."""
+    """Write the index into a new folder beside `folder`, then put it in place: a crash never leaves a half-written
+    index where `folder` is."""
     import bm25s
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -231,6 +242,13 @@ def _write(folder, chunks, meta):
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.rename(tmp, folder)
+
+
+class DamagedIndex(SystemExit):
+    """An index folder whose files are unreadable, cut short or changed: `rag.py index` builds it anew."""
+
+
+REBUILD = "python rag.py index with the same --docs builds it anew"
 
 
 class Index:
@@ -253,14 +271,12 @@ class Index:
             with open(os.path.join(folder, "chunks.jsonl"), "rb") as f:
                 body = f.read()
         except (OSError, ValueError) as e:
-            raise SystemExit(f"{folder}: damaged index ({e}); build it again with python rag.py index") from None
+            raise DamagedIndex(f"{folder}: damaged index ({e}); {REBUILD}") from None
         needed = ("tokenizer", "tokenizer_path", "files", "chunks_sha256", "bm25", *SETTINGS)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or not all(k in meta for k in needed):
-            raise SystemExit(f"{path}: not a {FORMAT} index (or a damaged one); delete {folder} and build it again "
-                             f"with python rag.py index")
+            raise DamagedIndex(f"{path}: not a {FORMAT} index, or a damaged one; {REBUILD}")
         if hashlib.sha256(body).hexdigest() != meta.get("chunks_sha256"):
-            raise SystemExit(f"{folder}/chunks.jsonl does not match index.json (changed or truncated); "
-                             f"build the index again with python rag.py index")
+            raise DamagedIndex(f"{folder}/chunks.jsonl does not match index.json (changed or cut short); {REBUILD}")
         if tok is not None and tok.checksum() != meta["tokenizer"]:
             raise SystemExit(f"{folder} was built with another tokenizer ({meta['tokenizer_path'] or 'unnamed'}) "
                              f"than this model's: its chunks are sized in other tokens; index again with "
@@ -272,8 +288,7 @@ class Index:
         for name, digest in meta["bm25"].items():  # bm25s's loader has no checks of its own
             path = os.path.join(folder, "bm25", name)
             if not os.path.isfile(path) or _sha256(path) != digest:
-                raise SystemExit(f"{path}: missing or changed since the index was built; build the index again "
-                                 f"with python rag.py index")
+                raise DamagedIndex(f"{path}: missing or changed since the index was built; {REBUILD}")
         chunks = [json.loads(line) for line in body.decode().splitlines()]
         return cls(folder, meta, chunks, bm25s.BM25.load(os.path.join(folder, "bm25"), show_progress=False))
 

@@ -316,7 +316,7 @@ def rerank_hits(model, tok, question, hits):
     q = tok.encode(" " + question.strip())[:model.config.max_seq_len // 2]
     ask = tok.encode("\nPlease write a question based on this passage.\nQuestion:")
     rows = [(tok.encode("Passage: " + c["text"])[:model.config.max_seq_len - len(ask) - len(q)] + ask) for c, _ in hits]
-    idx, lengths = inference.pad_right([r + q for r in rows], inference.device_of(model))
+    idx, _ = inference.pad_right([r + q for r in rows], inference.device_of(model))
     targets = torch.full_like(idx, -100)
     for b, r in enumerate(rows):  # position t predicts token t + 1: the question's tokens after the passage
         targets[b, len(r) - 1:len(r) - 1 + len(q)] = torch.tensor(q)
@@ -408,6 +408,7 @@ def default_questions():
 
 
 def load_questions(path):
+    """The questions of a JSON Lines file ({question, answer, source}), or the embedded ones for "" ."""
     if not path:
         return default_questions()
     out = []
@@ -429,8 +430,9 @@ def _is_gold(chunk, sources):
 
 def evaluate(index, qs, model=None, tok=None, k=3, rerank_n=10, system=""):
     """Retrieval (recall@1, recall@5, MRR@10 of BM25, and of BM25 + re-ranking with a model) and, with a model, the
-    reference answers' mean per-token NLL with no, retrieved and gold context."""
-    sums, n, t0, shown = {}, len(qs), time.time(), time.time()
+    reference answers' mean per-token NLL with no, retrieved and gold context (over the questions whose answer fits
+    the model's context with the question: nll_questions)."""
+    sums, n, scored, t0, shown = {}, len(qs), 0, time.time(), time.time()
     rankers = ["bm25"] + (["rerank"] if model is not None and rerank_n else [])
     for i, q in enumerate(qs):
         sources = [q["source"]] if isinstance(q["source"], str) else q["source"]
@@ -447,16 +449,21 @@ def evaluate(index, qs, model=None, tok=None, k=3, rerank_n=10, system=""):
         if model is not None:
             budget = model.config.max_seq_len - len(tok.encode(q["answer"]))
             gold = [c for c in index.chunks if _is_gold(c, sources)]
-            prompts = [inference.render_chat(tok, rag_messages(tok, q["question"], chunks, budget, system)[0],
-                                             system) for chunks in ([], ranked[rankers[-1]][:k], gold)]
-            nlls = answer_nll(model, tok, prompts, q["answer"])
-            for name, nll in zip(("nll/none", "nll/retrieved", "nll/gold"), nlls):
+            try:
+                prompts = [inference.render_chat(tok, rag_messages(tok, q["question"], chunks, budget, system)[0],
+                                                 system) for chunks in ([], ranked[rankers[-1]][:k], gold)]
+            except ValueError:  # question and answer alone pass the context: counted out of nll_questions
+                prompts = []
+            for name, nll in zip(("nll/none", "nll/retrieved", "nll/gold"),
+                                 answer_nll(model, tok, prompts, q["answer"]) if prompts else []):
                 sums[name] = sums.get(name, 0.0) + nll
+            scored += bool(prompts)
         if time.time() - shown > 30 or i + 1 == n:
             shown = time.time()
             print(f"eval {i + 1}/{n} questions, {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    result = {key: value / n for key, value in sums.items()}
-    if model is not None:
+    result = {key: value / (scored if key.startswith("nll/") else n) for key, value in sums.items()}
+    if scored:
+        result["nll_questions"] = scored
         gap = result["nll/none"] - result["nll/gold"]  # only meaningful when the gold passages help at all
         result["gap_closed"] = (result["nll/none"] - result["nll/retrieved"]) / gap if gap > 0 else None
     return {"questions": n, **result}

@@ -247,8 +247,9 @@ def test_chat_with_rag_gives_passages_and_sources(ckpt_folder, tmp_path):
 def test_command_line_index_ask_eval(ckpt_folder, tmp_path):
     write_docs(tmp_path / "docs", {"cats.txt": "the cat sat on the mat.", "dogs.txt": "the dog ran in the park."})
     qs = tmp_path / "qs.jsonl"
-    qs.write_text(json.dumps({"question": "where did the cat sit?", "answer": "on the mat.",
-                              "source": str(tmp_path / "docs" / "cats.txt")}) + "\n")
+    cats = str(tmp_path / "docs" / "cats.txt")
+    qs.write_text(json.dumps({"question": "where did the cat sit?", "answer": "on the mat.", "source": cats}) + "\n"
+                  + json.dumps({"question": "cat?", "answer": "mat " * 40, "source": cats}) + "\n")  # too long
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(*args):
@@ -266,5 +267,6 @@ def test_command_line_index_ask_eval(ckpt_folder, tmp_path):
             f"--out={tmp_path / 'e.json'}")
     result = json.load(open(tmp_path / "e.json"))
     assert r.returncode == 0 and result["bm25/recall@1"] == 1.0 and "nll/gold" in result, r.stderr
+    assert result["questions"] == 2 and result["nll_questions"] == 1  # the answer that cannot fit is counted out
     r = run("search", idx)
     assert r.returncode != 0 and "usage: python rag.py index|ask|eval" in r.stderr

@@ -3,35 +3,24 @@ seconds per step and peak memory, on the same model, batch and precision.
 
     python bench_long_context.py --ckpt=out/long/base/hf --seq_len=1024
     python bench_long_context.py --ckpt=out/long/base/hf --seq_len=4096
-    python bench_long_context.py --passkey_data=out/long/data --data_dir=out/run/data   # the figures' training data
 
 The model of --ckpt is stretched to seq_len by YaRN (checkpoint.extend_context) and trained in full with AdamW on
 random tokens under `dtype` autocast; the first `warmup` steps are not timed. Each side runs in a fresh process, one
 after the other with `threads` threads (peak RSS is per process); "step MB" is the process's peak RSS above what it
 held with the model loaded: the memory the steps themselves took.
-
---passkey_data=DIR writes a copy of the pretraining data directory --data_dir whose train split also holds
-passkey_docs passkey documents of 96-256 tokens (eval.py's passkey prompt, then the key), each at a random point
-between two documents: a model this small learns to retrieve a key within its 256 tokens only when it sees the task,
-and the figures then ask whether that survives the longer context (val.bin is left as it is).
 """
 import json
 import os
-import random
 import resource
-import shutil
 import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
 import checkpoint
 import configurator
 import convert
-import eval as evaluate
-from data import open_data_dir
 
 ckpt = ""             # a model folder (pretrain.py's hf/)
 seq_len = 1024
@@ -42,9 +31,6 @@ warmup = 1
 dtype = "bfloat16"
 threads = 1
 side = ""             # internal: full | s2, the side a child process runs
-passkey_data = ""     # write the figures' training data here (see the docstring) instead of timing
-data_dir = ""         # ... from this pretraining data directory
-passkey_docs = 600
 
 
 def rss_mb():
@@ -78,41 +64,10 @@ def run_side():
                       "peak_rss_mb": peak, "step_mb": peak - loaded, "loss": loss.item()}))
 
 
-def make_passkey_data():
-    data = open_data_dir(data_dir, "pretrain")
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_pretrained(data.tokenizer_dir)
-    rng = random.Random(0)
-    docs = [evaluate.passkey_prompt(tok, key, rng.randint(96, 256) - 8, rng.random()) + tok.encode(f" {key}.")
-            + [tok.eos_id] for key in (rng.randint(1, 50000) for _ in range(passkey_docs))]
-    train = data.tokens("train")
-    ends = np.flatnonzero(train == tok.eos_id) + 1  # document boundaries of the stream
-    at = sorted(rng.choice(ends.tolist()) for _ in docs)
-    pieces, start = [], 0
-    for cut, doc in zip(at, docs):
-        pieces += [train[start:cut], np.array(doc, dtype=train.dtype)]
-        start = cut
-    mixed = np.concatenate(pieces + [train[start:]])
-    os.makedirs(passkey_data, exist_ok=True)
-    for name in os.listdir(data_dir):
-        if name not in ("train.bin", "meta.json"):
-            shutil.copy(os.path.join(data_dir, name), passkey_data)
-    mixed.tofile(os.path.join(passkey_data, "train.bin"))
-    meta = {**data.meta, "train_tokens": len(mixed), "passkey_docs": passkey_docs,
-            "sources": data.meta.get("sources", []) + ["passkey documents (bench_long_context.py)"]}
-    with open(os.path.join(passkey_data, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    print(f"{passkey_data}: {len(train)} + {len(mixed) - len(train)} passkey tokens ({passkey_docs} documents)")
-
-
 def main():
     configurator.apply(globals(), sys.argv[1:])
     if side:
         return run_side()
-    if passkey_data:
-        if not data_dir:
-            raise SystemExit("--passkey_data needs --data_dir (a pretraining data directory)")
-        return make_passkey_data()
     if not ckpt:
         raise SystemExit("--ckpt=FOLDER is required (a model folder, e.g. out/long/base/hf)")
     results = {}

@@ -308,19 +308,15 @@ def where(chunk):
 
 # ----------------------------------------------------------------------------- the model's part
 
-@torch.inference_mode()
 def rerank_hits(model, tok, question, hits):
-    """hits re-ordered by the model's log p(question | chunk), as [(chunk, log-prob)], best first."""
+    """hits re-ordered by the model's log p(question | chunk) after UPR's prompt (Sachan et al. 2022: a passage is
+    relevant when it makes the question likely), as [(chunk, log-prob)], best first."""
     if not hits:
         return []
     q = tok.encode(" " + question.strip())[:model.config.max_seq_len // 2]
     ask = tok.encode("\nPlease write a question based on this passage.\nQuestion:")
-    rows = [(tok.encode("Passage: " + c["text"])[:model.config.max_seq_len - len(ask) - len(q)] + ask) for c, _ in hits]
-    idx, _ = inference.pad_right([r + q for r in rows], inference.device_of(model))
-    targets = torch.full_like(idx, -100)
-    for b, r in enumerate(rows):  # position t predicts token t + 1: the question's tokens after the passage
-        targets[b, len(r) - 1:len(r) - 1 + len(q)] = torch.tensor(q)
-    logp = -model.token_nll(idx, targets).sum(1)
+    passages = [tok.encode("Passage: " + c["text"])[:model.config.max_seq_len - len(ask) - len(q)] for c, _ in hits]
+    logp = -continuation_nll(model, [p + ask for p in passages], q)
     order = sorted(range(len(hits)), key=lambda b: -logp[b].item())
     return [(hits[b][0], logp[b].item()) for b in order]
 
@@ -370,16 +366,20 @@ def rag_messages(tok, question, chunks, budget, system="", history=()):
     return inference.fit_history(tok, list(history) + [turn], system, budget), chunks[:len(texts)]
 
 
-@torch.inference_mode()
 def answer_nll(model, tok, prompts, answer):
     """The reference answer's mean per-token NLL after each prompt text (a batch)."""
     a = tok.encode(answer)
-    rows = [tok.encode(p) for p in prompts]
-    idx, _ = inference.pad_right([r + a for r in rows], inference.device_of(model))
+    return (continuation_nll(model, [tok.encode(p) for p in prompts], a) / len(a)).tolist()
+
+
+@torch.inference_mode()
+def continuation_nll(model, prefixes, continuation):
+    """(B,) summed NLL of the token ids `continuation` after each list of ids in `prefixes` (one padded batch)."""
+    idx, _ = inference.pad_right([p + continuation for p in prefixes], inference.device_of(model))
     targets = torch.full_like(idx, -100)
-    for b, r in enumerate(rows):
-        targets[b, len(r) - 1:len(r) - 1 + len(a)] = torch.tensor(a)
-    return (model.token_nll(idx, targets).sum(1) / len(a)).tolist()
+    for b, p in enumerate(prefixes):  # position t predicts token t + 1
+        targets[b, len(p) - 1:len(p) - 1 + len(continuation)] = torch.tensor(continuation)
+    return model.token_nll(idx, targets).sum(1)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -117,9 +117,8 @@ def pair_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejecte
 def answer_logps(model, ids, labels):
     """(summed log-probability of each row's labelled tokens, their count): labels are -100 on the prompt and the
     padding, so only the answer is scored."""
-    logits = model(ids)[0]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    return -nll.view(labels.shape).sum(-1), (labels != -100).sum(-1)
+    nll = model(ids, labels, reduction="none")[1]  # through DDP/FSDP/DeepSpeed wrappers; chunked_loss applies
+    return -nll.sum(-1), (labels != -100).sum(-1)
 
 
 @contextmanager

@@ -232,6 +232,7 @@ class Attention(nn.Module):
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]  # the mask may end at the last filled slot
         dtype = q.dtype
         # PyTorch's CPU flash-attention backward is slower in bf16 than in fp32 at short sequences (ms, bf16 vs
         # fp32: T=64 14 vs 4, T=1024 38 vs 45; bench_pretrain.py --attention), so short CPU training windows attend
@@ -374,29 +375,30 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx, targets=None, input_pos=None, doc_ids=None):
+    def forward(self, idx, targets=None, input_pos=None, doc_ids=None, reduction="mean"):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is taken.
         input_pos: (T,) cache slots of idx when decoding with the KV cache (setup_cache), else None.
         doc_ids: (B, T) ids of packed samples (see hidden_states), else None.
         Returns (logits (B, T, vocab), mean cross-entropy over the unmasked targets in fp32, or None). A batch without
-        any target gives a loss of 0 with zero gradients, not NaN (the mean of nothing). With a linear_cross_entropy
-        set and targets given, the logits are None: they were never held whole."""
+        any target gives a loss of 0 with zero gradients, not NaN (the mean of nothing). reduction="none" returns
+        each target's negative log-likelihood instead, (B, T) fp32, 0 where it is -100 (DPO sums these per answer).
+        With a linear_cross_entropy set and targets given, the logits are None: they were never held whole."""
         h = self.hidden_states(idx, input_pos, doc_ids)
         if targets is None:
             return self.lm_head(h), None
-        logits, nll = self._logits_and_nll(h, targets)
+        if self.linear_cross_entropy is not None:
+            logits, nll = None, self.linear_cross_entropy(h, self.lm_head, targets)
+        else:
+            logits = self.lm_head(h)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                  reduction="none").view(targets.shape)
+        if reduction == "none":
+            return logits, nll
         return logits, nll.sum() / (targets != -100).sum().clamp(min=1)
 
     def token_nll(self, idx, targets, doc_ids=None):
-        """(B, T) fp32 negative log-likelihood of each target, 0 where it is -100 (DPO sums these per answer)."""
-        return self._logits_and_nll(self.hidden_states(idx, doc_ids=doc_ids), targets)[1]
-
-    def _logits_and_nll(self, h, targets):
-        if self.linear_cross_entropy is not None:
-            return None, self.linear_cross_entropy(h, self.lm_head, targets)
-        logits = self.lm_head(h)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-        return logits, nll.view(targets.shape)
+        """forward(idx, targets, reduction="none")'s per-target negative log-likelihood (B, T)."""
+        return self(idx, targets, doc_ids=doc_ids, reduction="none")[1]
 
     def hidden_states(self, idx, input_pos=None, doc_ids=None):
         """The final-normed hidden states (B, T, dim). doc_ids (B, T): several samples packed into one row; each run
@@ -417,6 +419,10 @@ class Transformer(nn.Module):
             if self.cache_pad is None:
                 raise RuntimeError("forward(input_pos=...) needs the KV cache: call setup_cache() first")
             mask, positions = self._cache_mask(input_pos)
+            if input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+                # eager CPU decoding attends to the filled slots only: the cache's empty tail costs as much as its
+                # filled part (a compiled step keeps one static shape; on CUDA the length would be a host sync)
+                mask = mask[..., :int(input_pos[-1]) + 1]
             cos, sin = rope_cos_sin(self.config, positions)
             cos, sin = cos[:, None], sin[:, None]
         x = self.dropout(self.embed(idx))
@@ -518,9 +524,10 @@ class Transformer(nn.Module):
         try:
             # prefill: the whole prompt at slots 0..T-1, logits of the last position only
             logits = self.lm_head(self.hidden_states(idx, slots[:T])[:, -1]).float()
-            # CPU decoding in bf16/fp16 is a chain of matrix-vector products, for which oneDNN repacks the weight on
-            # every call; ATen's own kernel streams it instead (~1.7x faster). Prefill keeps oneDNN's fast GEMM.
-            if device.type == "cpu" and self.embed.weight.dtype != torch.float32:
+            # CPU decoding in bf16/fp16 of one or two rows is a chain of matrix-vector products, for which oneDNN
+            # repacks the weight on every call; ATen's own kernel streams it instead (~1.7x faster at batch 1; at
+            # batch 4 and more oneDNN wins again: 66.7 vs 45.2 tok/s at 8). Prefill keeps oneDNN's fast GEMM.
+            if device.type == "cpu" and self.embed.weight.dtype != torch.float32 and B <= 2:
                 torch.backends.mkldnn.enabled = False
             for step in range(max_new_tokens):
                 banned = [_banned_ngram_tokens(r, no_repeat_ngram_size) for r in real] if real is not None else None

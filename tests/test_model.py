@@ -261,7 +261,8 @@ def test_decode_step_compiles_without_graph_breaks(tmp_path, monkeypatch):
             step = torch.compile(model.decode_step, backend="eager", fullgraph=True)  # fullgraph: a break raises
             idx, pos = torch.randint(0, V, (2, 1)), torch.tensor([10])
             compiled = step(idx, pos)
-            assert max_diff(compiled, model.decode_step(idx, pos)) == 0
+            # eager CPU decoding attends to the filled slots only, the compiled step to the whole cache (masked)
+            assert max_diff(compiled, model.decode_step(idx, pos)) < 1e-5
     # generate(compile=True) wires the same step in and compiles it once for all steps (static shapes);
     # inductor itself is left to bench.py: compiling a model takes minutes
     from torch._dynamo.testing import CompileCounter

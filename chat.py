@@ -8,8 +8,9 @@ Commands: /reset clears the history, /system TEXT sets the system prompt (and cl
 /quit (or Ctrl-D) leaves, /help lists them. Ctrl-C while a reply streams cuts the reply short and keeps the part
 shown. A reply gets at most half of the model's context (max_new_tokens is lowered to that, with a note); when the
 conversation no longer fits the rest, the oldest turns are dropped. With --rag=INDEX each message goes to the model
-with the rag_top_k passages the index finds for it (as many as fit; rag.py), and their sources are printed after the
-reply; the history keeps the messages without their passages.
+with the rag_top_k passages the index finds for it (BM25, re-ranked by the model from the best rag_rerank hits when
+that is set; as many as fit: rag.py), and their sources are printed after the reply; the history keeps the messages
+without their passages.
 """
 import sys
 
@@ -17,7 +18,7 @@ import torch
 
 import configurator
 import inference
-from rag import Index, rag_messages, where
+from rag import Index, rag_messages, retrieve, where
 
 # ---------------------------------------------------------------------------------------------------- config
 ckpt = ""             # any checkpoint inference.load_model reads (folder, .gguf, quantized folder, LoRA adapter)
@@ -33,15 +34,16 @@ device = ""           # "" = cuda when available, else cpu
 dtype = "bfloat16"
 rag = ""              # a rag.py index folder: answer each message from its passages ("" = plain chat)
 rag_top_k = 3         # passages per message
+rag_rerank = 0        # re-rank the best this many BM25 hits by the model's likelihood (0 = BM25 order; rag.py)
 # -----------------------------------------------------------------------------------------------------------
 
 HELP = "/reset: clear the history  /system TEXT: set the system prompt  /exit: leave  /help: this list"
 
 
 def repl(model, tok, system="", max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.0,
-         read=input, write=None, index=None, rag_top_k=3):
-    """The interactive loop; read/write are swappable for tests. index: a rag.Index whose rag_top_k passages go with
-    each message."""
+         read=input, write=None, index=None, rag_top_k=3, rag_rerank=0):
+    """The interactive loop; read/write are swappable for tests. index: a rag.Index whose rag_top_k passages (BM25,
+    re-ranked from rag_rerank hits) go with each message."""
     write = write or (lambda s: print(s, end="", flush=True))
     context = model.config.max_seq_len
     if max_new_tokens > context // 2:
@@ -79,7 +81,7 @@ def repl(model, tok, system="", max_new_tokens=256, temperature=0.7, top_k=50, t
         used = []
         if index is not None:
             try:
-                chunks = [c for c, _ in index.search(line, rag_top_k)]
+                chunks = retrieve(index, model, tok, line, rag_top_k, rag_rerank)
                 messages, used = rag_messages(tok, line, chunks, budget, system, history)
                 history = messages[:-1] + [{"role": "user", "content": line}]  # kept without the passages
             except ValueError:  # the message alone is too long: reported below
@@ -109,7 +111,7 @@ def main():
                                       lora_base)
     index = Index.open(rag, tok) if rag else None
     repl(model, tok, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, index=index,
-         rag_top_k=rag_top_k)
+         rag_top_k=rag_top_k, rag_rerank=rag_rerank)
 
 
 if __name__ == "__main__":

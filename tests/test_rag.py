@@ -234,7 +234,7 @@ def test_chat_with_rag_gives_passages_and_sources(ckpt_folder, tmp_path):
     inference.stream_reply, chat.inference.stream_reply = spy, spy
     try:
         history = chat.repl(model, tok, max_new_tokens=8, temperature=0.0, read=lambda _: next(inputs),
-                            write=shown.append, index=index, rag_top_k=1)
+                            write=shown.append, index=index, rag_top_k=1, rag_rerank=2)
     finally:
         inference.stream_reply = chat.inference.stream_reply = real
     assert "cat on the mat." in prompts[0] and "dog in a park." in prompts[1]

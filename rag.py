@@ -4,12 +4,13 @@ by jieba), an optional re-ranking by the model's own likelihood, and answers fro
     python rag.py index --docs=notes/,faq.jsonl --tokenizer=out/run/sft/hf --index=out/rag
     python rag.py ask --index=out/rag --ckpt=out/run/sft/hf --question="What does the keyword yield do?"
     python rag.py eval --index=out/rag --ckpt=out/run/sft/hf --questions=qa.jsonl --out=rag_eval.json
-    python chat.py --ckpt=out/run/sft/hf --rag=out/rag       # every message answered from its passages
+    python chat.py --ckpt=out/run/sft/hf --rag=out/rag --rag_rerank=10   # every message answered from passages
 
-index: documents are read by readers.py (txt/md as whole files unless --txt_split says otherwise, jsonl/json/csv
-by --text_field; gz) or, without --docs, the embedded default documents. Each is cut into chunks of at most
-chunk_tokens tokens of --tokenizer (the model's folder or .gguf), consecutive chunks sharing about overlap_tokens,
-cut at word (Chinese: character) boundaries and preferably after a sentence. The folder holds index.json (settings,
+index: documents are read by readers.py (text files whole unless --txt_split says otherwise, jsonl/json/csv by
+--text_field; gz; inside folders only the extensions readers.py knows, the others named on stderr) or, without
+--docs, the embedded default documents. Each is cut into chunks of at most chunk_tokens tokens of --tokenizer (the
+model's folder or .gguf), consecutive chunks sharing about overlap_tokens, cut at word (Chinese: character)
+boundaries and preferably after a sentence. The folder holds index.json (settings,
 tokenizer checksum, files and their sha256), chunks.jsonl (source, line, character span, text) and bm25/ (bm25s).
 Indexing again mirrors --docs: unchanged files keep their chunks, changed files are re-chunked, files no longer
 named are dropped. An index of other settings or a model with another tokenizer is refused; so is a damaged index,
@@ -501,7 +502,8 @@ def main(argv):
         messages, used = rag_messages(tok, question, chunks, budget, system)
         inference.stream_reply(model, tok, inference.render_chat(tok, messages, system), max_new_tokens,
                                temperature, on_text=lambda s: print(s, end="", flush=True))
-        print("\n\nSources:" if used else "\n\n(no passage shares a word with the question)")
+        print("\n\nSources:" if used else "\n\n(no passage shares a word with the question)" if not chunks
+              else "\n\n(no room for a passage in the model's context)")
         for n, c in enumerate(used, 1):
             print(f"[{n}] {where(c)}")
         return

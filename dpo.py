@@ -51,6 +51,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import checkpoint
 import configurator
@@ -238,10 +239,12 @@ def reference_cache(t, batches, path, reuse):
     out = np.full((n, 2), np.nan, dtype=np.float32)
     model = getattr(t.model, "module", t.model)  # every rank runs every forward (FSDP gathers collectively)
     model.eval()
-    with adapters_off(model), t.autocast:
+    with adapters_off(model), t.autocast, tqdm(total=len(batches.kept), desc=f"reference log-probs {path}",
+                                               unit="pair", disable=not t.master) as bar:
         for index, (ids, labels) in batches.all_batches():
             logps, _ = answer_logps(model, ids.to(t.device), labels.to(t.device))
             out[index] = logps.view(2, -1).t().float().cpu().numpy()
+            bar.update(len(index))
     model.train()
     if t.master:
         np.save(path + ".tmp.npy", out)
@@ -288,7 +291,6 @@ def generate_pairs(model, tok, conversations, max_tokens, max_similarity):
     """(kept preference records for data_process.py, counts by outcome): chosen = each conversation's last reply,
     rejected = the model's greedy reply to what comes before it."""
     import inference
-    from tqdm import tqdm
     kept, counts = [], {"kept": 0, "similar": 0, "empty": 0}
     for msgs, split in tqdm(list(conversations), desc="pairs", unit="prompt"):
         prompt, chosen = msgs[:-1], msgs[-1]["content"]

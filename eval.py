@@ -90,7 +90,7 @@ bos = False           # prepend BOS to every scored sequence (lm-evaluation-harn
 block_size = 0        # ppl: window length in tokens (0 = the model's max_seq_len)
 stride = 0            # ppl: tokens a window advances (0 = block_size: disjoint windows)
 lengths = ()          # ppl: window lengths, one row each (instead of block_size); passkey: prompt lengths in tokens
-                      # (required). Comma-separated: --lengths=256,512,1024 (just one: --lengths=1024,)
+                      # (required). Comma-separated: --lengths=256,512,1024 or one length
 depths = (0, 0.25, 0.5, 0.75, 1)  # passkey: where the key sits, as fractions of the filler
 trials = 10           # passkey: prompts (keys) per length and depth
 rope_scaling = ""     # linear | dynamic | yarn: stretch the checkpoint's context to extend_to before evaluating
@@ -526,7 +526,7 @@ def passkey(model, tok, lengths, depths, trials, batch_size, seed, bos=False):
 def check_lengths(values):
     if not values or any(not isinstance(v, int) or v < 2 for v in values):
         raise SystemExit(f"--lengths={','.join(map(str, values))}: expected comma-separated lengths of at least 2 "
-                         f"tokens (just one: --lengths=1024,)")
+                         f"tokens")
     return list(values)
 
 
@@ -560,8 +560,7 @@ def check_settings():
         check_lengths(lengths)
         if not depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
                              for d in depths):
-            raise SystemExit(f"--depths={','.join(map(str, depths))}: expected comma-separated fractions in [0, 1] "
-                             f"(just one: --depths=0.5,)")
+            raise SystemExit(f"--depths={','.join(map(str, depths))}: expected comma-separated fractions in [0, 1]")
         if trials < 1:
             raise SystemExit(f"--trials={trials}: must be at least 1")
     elif not data:

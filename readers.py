@@ -28,7 +28,7 @@ import zlib
 
 EXCLUDE = "SOURCE.json,README*,LICENSE*"  # file-name globs skipped inside folders and globs
 
-_KINDS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_KINDS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 csv.field_size_limit(2**31 - 1)
 
 

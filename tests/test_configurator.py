@@ -20,6 +20,14 @@ def test_overrides_parse_literals_and_keep_types():
     assert set(cfg) == {"batch_size", "learning_rate", "compile", "out_dir", "init_from", "betas"}
 
 
+def test_one_value_for_a_tuple_key_is_a_one_item_tuple():
+    scope = defaults()
+    configurator.apply(scope, ["--betas=0.9"])
+    assert scope["betas"] == (0.9,)
+    configurator.apply(scope, ["--betas=0.8,"])
+    assert scope["betas"] == (0.8,)
+
+
 def test_config_files_apply_in_order_then_flags(tmp_path):
     py = tmp_path / "a.py"
     py.write_text("batch_size = 4\nout_dir = 'x'\n")

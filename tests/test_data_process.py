@@ -134,12 +134,13 @@ def test_folders_globs_and_exclusions(tmp_path):
     write(tmp_path / "c" / "b.txt", "b1\n")
     write(tmp_path / "c" / "a" / "x.jsonl.gz", '{"text": "a1"}\n', gz=True)
     write(tmp_path / "c" / "SOURCE.json", '{"dir": "x"}')  # excluded by name
-    write(tmp_path / "c" / "notes.md", "skipped: unknown extension")
+    write(tmp_path / "c" / "notes.md", "# markdown is text\n")
+    write(tmp_path / "c" / "logo.png", "skipped: unknown extension")
     write(tmp_path / "c" / "song100", "no extension: text\n")
     files, skipped = readers.expand_inputs(str(tmp_path / "c"))
-    assert [os.path.relpath(f, tmp_path / "c") for f in files] == ["b.txt", "song100", "a/x.jsonl.gz"]
-    assert sorted(os.path.basename(s) for s in skipped) == ["SOURCE.json", "notes.md"]
-    assert sorted(docs_of(tmp_path, input=str(tmp_path / "c" / "**" / "*.*"))) == ["a1", "b1"]
+    assert [os.path.relpath(f, tmp_path / "c") for f in files] == ["b.txt", "notes.md", "song100", "a/x.jsonl.gz"]
+    assert sorted(os.path.basename(s) for s in skipped) == ["SOURCE.json", "logo.png"]
+    assert sorted(docs_of(tmp_path, input=str(tmp_path / "c" / "**" / "*.*"))) == ["# markdown is text", "a1", "b1"]
     assert docs_of(tmp_path, input=f"{tmp_path / 'c' / 'b.txt'},{tmp_path / 'c' / 'song100'}") == \
         ["b1", "no extension: text"]
 

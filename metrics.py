@@ -82,3 +82,9 @@ def plot_losses(metrics_path, path):
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     log(f"loss curve: {path}")
+
+
+def rss_mb():
+    """This process's resident memory now, in MB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -22,7 +22,8 @@ CHUNK_ELEMENTS = 1 << 23
 
 
 def use_kernels(model, kernels="torch", chunked_loss=False):
-    """Switch a model.Transformer (or any module holding its layers) to the kernels named, in place."""
+    """Put the named kernels into a model.Transformer (or any module holding its layers), in place, and set its loss
+    to the chunked one or back to the plain one. kernels="torch" swaps no layer: it is model.py as built."""
     if kernels not in ("torch", "triton"):
         raise ValueError(f"kernels={kernels!r}: expected 'torch' or 'triton'")
     ce_rows = cross_entropy_rows

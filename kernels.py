@@ -105,8 +105,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, ce_rows):
-        n = h.shape[0]
-        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        n, chunk = h.shape[0], _chunk_rows(weight)
         nll = torch.empty(n, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         want_w = weight.requires_grad
@@ -143,13 +142,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, db, None, None
 
 
+def _chunk_rows(weight):
+    return max(1, CHUNK_ELEMENTS // weight.shape[0])
+
+
 def _logits(hc, weight, bias):
     return torch.addmm(bias, hc, weight.t()) if bias is not None else hc @ weight.t()
 
 
 def _weight_grads(h, weight, bias, targets, grad_nll, ce_rows):
     """sum_t grad_nll_t * d nll_t / d (W, b), recomputing the chunks' logits (fp32 sums)."""
-    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = _chunk_rows(weight)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
     db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], chunk):

@@ -396,10 +396,6 @@ class Transformer(nn.Module):
             return logits, nll
         return logits, nll.sum() / (targets != -100).sum().clamp(min=1)
 
-    def token_nll(self, idx, targets, doc_ids=None):
-        """forward(idx, targets, reduction="none")'s per-target negative log-likelihood (B, T)."""
-        return self(idx, targets, doc_ids=doc_ids, reduction="none")[1]
-
     def hidden_states(self, idx, input_pos=None, doc_ids=None):
         """The final-normed hidden states (B, T, dim). doc_ids (B, T): several samples packed into one row; each run
         of equal ids is a sample whose positions restart at 0 and which attends only to itself (padding after the

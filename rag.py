@@ -380,7 +380,7 @@ def continuation_nll(model, prefixes, continuation):
     targets = torch.full_like(idx, -100)
     for b, p in enumerate(prefixes):  # position t predicts token t + 1
         targets[b, len(p) - 1:len(p) - 1 + len(continuation)] = torch.tensor(continuation)
-    return model.token_nll(idx, targets).sum(1)
+    return model(idx, targets, reduction="none")[1].sum(1)
 
 
 # ----------------------------------------------------------------------------- evaluation

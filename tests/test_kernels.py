@@ -69,7 +69,7 @@ def test_chunked_loss_under_bf16_autocast_and_all_targets_ignored():
 
 
 def test_model_with_chunked_loss_gives_the_same_loss_and_gradients():
-    """Through Transformer.forward and token_nll, tied embeddings (the weight gets gradient from both uses)."""
+    """Through Transformer.forward (mean and per-token), tied embeddings (the weight gets gradient from both uses)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=123, dim=32, n_layers=2, n_heads=4, n_kv_heads=2))
     x, y = torch.randint(0, 123, (3, 17)), torch.randint(0, 123, (3, 17))
@@ -81,7 +81,7 @@ def test_model_with_chunked_loss_gives_the_same_loss_and_gradients():
         logits, loss = model(x, y)
         loss.backward()
         assert (logits is None) == chunked
-        runs.append([loss.detach(), model.token_nll(x, y).detach()]
+        runs.append([loss.detach(), model(x, y, reduction="none")[1].detach()]
                     + [p.grad.clone() for p in model.parameters()])
     for a, r in zip(*runs):
         torch.testing.assert_close(a, r, **FP32)

@@ -230,10 +230,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        dtype = q.dtype
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
             k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]  # the mask may end at the last filled slot
-        dtype = q.dtype
+            q = q.to(k.dtype)  # a CPU cache is fp32 (setup_cache)
         # PyTorch's CPU flash-attention backward is slower in bf16 than in fp32 at short sequences (ms, bf16 vs
         # fp32: T=64 14 vs 4, T=1024 38 vs 45; bench_pretrain.py --attention), so short CPU training windows attend
         # in fp32 (autocast would undo the cast, hence its own off switch); S²-Attn attends over its groups' lengths
@@ -448,13 +449,18 @@ class Transformer(nn.Module):
         """Preallocate the KV cache for batch_size rows of up to max_len tokens (reused when it already fits).
         pad_lens: (B,) number of left-padding tokens per row, or None for none."""
         p = self.embed.weight
+        # PyTorch's CPU attention is slow in bf16 for one query: 5-8x the fp32 time at 64-1024 cached tokens, which
+        # made it a tenth of a bf16 decode step; a CPU cache in fp32 (twice the bytes) skips it and any casting
+        dtype = torch.float32 if p.device.type == "cpu" else p.dtype
         cache = self.layers[0].attn.kv_cache
         if cache is None or cache.k.shape[0] != batch_size or cache.k.shape[2] < max_len \
-                or cache.k.dtype != p.dtype or cache.k.device != p.device:
-            for layer in self.layers:
-                layer.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
-                                              p.dtype, p.device)
-            self.cache_pad = torch.zeros(batch_size, dtype=torch.long, device=p.device)
+                or cache.k.dtype != dtype or cache.k.device != p.device:
+            # plain tensors even when called under inference_mode, so forward(input_pos=...) may write them outside it
+            with torch.inference_mode(False):
+                for layer in self.layers:
+                    layer.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
+                                                  dtype, p.device)
+                self.cache_pad = torch.zeros(batch_size, dtype=torch.long, device=p.device)
         # copy in place: a compiled decode step keeps reading the same buffer
         self.cache_pad.copy_(torch.zeros(batch_size, dtype=torch.long) if pad_lens is None else torch.as_tensor(pad_lens))
 
@@ -517,35 +523,38 @@ class Transformer(nn.Module):
         slots = torch.arange(T + max_new_tokens, device=device)  # sliced per step: no host-to-device copy
         was_training, onednn = self.training, torch.backends.mkldnn.enabled
         self.eval()
-        try:
-            # prefill: the whole prompt at slots 0..T-1, logits of the last position only
-            logits = self.lm_head(self.hidden_states(idx, slots[:T])[:, -1]).float()
-            # CPU decoding in bf16/fp16 of one or two rows is a chain of matrix-vector products, for which oneDNN
-            # repacks the weight on every call; ATen's own kernel streams it instead (~1.7x faster at batch 1; at
-            # batch 4 and more oneDNN wins again: 66.7 vs 45.2 tok/s at 8). Prefill keeps oneDNN's fast GEMM.
-            if device.type == "cpu" and self.embed.weight.dtype != torch.float32 and B <= 2:
-                torch.backends.mkldnn.enabled = False
-            for step in range(max_new_tokens):
-                banned = [_banned_ngram_tokens(r, no_repeat_ngram_size) for r in real] if real is not None else None
-                logits = process_logits(logits, seen, repetition_penalty, banned)
-                nxt = sample(logits, temperature, top_k, top_p, generator)
-                nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-                out.append(nxt[:, None])
-                if seen is not None:
-                    seen.scatter_(1, nxt[:, None], True)
-                if real is not None:
-                    for r, t in zip(real, nxt.tolist()):
-                        r.append(t)
-                if stop.numel():
-                    finished |= torch.isin(nxt, stop)
-                if callback is not None and callback(nxt.tolist()):
-                    break
-                if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
-                    break
-                logits = step_fn(nxt[:, None], slots[T + step:T + step + 1])
-        finally:
-            torch.backends.mkldnn.enabled = onednn
-            self.train(was_training)
+        # inference_mode skips autograd's version counters and view tracking, ~8% of a bf16 CPU decode step that is
+        # mostly per-op overhead; the ids are joined outside it, so callers get a plain tensor they may train on
+        with torch.inference_mode():
+            try:
+                # prefill: the whole prompt at slots 0..T-1, logits of the last position only
+                logits = self.lm_head(self.hidden_states(idx, slots[:T])[:, -1]).float()
+                # CPU decoding in bf16/fp16 of one or two rows is a chain of matrix-vector products, for which oneDNN
+                # repacks the weight on every call; ATen's own kernel streams it instead (~1.7x faster at batch 1; at
+                # batch 4 and more oneDNN wins again: 66.7 vs 45.2 tok/s at 8). Prefill keeps oneDNN's fast GEMM.
+                if device.type == "cpu" and self.embed.weight.dtype != torch.float32 and B <= 2:
+                    torch.backends.mkldnn.enabled = False
+                for step in range(max_new_tokens):
+                    banned = None if real is None else [_banned_ngram_tokens(r, no_repeat_ngram_size) for r in real]
+                    logits = process_logits(logits, seen, repetition_penalty, banned)
+                    nxt = sample(logits, temperature, top_k, top_p, generator)
+                    nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+                    out.append(nxt[:, None])
+                    if seen is not None:
+                        seen.scatter_(1, nxt[:, None], True)
+                    if real is not None:
+                        for r, t in zip(real, nxt.tolist()):
+                            r.append(t)
+                    if stop.numel():
+                        finished |= torch.isin(nxt, stop)
+                    if callback is not None and callback(nxt.tolist()):
+                        break
+                    if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
+                        break
+                    logits = step_fn(nxt[:, None], slots[T + step:T + step + 1])
+            finally:
+                torch.backends.mkldnn.enabled = onednn
+                self.train(was_training)
         return torch.cat(out, dim=1)
 
     # ------------------------------------------------------------------ bookkeeping

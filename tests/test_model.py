@@ -287,6 +287,31 @@ def test_low_precision_on_cpu(tmp_path, dtype):
     assert out.shape == (2, 24)
 
 
+def test_cpu_decoding_cache_and_inference_mode(tmp_path):
+    """On CPU a bf16 model decodes from an fp32 cache (PyTorch's bf16 one-query attention is slow there) to its full
+    forward's logits. generate runs under inference_mode yet returns a plain tensor one can train on, and a cache made
+    inside a caller's inference_mode can still be written outside it."""
+    hf_llama().save_pretrained(tmp_path)
+    model = convert.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    idx = torch.randint(0, V, (1, 12))
+    with torch.inference_mode():
+        model.generate(idx, 4, temperature=0)
+    assert model.layers[0].attn.kv_cache.k.dtype == torch.float32
+    with torch.no_grad():
+        full, _ = model(idx)
+        model.setup_cache(1, 16)  # reuses the cache made under inference_mode
+        parts = [model(idx[:, :8], input_pos=torch.arange(8))[0]]
+        parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(8, 12)]
+    assert max_diff(torch.cat(parts, 1), full) < 0.02 * full.abs().max()
+
+    out = model.generate(idx, 4, temperature=0)
+    assert not out.is_inference()
+    model.train()
+    _, loss = model(out[:, :-1], out[:, 1:])
+    loss.backward()
+    assert model.embed.weight.grad is not None
+
+
 # ----------------------------------------------------------------------------- training contract and errors
 
 def test_training_contract():

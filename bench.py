@@ -48,7 +48,7 @@ decode_dtype = "bfloat16"
 decode_compile = False   # also our decode step under torch.compile (minutes of compilation on CPU; CUDA graphs on GPU)
 new_tokens = 64
 prompt_tokens = 32
-repeats = 2
+repeats = 3
 column = ""              # internal: the training column a child process runs
 peak_flops = 0.0         # internal: handed to the children
 cfg = configurator.apply(globals(), sys.argv[1:])
@@ -174,18 +174,21 @@ def training_table(dev):
 
 # ---------------------------------------------------------------------------------------------------- decoding
 
-def timed(fn, dev):
-    """(result, best wall seconds, CPU seconds of that run). On a shared CPU the process's own CPU time is the
-    steadier figure: other jobs stretch the wall clock, not the work."""
-    best, cpu, out = float("inf"), None, None
+def timed(fns, dev):
+    """{name: (best wall seconds, CPU seconds of that run)} over `repeats` rounds that run every fn once, in turn, so
+    that on a shared CPU each side sees the same stretches of load. The process's own CPU time is the steadier
+    figure there: other jobs stretch the wall clock, not the work."""
+    best = {name: (float("inf"), None) for name in fns}
     for _ in range(repeats):
-        sync(dev)
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        sync(dev)
-        if time.perf_counter() - t0 < best:
-            best, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return out, best, cpu
+        for name, fn in fns.items():
+            sync(dev)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync(dev)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if wall < best[name][0]:
+                best[name] = (wall, cpu)
+    return best
 
 
 def decode_table(dev):
@@ -208,12 +211,15 @@ def decode_table(dev):
                      max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         with torch.no_grad():
             hf.generate(prompt, **{**hf_kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-            _, t_hf, c_hf = timed(lambda: hf.generate(prompt, **hf_kw), dev)
             ours.generate(prompt, 4, temperature=0)
-            _, t_ours, c_ours = timed(lambda: ours.generate(prompt, new_tokens, temperature=0), dev)
+            fns = {"hf": lambda: hf.generate(prompt, **hf_kw),
+                   "ours": lambda: ours.generate(prompt, new_tokens, temperature=0)}
             if decode_compile:
                 ours.generate(prompt, new_tokens, temperature=0, compile=True)  # compiles (and warms CUDA graphs)
-                _, t_c, _ = timed(lambda: ours.generate(prompt, new_tokens, temperature=0, compile=True), dev)
+                fns["compiled"] = lambda: ours.generate(prompt, new_tokens, temperature=0, compile=True)
+            best = timed(fns, dev)
+        (t_hf, c_hf), (t_ours, c_ours) = best["hf"], best["ours"]
+        t_c = best["compiled"][0] if decode_compile else None
         n = batch * new_tokens
         print(f"{batch:>5}{n / t_ours:>12.1f}{n / t_hf:>14.1f}{t_hf / t_ours:>7.2f}x{c_hf / c_ours:>15.2f}x"
               + (f"{n / t_c:>16.1f}{t_hf / t_c:>7.2f}x" if decode_compile else ""))

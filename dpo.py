@@ -58,7 +58,7 @@ import configurator
 import lora
 import trainer
 import tuning
-from metrics import log
+from metrics import log, trim_heap
 
 # -- the training loop's settings (every field of trainer.TrainConfig) and the fine-tuning ones shared with
 #    fine_tuning.py (tuning.TuningConfig: the model, method, LoRA, epochs, evaluation); DPO's own defaults follow
@@ -246,6 +246,7 @@ def reference_cache(t, batches, path, reuse):
             out[index] = logps.view(2, -1).t().float().cpu().numpy()
             bar.update(len(index))
     model.train()
+    trim_heap()
     if t.master:
         np.save(path + ".tmp.npy", out)
         os.replace(path + ".tmp.npy", path)

@@ -14,6 +14,7 @@ padding are skipped), so the chunked loss also saves the lm_head work of masked 
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import model as model_lib
 
@@ -91,9 +92,15 @@ def linear_cross_entropy(h, weight, bias, targets, ce_rows=cross_entropy_rows):
     h, weight = h.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     rows = (targets != -100).nonzero().squeeze(1)
+    # without gradients (evaluation, DPO's reference pass) the chunks' gradients would be computed for nothing
+    trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
+
+    def loss(h, targets):
+        return _LinearCrossEntropy.apply(h, weight, bias, targets, ce_rows) if trains else \
+            _chunked_nll(h, weight, bias, targets)
     if len(rows) == len(targets):  # every token carries a loss: no gather
-        return _LinearCrossEntropy.apply(h, weight, bias, targets, ce_rows).view(shape)
-    nll = _LinearCrossEntropy.apply(h.index_select(0, rows), weight, bias, targets[rows], ce_rows)
+        return loss(h, targets).view(shape)
+    nll = loss(h.index_select(0, rows), targets[rows])
     return torch.zeros(len(targets), dtype=nll.dtype, device=nll.device).index_put((rows,), nll).view(shape)
 
 
@@ -140,6 +147,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dw = dw.to(weight.dtype) if grad_w is not None else None
                 db = db.to(bias.dtype) if grad_b is not None else None
         return dh, dw, db, None, None
+
+
+def _chunked_nll(h, weight, bias, targets):
+    """linear_cross_entropy's forward alone, chunk by chunk, for when nothing needs a gradient."""
+    chunk = _chunk_rows(weight)
+    nll = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        for s in range(0, h.shape[0], chunk):
+            logits = _logits(h[s:s + chunk], weight, bias).float()
+            nll[s:s + chunk] = F.cross_entropy(logits, targets[s:s + chunk], ignore_index=-100, reduction="none")
+    return nll
 
 
 def _chunk_rows(weight):

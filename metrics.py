@@ -1,5 +1,6 @@
 """What a training run reports: log lines (rank 0 only), metrics.jsonl records read back tolerantly, the loss plot,
-Weights & Biases, and the peak FLOP/s that MFU is measured against."""
+Weights & Biases, the peak FLOP/s that MFU is measured against, and the process's memory (for the benchmarks)."""
+import ctypes
 import json
 import os
 import sys
@@ -88,3 +89,31 @@ def rss_mb():
     """This process's resident memory now, in MB (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def trim_heap():
+    """Give back to the OS the memory malloc keeps after frees (glibc's malloc_trim; a no-op elsewhere). After a pass
+    of many differently sized forwards (DPO's reference log-probs) glibc would otherwise keep ~1 GB of SmolLM2's
+    freed activations resident for the rest of the run."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_mb():
+    """The bytes malloc has handed out and not had back, in MB (glibc >= 2.33; None elsewhere): on CPU, the closest
+    thing to torch.cuda.memory_allocated. Unlike RSS it leaves out the libraries' code and the freed memory malloc
+    keeps for reuse, and it includes every tensor (torch's CPU allocator is malloc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20

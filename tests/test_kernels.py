@@ -53,6 +53,25 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, bias, u
         torch.testing.assert_close(a, r, **FP32)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_loss_without_gradients_computes_none(monkeypatch, bias):
+    """Under no_grad (evaluation, DPO's reference pass) the loss is the plain one, chunk by chunk, and the forward
+    that also computes the gradients never runs; with frozen inputs the same holds outside no_grad."""
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 7 * 123)
+    monkeypatch.setattr(kernels._LinearCrossEntropy, "forward", staticmethod(lambda *a: 1 / 0))
+    torch.manual_seed(0)
+    h, w = torch.randn(301, 16), torch.randn(123, 16)
+    b = torch.randn(123) if bias else None
+    t = torch.randint(0, 123, (301,))
+    t[::3] = -100
+    torch.testing.assert_close(kernels.linear_cross_entropy(h, w, b, t), plain_loss(h, w, b, t), **FP32)
+    with torch.no_grad():
+        h.requires_grad_()
+        torch.testing.assert_close(kernels.linear_cross_entropy(h, w, b, t), plain_loss(h, w, b, t), **FP32)
+    with pytest.raises(ZeroDivisionError):  # and with a gradient to compute, it is the gradient path
+        kernels.linear_cross_entropy(h, w, b, t)
+
+
 def test_chunked_loss_under_bf16_autocast_and_all_targets_ignored():
     torch.manual_seed(0)
     h = torch.randn(2, 40, 32, requires_grad=True)

@@ -223,3 +223,15 @@ def test_open_data_dir_checks_sft_index_against_tokens(tmp_path):
         open_data_dir(str(folder), "sft", splits=("train",))
     np.save(folder / "train_idx.npy", np.array([0, 4, 10]))
     assert len(open_data_dir(str(folder), "sft", splits=("train",)).sft("train")) == 2
+
+
+def test_heap_mb_counts_tensors_and_their_release():
+    """metrics.heap_mb (bench_dpo's CPU counterpart of torch.cuda.memory_allocated) sees a 256 MB tensor come and go."""
+    import metrics
+    if metrics.heap_mb() is None:
+        pytest.skip("no glibc mallinfo2 here")
+    before = metrics.heap_mb()
+    x = torch.ones(64 * 2**20)
+    assert 250 < metrics.heap_mb() - before < 270
+    del x
+    assert abs(metrics.heap_mb() - before) < 10

@@ -1,6 +1,7 @@
 """What a training run reports: log lines (rank 0 only), metrics.jsonl records read back tolerantly, the loss plot,
 Weights & Biases, the peak FLOP/s that MFU is measured against, and the process's memory (for the benchmarks)."""
 import ctypes
+import functools
 import json
 import os
 import sys
@@ -91,29 +92,37 @@ def rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def trim_heap():
-    """Give back to the OS the memory malloc keeps after frees (glibc's malloc_trim; a no-op elsewhere). After a pass
-    of many differently sized forwards (DPO's reference log-probs) glibc would otherwise keep ~1 GB of SmolLM2's
-    freed activations resident for the rest of the run."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def heap_mb():
-    """The bytes malloc has handed out and not had back, in MB (glibc >= 2.33; None elsewhere): on CPU, the closest
-    thing to torch.cuda.memory_allocated. Unlike RSS it leaves out the libraries' code and the freed memory malloc
-    keeps for reuse, and it includes every tensor (torch's CPU allocator is malloc)."""
+@functools.cache
+def _glibc():
+    """glibc with mallinfo2 (>= 2.33), or None (another libc, macOS)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2.restype = _MallInfo2
+        return libc
     except (OSError, AttributeError):
+        return None
+
+
+def trim_heap():
+    """Give back to the OS the memory malloc keeps after frees (glibc's malloc_trim; a no-op elsewhere). After a pass
+    of many differently sized forwards (DPO's reference log-probs of SmolLM2) glibc would otherwise keep ~0.7 GB of
+    freed activations resident for the rest of the run."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def heap_mb():
+    """The bytes malloc has handed out and not had back, in MB (None without glibc): on CPU, the closest thing to
+    torch.cuda.memory_allocated. Unlike RSS it leaves out the libraries' code and the freed memory malloc keeps for
+    reuse, and it includes every tensor (torch's CPU allocator is malloc)."""
+    libc = _glibc()
+    if libc is None:
         return None
     info = libc.mallinfo2()
     return (info.uordblks + info.hblkhd) / 2**20

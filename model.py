@@ -449,7 +449,7 @@ class Transformer(nn.Module):
         """Preallocate the KV cache for batch_size rows of up to max_len tokens (reused when it already fits).
         pad_lens: (B,) number of left-padding tokens per row, or None for none."""
         p = self.embed.weight
-        # PyTorch's CPU attention is slow in bf16 for one query: 5-8x the fp32 time at 64-1024 cached tokens, which
+        # PyTorch's CPU attention is slow in bf16 for one query: 4-8x the fp32 time at 64-1024 cached tokens, which
         # made it a tenth of a bf16 decode step; a CPU cache in fp32 (twice the bytes) skips it and any casting
         dtype = torch.float32 if p.device.type == "cpu" else p.dtype
         cache = self.layers[0].attn.kv_cache

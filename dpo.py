@@ -245,8 +245,10 @@ def reference_cache(t, batches, path, reuse):
             logps, _ = answer_logps(model, ids.to(t.device), labels.to(t.device))
             out[index] = logps.view(2, -1).t().float().cpu().numpy()
             bar.update(len(index))
+            # each batch has its own width and glibc keeps every freed size: untrimmed, SmolLM2's pass over dpo_zh
+            # peaked at 1,956 MB resident and its training at 1,529; trimmed, both at 1,465 (a trim takes ~1 ms)
+            trim_heap()
     model.train()
-    trim_heap()
     if t.master:
         np.save(path + ".tmp.npy", out)
         os.replace(path + ".tmp.npy", path)

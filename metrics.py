@@ -109,9 +109,8 @@ def _glibc():
 
 
 def trim_heap():
-    """Give back to the OS the memory malloc keeps after frees (glibc's malloc_trim; a no-op elsewhere). After a pass
-    of many differently sized forwards (DPO's reference log-probs of SmolLM2) glibc would otherwise keep ~0.7 GB of
-    freed activations resident for the rest of the run."""
+    """Give back to the OS the memory malloc keeps after frees (glibc's malloc_trim; a no-op elsewhere). Batches of
+    many widths (DPO's reference pass) otherwise leave 0.5-0.7 GB of SmolLM2's freed activations resident."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -59,18 +59,25 @@ def run_side():
     torch.set_num_threads(threads)
     peak, training, done = {"rss": 0.0, "heap": 0.0}, threading.Event(), threading.Event()
 
+    def take():
+        peak["rss"], peak["heap"] = max(peak["rss"], rss_mb()), max(peak["heap"], heap_mb() or 0.0)
+
     def sample():
         while not done.wait(0.002):
             if training.is_set():
-                peak["rss"], peak["heap"] = max(peak["rss"], rss_mb()), max(peak["heap"], heap_mb() or 0.0)
+                take()
     threading.Thread(target=sample, daemon=True).start()
     fit = trainer.Trainer.fit
 
     def sampled_fit(self):
+        take()
         training.set()
         return fit(self)
-    trainer.Trainer.fit = sampled_fit
-    trainer.Trainer.export_model = lambda self: training.clear()
+
+    def end_of_training(self):  # instead of the export
+        take()
+        training.clear()
+    trainer.Trainer.fit, trainer.Trainer.export_model = sampled_fit, end_of_training
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as out_dir:
         sys.argv = ["dpo.py"] + dpo_args(side, out_dir)
@@ -96,12 +103,17 @@ def main():
         for name in names:
             cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--side={name}",
                    f"--result={tmp}/{name}.json"]
-            procs[name] = subprocess.Popen(cmd, stdout=open(f"{tmp}/{name}.log", "w"), stderr=subprocess.STDOUT)
+            with open(f"{tmp}/{name}.log", "w") as log_file:
+                procs[name] = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
         rows = {}
         for name, p in procs.items():
             if p.wait() != 0:
-                sys.exit(f"reference={name} failed:\n" + open(f"{tmp}/{name}.log").read()[-3000:])
-            rows[name] = json.load(open(f"{tmp}/{name}.json"))
+                for other in procs.values():
+                    other.kill()
+                with open(f"{tmp}/{name}.log") as f:
+                    sys.exit(f"reference={name} failed:\n" + f.read()[-3000:])
+            with open(f"{tmp}/{name}.json") as f:
+                rows[name] = json.load(f)
     print(f"dpo.py config/dpo_lora.py on {data_dir}: {max_iters} steps of {batch_size} pair(s) x {grad_accum}, "
           f"max_len {max_len}, activation checkpointing {activation_checkpointing}, {threads} thread(s) each")
     cols = ("wall_s", "run_rss_mb", "train_rss_mb", "train_heap_mb")
@@ -114,6 +126,7 @@ def main():
             print(f"{name} / copy: " + ", ".join(f"{c[:-3].replace('_', ' ')} {r[c] / rows['copy'][c]:.2f}x"
                                                  for c in cols[1:] if r[c] is not None) +
                   f", wall {r['wall_s'] / rows['copy']['wall_s']:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -315,3 +315,20 @@ def test_make_pairs_writes_a_dpo_data_directory_of_the_kept_pairs(setup, tmp_pat
     kept = [json.loads(line) for line in open(os.path.join(out, "pairs.jsonl"))]
     assert [k["chosen"] for k in kept] == answers[1:]
     assert tok.decode(train[0][1].tolist(), skip_special=True).startswith("it is 6.")
+
+
+def test_bench_dpo_runs_each_reference_and_compares_it_with_the_copy(setup):
+    """bench_dpo.py, which gives BENCHMARKS.md its DPO memory figures: each reference a whole dpo.py run, every
+    column filled, the ratios to the copy printed; a run that fails is reported with its log."""
+    model_dir, data_dir = setup
+    cmd = [sys.executable, os.path.join(ROOT, "bench_dpo.py"), f"--init_from={model_dir}", f"--data_dir={data_dir}",
+           "--references=copy,cached", "--max_iters=2", "--max_len=32"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {w[0]: w[1:] for w in map(str.split, r.stdout.splitlines())
+            if w[:1] in (["copy"], ["cached"]) and w[1] != "/"}  # the table's rows, not the ratio line
+    assert set(rows) == {"copy", "cached"} and all(float(v) > 0 for row in rows.values() for v in row)
+    assert "cached / copy: run rss" in r.stdout and "train heap" in r.stdout
+    r = subprocess.run(cmd + ["--references=copy,nonsense"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "reference=nonsense failed" in r.stderr and "expected one of" in r.stderr

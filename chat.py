@@ -97,7 +97,7 @@ def repl(model, tok, system="", max_new_tokens=256, temperature=0.7, top_k=50, t
             continue
         reply = inference.stream_reply(model, tok, prompt, max_new_tokens, temperature, top_k, top_p,
                                        repetition_penalty, on_text=write)
-        write("\n" + "".join(["Sources:\n"] * bool(used) + [f"[{n}] {where(c)}\n" for n, c in enumerate(used, 1)]))
+        write("\n" + ("Sources:\n" if used else "") + "".join(f"[{n}] {where(c)}\n" for n, c in enumerate(used, 1)))
         history.append({"role": "assistant", "content": reply})
 
 

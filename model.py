@@ -470,7 +470,9 @@ class Transformer(nn.Module):
         logits, _ = self(idx, input_pos=input_pos)
         return logits[:, -1].float()
 
-    @torch.no_grad()
+    # inference_mode skips autograd's version counters and view tracking, ~8% of a bf16 CPU decode step that is
+    # mostly per-op overhead
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
                  no_repeat_ngram_size=0, stop_ids=None, callback=None, attention_mask=None, pad_id=None,
                  compile=False, generator=None):
@@ -523,39 +525,37 @@ class Transformer(nn.Module):
         slots = torch.arange(T + max_new_tokens, device=device)  # sliced per step: no host-to-device copy
         was_training, onednn = self.training, torch.backends.mkldnn.enabled
         self.eval()
-        # inference_mode skips autograd's version counters and view tracking, ~8% of a bf16 CPU decode step that is
-        # mostly per-op overhead; the ids are joined outside it, so callers get a plain tensor they may train on
-        with torch.inference_mode():
-            try:
-                # prefill: the whole prompt at slots 0..T-1, logits of the last position only
-                logits = self.lm_head(self.hidden_states(idx, slots[:T])[:, -1]).float()
-                # CPU decoding in bf16/fp16 of one or two rows is a chain of matrix-vector products, for which oneDNN
-                # repacks the weight on every call; ATen's own kernel streams it instead (~1.7x faster at batch 1; at
-                # batch 4 and more oneDNN wins again: 66.7 vs 45.2 tok/s at 8). Prefill keeps oneDNN's fast GEMM.
-                if device.type == "cpu" and self.embed.weight.dtype != torch.float32 and B <= 2:
-                    torch.backends.mkldnn.enabled = False
-                for step in range(max_new_tokens):
-                    banned = None if real is None else [_banned_ngram_tokens(r, no_repeat_ngram_size) for r in real]
-                    logits = process_logits(logits, seen, repetition_penalty, banned)
-                    nxt = sample(logits, temperature, top_k, top_p, generator)
-                    nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-                    out.append(nxt[:, None])
-                    if seen is not None:
-                        seen.scatter_(1, nxt[:, None], True)
-                    if real is not None:
-                        for r, t in zip(real, nxt.tolist()):
-                            r.append(t)
-                    if stop.numel():
-                        finished |= torch.isin(nxt, stop)
-                    if callback is not None and callback(nxt.tolist()):
-                        break
-                    if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
-                        break
-                    logits = step_fn(nxt[:, None], slots[T + step:T + step + 1])
-            finally:
-                torch.backends.mkldnn.enabled = onednn
-                self.train(was_training)
-        return torch.cat(out, dim=1)
+        try:
+            # prefill: the whole prompt at slots 0..T-1, logits of the last position only
+            logits = self.lm_head(self.hidden_states(idx, slots[:T])[:, -1]).float()
+            # CPU decoding in bf16/fp16 of one or two rows is a chain of matrix-vector products, for which oneDNN
+            # repacks the weight on every call; ATen's own kernel streams it instead (~1.7x faster at batch 1; at
+            # batch 4 and more oneDNN wins again: 66.7 vs 45.2 tok/s at 8). Prefill keeps oneDNN's fast GEMM.
+            if device.type == "cpu" and self.embed.weight.dtype != torch.float32 and B <= 2:
+                torch.backends.mkldnn.enabled = False
+            for step in range(max_new_tokens):
+                banned = None if real is None else [_banned_ngram_tokens(r, no_repeat_ngram_size) for r in real]
+                logits = process_logits(logits, seen, repetition_penalty, banned)
+                nxt = sample(logits, temperature, top_k, top_p, generator)
+                nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+                out.append(nxt[:, None])
+                if seen is not None:
+                    seen.scatter_(1, nxt[:, None], True)
+                if real is not None:
+                    for r, t in zip(real, nxt.tolist()):
+                        r.append(t)
+                if stop.numel():
+                    finished |= torch.isin(nxt, stop)
+                if callback is not None and callback(nxt.tolist()):
+                    break
+                if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
+                    break
+                logits = step_fn(nxt[:, None], slots[T + step:T + step + 1])
+        finally:
+            torch.backends.mkldnn.enabled = onednn
+            self.train(was_training)
+        with torch.inference_mode(False):  # a plain tensor: callers may train on the ids
+            return torch.cat(out, dim=1)
 
     # ------------------------------------------------------------------ bookkeeping
 

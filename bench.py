@@ -175,19 +175,19 @@ def training_table(dev):
 # ---------------------------------------------------------------------------------------------------- decoding
 
 def timed(fns, dev):
-    """{name: (best wall seconds, CPU seconds of that run)} over `repeats` rounds that run every fn once, in turn, so
-    that on a shared CPU each side sees the same stretches of load. The process's own CPU time is the steadier
-    figure there: other jobs stretch the wall clock, not the work."""
-    best = {name: (float("inf"), None) for name in fns}
+    """{name: (best wall seconds, CPU seconds of that run, its result)} over `repeats` rounds that run every fn once,
+    in turn, so that on a shared CPU each side sees the same stretches of load. The process's own CPU time is the
+    steadier figure there: other jobs stretch the wall clock, not the work."""
+    best = {name: (float("inf"), None, None) for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(dev)
             t0, c0 = time.perf_counter(), time.process_time()
-            fn()
+            out = fn()
             sync(dev)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             if wall < best[name][0]:
-                best[name] = (wall, cpu)
+                best[name] = (wall, cpu, out)
     return best
 
 
@@ -195,14 +195,14 @@ def decode_table(dev):
     import transformers
     transformers.logging.set_verbosity_error()
     path = checkpoint or convert.smollm2_gguf()
-    export = tempfile.mkdtemp(prefix="bench_")
-    convert.save_pretrained(convert.from_pretrained(path), export)
     dtype = getattr(torch, decode_dtype)
-    ours = convert.from_pretrained(export, device=dev, dtype=dtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=dtype).to(dev).eval()
+    with tempfile.TemporaryDirectory(prefix="bench_") as export:  # 0.5 GB for SmolLM2: not left in /tmp
+        convert.save_pretrained(convert.from_pretrained(path), export)
+        ours = convert.from_pretrained(export, device=dev, dtype=dtype)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=dtype).to(dev).eval()
     print(f"\ndecoding: {path}, {decode_dtype}, {prompt_tokens}-token prompts, {new_tokens} new tokens, greedy, "
           f"best of {repeats}, transformers {transformers.__version__}")
-    print(f"{'batch':>5}{'ours tok/s':>12}{'transformers':>14}{'ratio':>8}{'CPU-time ratio':>16}"
+    print(f"{'batch':>5}{'ours tok/s':>12}{'transformers':>14}{'ratio':>8}{'CPU-time ratio':>16}{'same tokens':>13}"
           + (f"{'compiled tok/s':>16}{'ratio':>8}" if decode_compile else ""))
     torch.manual_seed(0)
     for batch in decode_batches:
@@ -218,10 +218,11 @@ def decode_table(dev):
                 ours.generate(prompt, new_tokens, temperature=0, compile=True)  # compiles (and warms CUDA graphs)
                 fns["compiled"] = lambda: ours.generate(prompt, new_tokens, temperature=0, compile=True)
             best = timed(fns, dev)
-        (t_hf, c_hf), (t_ours, c_ours) = best["hf"], best["ours"]
+        (t_hf, c_hf, ids_hf), (t_ours, c_ours, ids_ours) = best["hf"], best["ours"]
         t_c = best["compiled"][0] if decode_compile else None
         n = batch * new_tokens
-        print(f"{batch:>5}{n / t_ours:>12.1f}{n / t_hf:>14.1f}{t_hf / t_ours:>7.2f}x{c_hf / c_ours:>15.2f}x"
+        same = "yes" if torch.equal(ids_ours, ids_hf) else "no"  # greedy: bf16 rounding may part them late
+        print(f"{batch:>5}{n / t_ours:>12.1f}{n / t_hf:>14.1f}{t_hf / t_ours:>7.2f}x{c_hf / c_ours:>15.2f}x{same:>13}"
               + (f"{n / t_c:>16.1f}{t_hf / t_c:>7.2f}x" if decode_compile else ""))
 
 

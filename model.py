@@ -13,6 +13,7 @@ and generation (eval mode) always attend in full.
 
 Inference: setup_cache() preallocates a static KV cache; generate() runs one prefill, then one-token decode steps
 (decode_step compiles with torch.compile(fullgraph=True)). Left-padded batches carry their pad lengths in the cache.
+On CPU, generate() runs inside cpu_decoding(), which lays the weights out for chains of matrix-vector products.
 """
 import contextlib
 import math
@@ -182,8 +183,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.doubled_weight = None  # cat(weight, weight) while cpu_decoding() holds the model
 
     def forward(self, x):
+        if self.doubled_weight is not None and not torch.is_grad_enabled():
+            # PyTorch's CPU rms_norm is ~8 separate ops and its layer_norm one kernel; LayerNorm of [x, -x] (mean 0,
+            # variance mean(x²)) is RMSNorm, up to a rare last bit, and ~0.7 ms less of a ~28 ms SmolLM2 decode step
+            d = x.shape[-1]
+            return F.layer_norm(torch.cat((x, -x), -1), (2 * d,), self.doubled_weight, None, self.eps)[..., :d]
         # F.rms_norm normalises low-precision inputs in fp32, as LLaMA does: bf16 mean-of-squares loses too many bits
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
@@ -221,15 +228,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=bias)
         self.dropout = config.dropout
         self.kv_cache = None  # a KVCache while generating (Transformer.setup_cache)
+        self.qkv = None  # (weight, bias) of q/k/v as one layer while cpu_decoding() holds them packed
         self.rotate = apply_rope  # kernels.use_kernels may put a fused kernel here
         self.s2_groups = 0  # > 1: S²-Attn in training mode (set through Transformer.s2_groups)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if self.qkv is not None and not torch.is_grad_enabled():  # one product, one rotation for q and k together
+            qkv = F.linear(x, *self.qkv).view(B, T, -1, self.head_dim).transpose(1, 2)
+            qk = self.rotate(qkv[:, :self.n_heads + self.n_kv_heads], cos, sin)
+            q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv_heads:]
+        else:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         dtype = q.dtype
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -299,9 +312,14 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
+        self.gate_up = None  # (weight, bias) of gate and up as one layer while cpu_decoding() holds them packed
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class GeluMLP(nn.Module):
@@ -420,6 +438,10 @@ class Transformer(nn.Module):
                 # eager CPU decoding attends to the filled slots only: the cache's empty tail costs as much as its
                 # filled part (a compiled step keeps one static shape; on CUDA the length would be a host sync)
                 mask = mask[..., :int(input_pos[-1]) + 1]
+            # additive, in the cache's dtype: attention would otherwise convert the boolean mask in every layer
+            # (~0.4 ms of a 28 ms SmolLM2 CPU decode step)
+            dtype = self.layers[0].attn.kv_cache.k.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             cos, sin = rope_cos_sin(self.config, positions)
             cos, sin = cos[:, None], sin[:, None]
         x = self.dropout(self.embed(idx))
@@ -525,35 +547,38 @@ class Transformer(nn.Module):
         slots = torch.arange(T + max_new_tokens, device=device)  # sliced per step: no host-to-device copy
         was_training, onednn = self.training, torch.backends.mkldnn.enabled
         self.eval()
-        try:
-            # prefill: the whole prompt at slots 0..T-1, logits of the last position only
-            logits = self.lm_head(self.hidden_states(idx, slots[:T])[:, -1]).float()
-            # CPU decoding in bf16/fp16 of one or two rows is a chain of matrix-vector products, for which oneDNN
-            # repacks the weight on every call; ATen's own kernel streams it instead (~1.7x faster at batch 1; at
-            # batch 4 and more oneDNN wins again: 66.7 vs 45.2 tok/s at 8). Prefill keeps oneDNN's fast GEMM.
-            if device.type == "cpu" and self.embed.weight.dtype != torch.float32 and B <= 2:
-                torch.backends.mkldnn.enabled = False
-            for step in range(max_new_tokens):
-                banned = None if real is None else [_banned_ngram_tokens(r, no_repeat_ngram_size) for r in real]
-                logits = process_logits(logits, seen, repetition_penalty, banned)
-                nxt = sample(logits, temperature, top_k, top_p, generator)
-                nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-                out.append(nxt[:, None])
-                if seen is not None:
-                    seen.scatter_(1, nxt[:, None], True)
-                if real is not None:
-                    for r, t in zip(real, nxt.tolist()):
-                        r.append(t)
-                if stop.numel():
-                    finished |= torch.isin(nxt, stop)
-                if callback is not None and callback(nxt.tolist()):
-                    break
-                if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
-                    break
-                logits = step_fn(nxt[:, None], slots[T + step:T + step + 1])
-        finally:
-            torch.backends.mkldnn.enabled = onednn
-            self.train(was_training)
+        with cpu_decoding(self) if device.type == "cpu" else contextlib.nullcontext():
+            try:
+                # prefill: the whole prompt at slots 0..T-1, logits of the last position only
+                h = self.hidden_states(idx, slots[:T])[:, -1]
+                # CPU decoding in bf16/fp16 of one or two rows is a chain of matrix-vector products, for which oneDNN
+                # repacks the weight on every call; ATen's own kernel streams it instead (~1.7x faster at batch 1; at
+                # batch 4 and more oneDNN wins again: 66.7 vs 45.2 tok/s at 8). Prefill keeps oneDNN's fast GEMM
+                # up to its last position's logits, which are one more matrix-vector product.
+                if device.type == "cpu" and self.embed.weight.dtype != torch.float32 and B <= 2:
+                    torch.backends.mkldnn.enabled = False
+                logits = self.lm_head(h).float()
+                for step in range(max_new_tokens):
+                    banned = None if real is None else [_banned_ngram_tokens(r, no_repeat_ngram_size) for r in real]
+                    logits = process_logits(logits, seen, repetition_penalty, banned)
+                    nxt = sample(logits, temperature, top_k, top_p, generator)
+                    nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+                    out.append(nxt[:, None])
+                    if seen is not None:
+                        seen.scatter_(1, nxt[:, None], True)
+                    if real is not None:
+                        for r, t in zip(real, nxt.tolist()):
+                            r.append(t)
+                    if stop.numel():
+                        finished |= torch.isin(nxt, stop)
+                    if callback is not None and callback(nxt.tolist()):
+                        break
+                    if step == max_new_tokens - 1 or (stop.numel() and bool(finished.all())):
+                        break
+                    logits = step_fn(nxt[:, None], slots[T + step:T + step + 1])
+            finally:
+                torch.backends.mkldnn.enabled = onednn
+                self.train(was_training)
         with torch.inference_mode(False):  # a plain tensor: callers may train on the ids
             return torch.cat(out, dim=1)
 
@@ -572,6 +597,51 @@ class Transformer(nn.Module):
         if c.tie_embeddings:
             n += self.embed.weight.numel()  # the lm_head matmul still runs
         return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+@contextlib.contextmanager
+def cpu_decoding(model):
+    """Lay the weights out for a CPU decode step, a chain of matrix-vector products and small ops that each cost more
+    in calls than in arithmetic, for the duration (Transformer.generate on CPU):
+    - q/k/v run as one matrix product, and gate/up as another (gpt-fast's fused projections). Their weights move into
+      one buffer per group, each nn.Linear's weight a view of its rows, so this costs no memory and the checkpoint
+      names (converters, LoRA targets, quantisers) stay; on exit each weight gets storage of its own again (packing
+      and unpacking SmolLM2-135M take ~30 ms together). A group with a layer that is not a plain nn.Linear (LoRA, quantised, sharded) stays as it is.
+    - each RMSNorm keeps its weight twice over, for the one-kernel LayerNorm form of RMSNorm (RMSNorm.forward).
+    For inference only: the packed tensors are not parameters, so with gradients enabled the layers run as usual.
+    A SmolLM2-135M bf16 step on one thread takes ~27.5 ms instead of ~29.5."""
+    groups = []
+    for layer in model.layers:
+        groups.append((layer.attn, "qkv", (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj)))
+        if isinstance(layer.mlp, SwiGLU):
+            groups.append((layer.mlp, "gate_up", (layer.mlp.gate_proj, layer.mlp.up_proj)))
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm) and type(m.weight.data) is torch.Tensor]
+    packed = []
+    try:
+        # plain tensors even under the caller's inference_mode: the weights must stay trainable afterwards
+        with torch.no_grad(), torch.inference_mode(False):
+            for owner, name, linears in groups:
+                if not all(type(lin) is nn.Linear and type(lin.weight.data) is torch.Tensor for lin in linears) or \
+                        len({(lin.weight.dtype, lin.weight.device, lin.bias is None) for lin in linears}) > 1:
+                    continue
+                weights = [lin.weight for lin in linears]
+                weight = torch.cat(weights)
+                for w, rows in zip(weights, weight.split([w.shape[0] for w in weights])):
+                    w.data = rows
+                bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+                setattr(owner, name, (weight, bias))
+                packed.append((owner, name, weights))
+            for norm in norms:
+                norm.doubled_weight = torch.cat((norm.weight, norm.weight))
+        yield
+    finally:
+        with torch.no_grad(), torch.inference_mode(False):
+            for norm in norms:
+                norm.doubled_weight = None
+            for owner, name, weights in packed:
+                setattr(owner, name, None)
+                for w in weights:
+                    w.data = w.data.clone()
 
 
 def packed_mask(doc_ids):

@@ -312,6 +312,67 @@ def test_cpu_decoding_cache_and_inference_mode(tmp_path):
     assert model.embed.weight.grad is not None
 
 
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_cpu_decoding_layout_is_exact_costs_no_copy_and_is_undone(family, tmp_path):
+    """cpu_decoding: inside it, q/k/v (and gate/up) weights are row views of one buffer each and RMSNorm runs as a
+    LayerNorm of [x, -x]; full and cached forwards give the logits they give outside it. A group with a LoRA layer
+    stays unpacked (its update still counts). On exit, also after an error, every weight owns its storage again with
+    its values, trains, and saves through safetensors (which refuses tensors that share memory)."""
+    import lora
+    from model import cpu_decoding
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                      **(PHI_SHAPE if family == "phi" else {}))
+    model = Transformer(cfg).eval()
+    lora.add_lora(model, targets="layers.1.attn.v_proj")
+    torch.nn.init.normal_(model.layers[1].attn.v_proj.lora_B)
+    model.requires_grad_(True)
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, V, (2, 12))
+
+    def logits():
+        full, _ = model(idx)
+        model.setup_cache(2, 16)
+        parts = [model(idx[:, :8], input_pos=torch.arange(8))[0]]
+        parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(8, 12)]
+        return full, torch.cat(parts, 1)
+
+    with torch.no_grad():
+        ref_full, ref_cached = logits()
+    with torch.no_grad(), cpu_decoding(model):
+        first, second = model.layers
+        assert second.attn.qkv is None  # v_proj is a LoRALinear
+        q, k, v = (first.attn.q_proj.weight, first.attn.k_proj.weight, first.attn.v_proj.weight)
+        buffer = first.attn.qkv[0]
+        assert all(w.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for w in (q, k, v))
+        assert torch.equal(buffer, torch.cat((values["layers.0.attn.q_proj.weight"],
+                                              values["layers.0.attn.k_proj.weight"],
+                                              values["layers.0.attn.v_proj.weight"])))
+        if family == "llama":
+            assert first.mlp.gate_up is not None and first.attn_norm.doubled_weight is not None
+        else:  # Phi: the biases are packed too; its GELU MLP and LayerNorms have nothing to pack
+            assert first.attn.qkv[1].shape == (32 + 16 + 16,)
+        full, cached = logits()
+    torch.testing.assert_close(full, ref_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached, ref_cached, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(RuntimeError, match="inside"), torch.inference_mode(), cpu_decoding(model):
+        raise RuntimeError("an error inside")
+    storages = set()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, values[name]), name
+        assert not p.is_inference(), name
+        if "embed" not in name and "lm_head" not in name:
+            assert p.untyped_storage().data_ptr() not in storages, name
+            storages.add(p.untyped_storage().data_ptr())
+    assert all(getattr(m, attr, None) is None for m in model.modules() for attr in ("qkv", "gate_up", "doubled_weight"))
+    model.train()
+    model(idx[:, :-1], idx[:, 1:])[1].backward()
+    assert model.layers[0].attn.q_proj.weight.grad is not None
+    lora.merge_lora(model)
+    convert.save_pretrained(model, tmp_path)
+
+
 # ----------------------------------------------------------------------------- training contract and errors
 
 def test_training_contract():

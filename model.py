@@ -246,7 +246,8 @@ class Attention(nn.Module):
         dtype = q.dtype
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]  # the mask may end at the last filled slot
+            filled = mask.shape[-1] if mask is not None else int(input_pos[-1]) + 1  # no mask: see hidden_states
+            k, v = k[:, :, :filled], v[:, :, :filled]  # the mask may end at the last filled slot
             q = q.to(k.dtype)  # a CPU cache is fp32 (setup_cache)
         # PyTorch's CPU flash-attention backward is slower in bf16 than in fp32 at short sequences (ms, bf16 vs
         # fp32: T=64 14 vs 4, T=1024 38 vs 45; bench_pretrain.py --attention), so short CPU training windows attend
@@ -263,7 +264,8 @@ class Attention(nn.Module):
                                      "would cut across samples")
                 y = shifted_sparse_attention(q, k, v, self.s2_groups, self.dropout)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                causal = mask is None and input_pos is None  # a cached step without a mask sees every slot it has
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                    dropout_p=self.dropout if self.training else 0.0,
                                                    enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
@@ -438,10 +440,11 @@ class Transformer(nn.Module):
                 # eager CPU decoding attends to the filled slots only: the cache's empty tail costs as much as its
                 # filled part (a compiled step keeps one static shape; on CUDA the length would be a host sync)
                 mask = mask[..., :int(input_pos[-1]) + 1]
-            # additive, in the cache's dtype: attention would otherwise convert the boolean mask in every layer
-            # (~0.4 ms of a 28 ms SmolLM2 CPU decode step)
-            dtype = self.layers[0].attn.kv_cache.k.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+                if T == 1 and not self.cache_pad.any():
+                    mask = None  # one query that sees every filled slot: ~0.4 ms less of a SmolLM2 step unmasked
+            if mask is not None:  # additive, in the cache's dtype: attention would convert a boolean one in every layer
+                dtype = self.layers[0].attn.kv_cache.k.dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             cos, sin = rope_cos_sin(self.config, positions)
             cos, sin = cos[:, None], sin[:, None]
         x = self.dropout(self.embed(idx))
@@ -606,7 +609,8 @@ def cpu_decoding(model):
     - q/k/v run as one matrix product, and gate/up as another (gpt-fast's fused projections). Their weights move into
       one buffer per group, each nn.Linear's weight a view of its rows, so this costs no memory and the checkpoint
       names (converters, LoRA targets, quantisers) stay; on exit each weight gets storage of its own again (packing
-      and unpacking SmolLM2-135M take ~30 ms together). A group with a layer that is not a plain nn.Linear (LoRA, quantised, sharded) stays as it is.
+      and unpacking SmolLM2-135M take ~30 ms together). A group with a layer that is not a plain nn.Linear (LoRA,
+      quantised, sharded) stays as it is.
     - each RMSNorm keeps its weight twice over, for the one-kernel LayerNorm form of RMSNorm (RMSNorm.forward).
     For inference only: the packed tensors are not parameters, so with gradients enabled the layers run as usual.
     A SmolLM2-135M bf16 step on one thread takes ~27.5 ms instead of ~29.5."""

@@ -13,7 +13,7 @@ and generation (eval mode) always attend in full.
 
 Inference: setup_cache() preallocates a static KV cache; generate() runs one prefill, then one-token decode steps
 (decode_step compiles with torch.compile(fullgraph=True)). Left-padded batches carry their pad lengths in the cache.
-On CPU, generate() runs inside cpu_decoding(), which lays the weights out for chains of matrix-vector products.
+On CPU, eager generate() runs inside cpu_decoding(), which lays the weights out for chains of matrix-vector products.
 """
 import contextlib
 import math
@@ -550,7 +550,8 @@ class Transformer(nn.Module):
         slots = torch.arange(T + max_new_tokens, device=device)  # sliced per step: no host-to-device copy
         was_training, onednn = self.training, torch.backends.mkldnn.enabled
         self.eval()
-        with cpu_decoding(self) if device.type == "cpu" else contextlib.nullcontext():
+        # eager only: compiling already removes the per-op overhead that the layout is for
+        with cpu_decoding(self) if device.type == "cpu" and not compile else contextlib.nullcontext():
             try:
                 # prefill: the whole prompt at slots 0..T-1, logits of the last position only
                 h = self.hidden_states(idx, slots[:T])[:, -1]

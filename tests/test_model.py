@@ -270,6 +270,7 @@ def test_decode_step_compiles_without_graph_breaks(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, fullgraph=kw["fullgraph"]))
     prompt = [[5, 6, 7], [8, 9]]
     assert torch.equal(model.generate(prompt, 8, temperature=0, compile=True), model.generate(prompt, 8, temperature=0))
+    model.generate(prompt, 8, temperature=0, compile=True)  # a second call reuses the compiled step
     assert counter.frame_count == 1
 
 

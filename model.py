@@ -606,7 +606,7 @@ class Transformer(nn.Module):
 @contextlib.contextmanager
 def cpu_decoding(model):
     """Lay the weights out for a CPU decode step, a chain of matrix-vector products and small ops that each cost more
-    in calls than in arithmetic, for the duration (Transformer.generate on CPU):
+    in calls than in arithmetic, for the duration (eager Transformer.generate on CPU):
     - q/k/v run as one matrix product, and gate/up as another (gpt-fast's fused projections). Their weights move into
       one buffer per group, each nn.Linear's weight a view of its rows, so this costs no memory and the checkpoint
       names (converters, LoRA targets, quantisers) stay; on exit each weight gets storage of its own again (packing

@@ -318,7 +318,8 @@ def test_cpu_decoding_layout_is_exact_costs_no_copy_and_is_undone(family, tmp_pa
     """cpu_decoding: inside it, q/k/v (and gate/up) weights are row views of one buffer each and RMSNorm runs as a
     LayerNorm of [x, -x]; full and cached forwards give the logits they give outside it. A group with a LoRA layer
     stays unpacked (its update still counts). On exit, also after an error, every weight owns its storage again with
-    its values, trains, and saves through safetensors (which refuses tensors that share memory)."""
+    its values, trains, and saves through safetensors (which refuses tensors that share memory). A training step
+    inside it gives every weight the gradient it gets outside."""
     import lora
     from model import cpu_decoding
     torch.manual_seed(0)
@@ -369,7 +370,12 @@ def test_cpu_decoding_layout_is_exact_costs_no_copy_and_is_undone(family, tmp_pa
     assert all(getattr(m, attr, None) is None for m in model.modules() for attr in ("qkv", "gate_up", "doubled_weight"))
     model.train()
     model(idx[:, :-1], idx[:, 1:])[1].backward()
-    assert model.layers[0].attn.q_proj.weight.grad is not None
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with cpu_decoding(model):  # with gradients on, the layers take their usual path: every weight gets its gradient
+        model(idx[:, :-1], idx[:, 1:])[1].backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
     lora.merge_lora(model)
     convert.save_pretrained(model, tmp_path)
 

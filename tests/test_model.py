@@ -48,6 +48,13 @@ def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
+def cached_logits(model, idx, prefill=8):
+    """idx's logits through the KV cache (set up by the caller): `prefill` tokens at once, then one token a step."""
+    parts = [model(idx[:, :prefill], input_pos=torch.arange(prefill))[0]]
+    parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(prefill, idx.shape[1])]
+    return torch.cat(parts, 1)
+
+
 # ----------------------------------------------------------------------------- architecture equivalence
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -163,9 +170,7 @@ def test_kv_cache_matches_full_forward(tmp_path, make):
     with torch.no_grad():
         full, _ = model(idx)
         model.setup_cache(2, 32)
-        parts = [model(idx[:, :12], input_pos=torch.arange(12))[0]]  # prefill, then one token at a time
-        parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(12, 20)]
-        assert max_diff(torch.cat(parts, 1), full) <= 1e-4
+        assert max_diff(cached_logits(model, idx, prefill=12), full) <= 1e-4
 
         # left-padded batch: every row's real positions equal that row alone, unpadded
         rows = [idx[0, :20], idx[1, :13], idx[0, 5:9]]
@@ -301,9 +306,8 @@ def test_cpu_decoding_cache_and_inference_mode(tmp_path):
     with torch.no_grad():
         full, _ = model(idx)
         model.setup_cache(1, 16)  # reuses the cache made under inference_mode
-        parts = [model(idx[:, :8], input_pos=torch.arange(8))[0]]
-        parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(8, 12)]
-    assert max_diff(torch.cat(parts, 1), full) < 0.02 * full.abs().max()
+        cached = cached_logits(model, idx)
+    assert max_diff(cached, full) < 0.02 * full.abs().max()
 
     out = model.generate(idx, 4, temperature=0)
     assert not out.is_inference()
@@ -335,9 +339,7 @@ def test_cpu_decoding_layout_is_exact_costs_no_copy_and_is_undone(family, tmp_pa
     def logits():
         full, _ = model(idx)
         model.setup_cache(2, 16)
-        parts = [model(idx[:, :8], input_pos=torch.arange(8))[0]]
-        parts += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(8, 12)]
-        return full, torch.cat(parts, 1)
+        return full, cached_logits(model, idx)
 
     with torch.no_grad():
         ref_full, ref_cached = logits()

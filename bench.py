@@ -9,7 +9,7 @@ Training, one optimizer step of a LLaMA of `model`'s shape (a config file of mod
 weights; seq_len tokens per row, bf16 autocast over fp32 weights, AdamW), one fresh process per column:
 
     torch          model.py eager, the whole logits for the loss
-    torch+chunked  the same with kernels.py's chunked linear + cross-entropy
+    torch+chunked  the same with model_kernels.py's chunked linear + cross-entropy
     triton         kernels=triton (Triton RMSNorm, RoPE, SwiGLU) + the chunked loss on the Triton cross-entropy (CUDA)
     compile        torch.compile of model.py (plain loss)
     transformers   LlamaForCausalLM of the same shape and weights, its own loss
@@ -98,7 +98,7 @@ def model_shape():
 
 def run_column(name):
     """One training column in this (fresh) process; prints a JSON line."""
-    import kernels
+    import model_kernels
     from model import Transformer
     dev = pick_device()
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def run_column(name):
         loss_of = lambda x, y: net(input_ids=x, labels=y).loss  # noqa: E731 (it shifts the labels itself)
     else:
         net = ours
-        kernels.use_kernels(net, "triton" if name == "triton" else "torch", chunked_loss=name in ("torch+chunked",
+        model_kernels.use_kernels(net, "triton" if name == "triton" else "torch", chunked_loss=name in ("torch+chunked",
                                                                                                   "triton"))
         if name == "compile":
             net.compile()

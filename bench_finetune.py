@@ -52,11 +52,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def build(which, folder):
     """(model, forward(x, y) -> loss) with LoRA on every linear of the blocks; everything else frozen."""
     if which in ("ours", "ours_plain"):
-        import kernels
+        import model_kernels
         import lora
         model = convert.from_pretrained(folder, dtype=torch.float32)
         lora.add_lora(model, lora_rank, lora_alpha, 0.0, TARGETS)
-        kernels.use_kernels(model, chunked_loss=which == "ours")
+        model_kernels.use_kernels(model, chunked_loss=which == "ours")
         model.gradient_checkpointing = activation_checkpointing
         return model, lambda x, y: model(x, y)[1]
     import peft

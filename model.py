@@ -229,7 +229,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.kv_cache = None  # a KVCache while generating (Transformer.setup_cache)
         self.qkv = None  # (weight, bias) of q/k/v as one layer while cpu_decoding() holds them packed
-        self.rotate = apply_rope  # kernels.use_kernels may put a fused kernel here
+        self.rotate = apply_rope  # model_kernels.use_kernels may put a fused kernel here
         self.s2_groups = 0  # > 1: S²-Attn in training mode (set through Transformer.s2_groups)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None):
@@ -365,7 +365,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False  # the trainer switches this on to trade compute for memory
-        # (hidden, lm_head, targets) -> per-token loss without all (tokens x vocab) logits at once: kernels.py's
+        # (hidden, lm_head, targets) -> per-token loss without all (tokens x vocab) logits at once: model_kernels.py's
         # chunked or fused linear + cross-entropy, which the trainer sets; None computes the logits whole
         self.linear_cross_entropy = None
         self.register_buffer("cache_pad", None, persistent=False)  # (B,) left-pad lengths while generating

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The test command: bootstraps .venv, then runs the suite (GPU tests skip without CUDA). Extra args go to pytest.
+#   bash test.sh --latest   the same suite in a throwaway venv with the newest releases (not the lock): run it
+#                           before re-locking, so that an upgrade is a tested step
 set -e
+[ "${1:-}" = --latest ] && { shift; export TINYLLM_LATEST=1; }
 source "$(dirname "$0")/setup.sh"
 # tiny models: one thread each avoids oversubscribing 2 cores (torchrun does the same per process)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 import checkpoint
 from distributed import barrier, deepspeed_engine, setup_distributed, teardown_distributed
-from kernels import use_kernels
+from model_kernels import use_kernels
 from metrics import default_peak_flops, log, plot_losses, read_metrics, start_wandb
 
 
@@ -71,9 +71,9 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda
     compile: bool = False            # torch.compile (minutes of warm-up on CPU; worth it on GPU)
     activation_checkpointing: bool = False
-    kernels: str = "torch"           # torch | triton: fused RMSNorm/LayerNorm, RoPE, SwiGLU (kernels.py; CUDA)
+    kernels: str = "torch"           # torch | triton: fused RMSNorm/LayerNorm, RoPE, SwiGLU (model_kernels.py; CUDA)
     chunked_loss: bool = False       # linear + cross-entropy a chunk of rows at a time, only rows with a loss:
-                                     # no (tokens x vocab) logits (kernels.py); worth it for large vocabularies
+                                     # no (tokens x vocab) logits (model_kernels.py); worth it for large vocabularies
     parallel: str = "ddp"            # ddp (single process unless torchrun starts several) | fsdp | deepspeed
     deepspeed_config: str = "config/ds_zero2.json"
     init_from: str = "scratch"       # scratch | resume | a model folder or .gguf (checkpoint.build_model)

@@ -1,9 +1,9 @@
 """Triton kernels, forward and backward, for what model.py leaves to several PyTorch ops: RMSNorm, LayerNorm (Phi),
 the rotary embedding of q and k, SwiGLU's silu(gate) * up, and the softmax + gradient of a cross-entropy chunk
-(kernels.linear_cross_entropy does the matmuls around it). Imported only by kernels.use_kernels(kernels="triton").
+(model_kernels.linear_cross_entropy does the matmuls around it). Imported only by model_kernels.use_kernels(kernels="triton").
 
 Each kernel reads and writes its inputs' dtype and computes in fp32, as the torch path does. On CPU they run under
-TRITON_INTERPRET=1 (tests/test_kernels.py); for training they need CUDA.
+TRITON_INTERPRET=1 (tests/test_model_kernels.py); for training they need CUDA.
 """
 import torch
 import torch.nn as nn
@@ -260,7 +260,7 @@ def _cross_entropy_rows(LOGITS, TARGETS, NLL, stride, n_cols, BLOCK: tl.constexp
 
 
 def cross_entropy_rows(logits, targets):
-    """kernels.cross_entropy_rows as one kernel; the logits chunk becomes its own gradient (it is not needed after)."""
+    """model_kernels.cross_entropy_rows as one kernel; the logits chunk becomes its own gradient (it is not needed after)."""
     logits = logits.contiguous()
     nll = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     block = min(triton.next_power_of_2(logits.shape[1]), 4096)

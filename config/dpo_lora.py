@@ -18,4 +18,4 @@ epochs = 2.0
 batch_size = 4
 grad_accum = 2
 dtype = "bfloat16"
-chunked_loss = True           # the (tokens x 49,152) logits would be the largest tensor of a step (kernels.py)
+chunked_loss = True           # the (tokens x 49,152) logits would be the largest tensor of a step (model_kernels.py)

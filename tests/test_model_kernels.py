@@ -1,4 +1,4 @@
-"""kernels.py and triton_kernels.py against the torch path of model.py: the chunked linear + cross-entropy on CPU,
+"""model_kernels.py and triton_kernels.py against the torch path of model.py: the chunked linear + cross-entropy on CPU,
 and every Triton kernel (forward and each gradient) through triton's interpreter (TRITON_INTERPRET=1, fp32 and
 fp16: the interpreter has no bf16) on odd shapes and non-contiguous inputs; then whole models trained both ways."""
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import model_kernels
 import model as model_lib
 from model import ModelConfig, Transformer
 from trainer import Trainer
@@ -37,7 +37,7 @@ def grads_of(fn, tensors, upstream):
 def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, bias, upstream):
     """Odd sizes (vocab 123, 301 rows over chunks of 7), a third of the targets -100 and a whole chunk of them;
     the mean's uniform upstream gradient and DPO's per-row one (which recomputes the weight's gradient)."""
-    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 7 * 123)
+    monkeypatch.setattr(model_kernels, "CHUNK_ELEMENTS", 7 * 123)
     torch.manual_seed(0)
     h = torch.randn(301, 16, requires_grad=True)
     w = torch.randn(123, 16, requires_grad=True)
@@ -47,7 +47,7 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, bias, u
     t[7:21] = -100
     up = torch.full((301,), 1 / 301) if upstream == "mean" else torch.rand(301)
     params = [p for p in (h, w, b) if p is not None]
-    ours = grads_of(lambda: kernels.linear_cross_entropy(h, w, b, t), params, up)
+    ours = grads_of(lambda: model_kernels.linear_cross_entropy(h, w, b, t), params, up)
     ref = grads_of(lambda: plain_loss(h, w, b, t), params, up)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, **FP32)
@@ -57,19 +57,19 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, bias, u
 def test_chunked_loss_without_gradients_computes_none(monkeypatch, bias):
     """Under no_grad (evaluation, DPO's reference pass) the loss is the plain one, chunk by chunk, and the forward
     that also computes the gradients never runs; with frozen inputs the same holds outside no_grad."""
-    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 7 * 123)
-    monkeypatch.setattr(kernels._LinearCrossEntropy, "forward", staticmethod(lambda *a: 1 / 0))
+    monkeypatch.setattr(model_kernels, "CHUNK_ELEMENTS", 7 * 123)
+    monkeypatch.setattr(model_kernels._LinearCrossEntropy, "forward", staticmethod(lambda *a: 1 / 0))
     torch.manual_seed(0)
     h, w = torch.randn(301, 16), torch.randn(123, 16)
     b = torch.randn(123) if bias else None
     t = torch.randint(0, 123, (301,))
     t[::3] = -100
-    torch.testing.assert_close(kernels.linear_cross_entropy(h, w, b, t), plain_loss(h, w, b, t), **FP32)
+    torch.testing.assert_close(model_kernels.linear_cross_entropy(h, w, b, t), plain_loss(h, w, b, t), **FP32)
     with torch.no_grad():
         h.requires_grad_()
-        torch.testing.assert_close(kernels.linear_cross_entropy(h, w, b, t), plain_loss(h, w, b, t), **FP32)
+        torch.testing.assert_close(model_kernels.linear_cross_entropy(h, w, b, t), plain_loss(h, w, b, t), **FP32)
     with pytest.raises(ZeroDivisionError):  # and with a gradient to compute, it is the gradient path
-        kernels.linear_cross_entropy(h, w, b, t)
+        model_kernels.linear_cross_entropy(h, w, b, t)
 
 
 def test_chunked_loss_under_bf16_autocast_and_all_targets_ignored():
@@ -78,11 +78,11 @@ def test_chunked_loss_under_bf16_autocast_and_all_targets_ignored():
     w = torch.randn(123, 32, requires_grad=True)
     t = torch.randint(0, 123, (2, 40))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = grads_of(lambda: kernels.linear_cross_entropy(h, w, None, t), [h, w], 1.0)
+        ours = grads_of(lambda: model_kernels.linear_cross_entropy(h, w, None, t), [h, w], 1.0)
         ref = grads_of(lambda: plain_loss(h.flatten(0, 1), w, None, t.flatten()).view(2, 40), [h, w], 1.0)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, atol=2e-2, rtol=2e-2)
-    nll = kernels.linear_cross_entropy(h, w, None, torch.full((2, 40), -100))
+    nll = model_kernels.linear_cross_entropy(h, w, None, torch.full((2, 40), -100))
     nll.sum().backward()
     assert nll.abs().sum() == 0 and nll.shape == (2, 40)
 
@@ -95,7 +95,7 @@ def test_model_with_chunked_loss_gives_the_same_loss_and_gradients():
     y[0, :9] = -100
     runs = []
     for chunked in (False, True):
-        kernels.use_kernels(model, chunked_loss=chunked)
+        model_kernels.use_kernels(model, chunked_loss=chunked)
         model.zero_grad()
         logits, loss = model(x, y)
         loss.backward()
@@ -109,10 +109,10 @@ def test_model_with_chunked_loss_gives_the_same_loss_and_gradients():
 def test_use_kernels_refuses_what_it_cannot_do():
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4))
     with pytest.raises(ValueError, match="kernels='cuda'"):
-        kernels.use_kernels(model, "cuda")
+        model_kernels.use_kernels(model, "cuda")
     model.lm_head = torch.nn.Sequential(model.lm_head)
     with pytest.raises(ValueError, match="plain nn.Linear"):
-        kernels.use_kernels(model, chunked_loss=True)
+        model_kernels.use_kernels(model, chunked_loss=True)
 
 
 # ------------------------------------------------------------------------------------ Triton, interpreted
@@ -198,7 +198,7 @@ def test_triton_cross_entropy_rows_matches_torch(tk, dtype, tol):
         logits = torch.randn(9, vocab, dtype=dtype) * 3
         t = torch.randint(0, vocab, (9,))
         t[[2, 5]] = -100
-        for a, r in zip(tk.cross_entropy_rows(logits.clone(), t), kernels.cross_entropy_rows(logits.clone(), t)):
+        for a, r in zip(tk.cross_entropy_rows(logits.clone(), t), model_kernels.cross_entropy_rows(logits.clone(), t)):
             torch.testing.assert_close(a, r, **tol)
 
 
@@ -245,7 +245,7 @@ def test_missing_or_old_triton_is_a_clear_message(monkeypatch):
     import types
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
     with pytest.raises(SystemExit, match="pip install triton"):
-        kernels.import_triton_kernels()
+        model_kernels.import_triton_kernels()
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="2.1.0"))
     with pytest.raises(SystemExit, match="triton >= 3.0, found 2.1.0"):
-        kernels.import_triton_kernels()
+        model_kernels.import_triton_kernels()

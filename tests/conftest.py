@@ -5,6 +5,10 @@ import sys
 import pytest
 import torch
 
+# Triton reads this when it is first imported, and peft, bitsandbytes and transformers import it at their own import:
+# it must be set before any test module loads, or the kernel tests find triton in compiled mode on a CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")

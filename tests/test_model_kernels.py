@@ -1,9 +1,7 @@
 """model_kernels.py and triton_kernels.py against the torch path of model.py: the chunked linear + cross-entropy on CPU,
 and every Triton kernel (forward and each gradient) through triton's interpreter (TRITON_INTERPRET=1, fp32 and
-fp16: the interpreter has no bf16) on odd shapes and non-contiguous inputs; then whole models trained both ways."""
+fp16: the interpreter has no bf16; conftest.py sets it on a machine without CUDA) on odd shapes and non-contiguous inputs; then whole models trained both ways."""
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton_kernels' kernels are defined; CUDA runs them
 
 import pytest
 import torch

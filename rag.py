@@ -478,6 +478,7 @@ def _load(index_dir):
 
 
 def main(argv):
+    configurator.help_if_asked(globals(), argv)  # before the command is required
     if not argv or argv[0] not in ("index", "ask", "eval"):
         raise SystemExit("usage: python rag.py index|ask|eval --key=value ... (see the top of rag.py)")
     configurator.apply(globals(), argv[1:])

@@ -4,7 +4,8 @@
 
 so the adapted model starts out equal to the base. Only A and B train (plus any modules named in `trainable`, such
 as the embeddings and lm_head for added tokens: PEFT's modules_to_save); merging folds the update into the weight
-(W + B @ A * alpha / r) and the model is a plain Transformer again. QLoRA (Dettmers et al. 2023, quantize="nf4")
+(W + B @ A * alpha / r) and the model is a plain Transformer again (an adapter on a tied lm_head unties it: the
+output layer changes, the embedding does not). QLoRA (Dettmers et al. 2023, quantize="nf4")
 keeps the frozen base linears as bitsandbytes NF4 codes with bf16 matmuls and A and B in fp32; merging then
 dequantises the base first.
 
@@ -130,21 +131,28 @@ def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=ALL_LINEAR, use_rsl
     "Wqkv,out_proj,fc1,fc2"; "all" for every projection; lm_head only when named) in a LoRALinear, train the modules
     named by `trainable` in full (e.g. "embed,lm_head"; a tied lm_head is the embedding, so both are saved), and
     freeze all other parameters. quantize="nf4": the wrapped base layers become frozen NF4 layers (QLoRA).
-    Returns the wrapped module names; model.modules_to_save lists the fully trained ones."""
-    targets = ALL_LINEAR if targets == "all" else _names(targets)
+    Returns the wrapped module names; model.modules_to_save lists the fully trained ones. A name that picks no
+    module is a ValueError listing the model's names, before anything changes."""
+    every = targets == "all" or targets == ALL_LINEAR
+    targets = ALL_LINEAR if every else _names(targets)
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if quantize not in (None, "nf4"):
         raise ValueError(f"add_lora: quantize={quantize!r}; expected None or 'nf4'")
-    model.requires_grad_(False)
-    chosen = [name for name, m in model.named_modules()
-              if _matches(name, targets) and hasattr(m, "in_features") and not isinstance(m, LoRALinear)]
-    if not chosen:
-        names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if hasattr(m, "in_features")})
-        raise ValueError(f"no linear layer named {list(targets)} in the model; its linear layers are {names}")
+    linear = [n for n, m in model.named_modules() if hasattr(m, "in_features") and not isinstance(m, LoRALinear)]
+    chosen = [n for n in linear if _matches(n, targets)]
+    # "all" holds both families' names (LLaMA's gate/up/down_proj, Phi's fc1/fc2): only a list given must match whole
+    unknown = [] if every else [t for t in targets if not any(_matches(n, [t]) for n in chosen)]
+    if unknown or not chosen:
+        names = sorted({n.rpartition(".")[2] for n in linear})
+        raise ValueError(f"LoRA targets {unknown or list(targets)} name no linear layer of the model; its linear "
+                         f"layers are {names} (or a path such as layers.0.attn.q_proj)")
     full = _trained_in_full(model, _names(trainable))
-    if set(full) & set(chosen):
-        raise ValueError(f"{sorted(set(full) & set(chosen))}: a module is either a LoRA target or trained in full")
+    both = sorted(set(full) & set(chosen))
+    if both:
+        tied = " (a tied lm_head is the embedding)" if model.config.tie_embeddings and "lm_head" in both else ""
+        raise ValueError(f"{both}: a module is either a LoRA target or trained in full{tied}")
+    model.requires_grad_(False)
     for name in full:
         model.get_submodule(name).requires_grad_(True)
     model.modules_to_save = full
@@ -159,9 +167,9 @@ def _trained_in_full(model, names):
     full = [n for n, m in model.named_modules() if n and _matches(n, names) and _has_weights(m)]
     missing = [t for t in names if not any(_matches(n, [t]) for n in full)]
     if missing:
-        names = sorted(n for n, m in model.named_modules() if n and _has_weights(m))
-        raise ValueError(f"trainable modules {missing} are not in the model; its modules with weights are "
-                         f"{names[:12]}{' ...' if len(names) > 12 else ''}")
+        names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if n and _has_weights(m)})
+        raise ValueError(f"trainable modules {missing} are not in the model; its modules with weights are {names} "
+                         f"(or a path such as layers.0.attn.q_proj)")
     if model.config.tie_embeddings and {"embed", "lm_head"} & set(full):
         full = sorted(set(full) | {"embed", "lm_head"})  # PEFT keeps one copy per name: save both
     return full
@@ -177,8 +185,13 @@ def lora_layers(model):
 
 def merge_lora(model, dtype=None):
     """Fold every adapter into its layer's weight (dequantising an NF4 base); the model has plain nn.Linear layers
-    afterwards, cast to dtype if given, and convert.save_pretrained writes it."""
-    swap_modules(model, {name: layer.merged() for name, layer in lora_layers(model).items()})
+    afterwards, cast to dtype if given, and convert.save_pretrained writes it. An adapter on a tied lm_head unties
+    it: lm_head becomes W + B @ A and the embedding stays W, so the merged model computes what the adapted one did
+    (peft's merge_and_unload adds the update to the shared matrix, which changes the input embedding too)."""
+    layers = lora_layers(model)
+    swap_modules(model, {name: layer.merged() for name, layer in layers.items()})
+    if "lm_head" in layers:
+        model.config.tie_embeddings = False  # its merged layer holds a matrix of its own; save_pretrained writes it
     model.modules_to_save = []
     return model if dtype is None else model.to(dtype)
 

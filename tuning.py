@@ -154,10 +154,12 @@ def lora_export(tok, dtype):
         model = t.raw_model.cpu()
         lora.save_adapter(model, os.path.join(t.c.out_dir, "adapter"), base=t.model_source)
         tok.save_pretrained(os.path.join(t.c.out_dir, "adapter"))
+        untied = model.config.tie_embeddings and "lm_head" in lora.lora_layers(model)
         lora.merge_lora(model, dtype=getattr(torch, dtype))
         convert.save_pretrained(model, os.path.join(t.c.out_dir, "hf"))
         tok.save_pretrained(os.path.join(t.c.out_dir, "hf"))
-        log(f"adapter: {t.c.out_dir}/adapter; merged model ({dtype}): {t.c.out_dir}/hf")
+        note = "; its lm_head is untied from the embedding (the adapter changed the output only)" if untied else ""
+        log(f"adapter: {t.c.out_dir}/adapter; merged model ({dtype}): {t.c.out_dir}/hf{note}")
     return run
 
 
@@ -226,8 +228,12 @@ def pad_id(tok):
 def add_adapters(model, cfg, data):
     """LoRA/QLoRA adapters as cfg says; embed and lm_head train in full when the data's tokenizer added tokens."""
     extra = cfg["trainable"] or ("embed,lm_head" if data.meta.get("added_tokens") else "")
-    lora.add_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"],
-                  cfg["use_rslora"], trainable=extra, quantize="nf4" if cfg["method"] == "qlora" else None)
+    torch.manual_seed(cfg["seed"])  # the A matrices are random, and the trainer seeds torch only after this
+    try:
+        lora.add_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"],
+                      cfg["use_rslora"], trainable=extra, quantize="nf4" if cfg["method"] == "qlora" else None)
+    except ValueError as e:  # a module name the model lacks, or one named both as target and trainable
+        raise SystemExit(f"lora_targets={cfg['lora_targets']!r}, trainable={extra!r}: {e}") from None
 
 
 def resolve_schedule(cfg, train, val):

@@ -113,11 +113,14 @@ def test_full_sft_learns_and_exports(setup, tmp_path):
     assert tok.vocab_size == inference.load_model(model_dir)[1].vocab_size
 
 
-def test_lora_exports_an_adapter_equal_to_the_merged_model(setup, tmp_path):
+@pytest.mark.parametrize("targets", ["all", "q_proj,v_proj,lm_head"])  # the tiny model's lm_head is tied
+def test_lora_exports_an_adapter_equal_to_the_merged_model(setup, tmp_path, targets):
     model_dir, data_dir = setup
     out = str(tmp_path / "lora")
-    fine_tune([f"--init_from={model_dir}", f"--data_dir={data_dir}", f"--out_dir={out}", "--method=lora",
-               "--epochs=3", "--learning_rate=1e-2", "--lora_rank=4", "--merge_dtype=float32", "--sample_prompts=0"])
+    r = fine_tune([f"--init_from={model_dir}", f"--data_dir={data_dir}", f"--out_dir={out}", "--method=lora",
+                   "--epochs=3", "--learning_rate=1e-2", "--lora_rank=4", "--merge_dtype=float32",
+                   "--sample_prompts=0", f"--lora_targets={targets}"])
+    assert ("lm_head is untied" in r.stdout) == ("lm_head" in targets)
     vals = val_losses(out)
     assert vals[-1] < vals[0] - 0.1, vals
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_config.json"))
@@ -215,6 +218,41 @@ def test_bad_settings_are_refused_before_any_work(setup, tmp_path):
            f"--data_dir={pretrain_data}", f"--out_dir={tmp_path / 'o2'}"]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "this is pretrain data, not sft data" in r.stderr
+
+
+def test_unknown_lora_module_names_are_refused_before_any_work(setup, tmp_path):
+    """lora_targets / trainable naming a module the model lacks: one line naming the key and the model's names."""
+    model_dir, data_dir = setup
+    for arg, message in [("--lora_targets=q_proj,qproj", "lora_targets='q_proj,qproj', trainable='': LoRA targets "
+                                                         "['qproj'] name no linear layer of the model; its linear "
+                                                         "layers are ['down_proj', 'gate_proj', 'k_proj', 'lm_head'"),
+                         ("--trainable=wte", "trainable='wte': trainable modules ['wte'] are not in the model")]:
+        out = tmp_path / "o"
+        cmd = [sys.executable, os.path.join(ROOT, "fine_tuning.py"), f"--init_from={model_dir}",
+               f"--data_dir={data_dir}", f"--out_dir={out}", "--method=lora", "--max_iters=1", arg]
+        r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (arg, r.stderr[-2000:])
+        assert not out.exists()
+
+
+def test_lora_adapters_start_from_seed():
+    """The adapters' random A matrices follow `seed`, as a full run's weights do: equal seeds give equal adapters
+    whatever drew from torch's generator before, another seed other ones (they were drawn before the trainer seeds
+    torch, so `seed` did not reach them)."""
+    import types
+    import lora
+    import tuning
+
+    def initial_a(seed, drawn_before):
+        model = tiny_transformer(80)
+        torch.rand(drawn_before)  # other work between loading and the adapters
+        cfg = {**vars(tuning.TuningConfig()), "method": "lora", "seed": seed}
+        tuning.add_adapters(model, cfg, types.SimpleNamespace(meta={}))
+        return [m.lora_A for m in lora.lora_layers(model).values()]
+
+    a, again, other = initial_a(1, 0), initial_a(1, 5), initial_a(2, 0)
+    assert len(a) == 14 and all(torch.equal(x, y) for x, y in zip(a, again))
+    assert not any(torch.equal(x, y) for x, y in zip(a, other))
 
 
 def test_a_training_runs_out_dir_or_checkpoint_is_a_starting_point(tmp_path):

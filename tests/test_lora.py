@@ -119,6 +119,36 @@ def test_modules_to_save_and_dropout_round_trip_through_peft(tmp_path, tie):
         torch.testing.assert_close(back(IDS)[0], want, atol=1e-5, rtol=1e-5)
 
 
+def test_lora_on_a_tied_lm_head_merges_into_an_untied_one(tmp_path):
+    """An adapter on a tied lm_head changes the output layer only: merging unties it (lm_head W + B @ A, the embedding
+    still W), so the saved merged folder gives the adapted model's logits, here and in transformers. (The folder was
+    byte-identical to the base; peft's merge_and_unload folds the update into the shared matrix, embedding too.)"""
+    hf = hf_llama(tie=True)
+    base = str(tmp_path / "base")
+    hf.save_pretrained(base)
+    ours = convert.from_pretrained(base)
+    lora.add_lora(ours, rank=4, alpha=8, targets="q_proj,lm_head")
+    perturbed(ours).eval()
+    lora.save_adapter(ours, tmp_path / "adapter", base=base)
+    with torch.no_grad():
+        want = ours(IDS)[0]
+        assert (want - hf(IDS).logits).abs().max() > 1e-2  # the adapter matters
+    lora.merge_lora(ours)
+    assert not ours.config.tie_embeddings
+    convert.save_pretrained(ours, tmp_path / "merged")
+    merged = convert.from_pretrained(tmp_path / "merged")
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                                tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS)[0], want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(merged.embed.weight, convert.from_pretrained(base).embed.weight)
+        torch.testing.assert_close(hf_merged(IDS).logits, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(peft_model(IDS).logits, want, atol=1e-4, rtol=1e-4)  # peft reads the adapter so
+        again, _ = lora.load(str(tmp_path / "adapter"), merge=True)
+        torch.testing.assert_close(again(IDS)[0], want, atol=1e-5, rtol=1e-5)
+
+
 def test_added_tokens_adapter_resizes_its_base(tmp_path):
     """An adapter trained after resize_embeddings carries the bigger embedding; loading it grows the base to match
     (here and, after resize_token_embeddings, in peft) with equal logits."""
@@ -165,6 +195,24 @@ def test_phi_recipe_names(tmp_path):
         lora.add_lora(convert.from_pretrained(base), trainable="wte")
 
 
+def test_unknown_module_names_are_refused_naming_them_and_the_real_ones(tmp_path):
+    """A LoRA target or trainable module the model lacks is an error naming it and listing the model's names, also
+    when another name of the list matches (it was dropped silently); the model is left as it was."""
+    _, base = hf_base(tmp_path)
+    model = convert.from_pretrained(base)
+    linear = r"\['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"
+    for targets in ("q_proj,qproj", ["q_proj", "qproj"], "q_proj,embed,qproj"):  # embed: not a linear layer
+        with pytest.raises(ValueError, match=r"LoRA targets \[('embed', )?'qproj'\] name no linear layer of the "
+                                             r"model; its linear layers are " + linear):
+            lora.add_lora(model, targets=targets)
+    with pytest.raises(ValueError, match=r"targets \['fc1', 'fc2'\] name no linear layer"):  # Phi's names on LLaMA
+        lora.add_lora(model, targets="q_proj,fc1,fc2")
+    with pytest.raises(ValueError, match=r"trainable modules \['wte'\] are not in the model; its modules with "
+                                         r"weights are \[.*'embed', .*'lm_head', .*'q_proj'"):
+        lora.add_lora(model, targets="q_proj", trainable="embed,wte")
+    assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
 def test_only_adapters_get_gradients(tmp_path):
     _, base = hf_base(tmp_path)
     model = convert.from_pretrained(base).train()
@@ -180,7 +228,7 @@ def test_only_adapters_get_gradients(tmp_path):
 def test_bad_adapters_fail_clearly(tmp_path):
     hf, base = hf_base(tmp_path)
     model = convert.from_pretrained(base)
-    with pytest.raises(ValueError, match="no linear layer named.*its linear layers are"):
+    with pytest.raises(ValueError, match=r"LoRA targets \['query'\] name no linear layer.*its linear layers are"):
         lora.add_lora(model, targets="query")
     folder = tmp_path / "adapter"
     peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(folder)

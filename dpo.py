@@ -26,8 +26,11 @@ policy and its reference score alike at step 0 (the sigmoid loss is then ln 2).
 
 The reference (`reference`): copy - a frozen copy of the starting model; adapter_off - the LoRA/QLoRA policy with
 its adapters bypassed (no second model); cached - the reference log-probs of every pair computed once before
-training into out_dir/ref_logps_{split}.npy ((records, 2): chosen, rejected; NaN for pairs left out), reused by a
-resume, so training holds one model.
+training into out_dir/ref_logps_{split}.npz (logps (records, 2): chosen, rejected, NaN for pairs left out; and key,
+what they were computed from: the split's files' sha256, max_len, the starting weights' sha256, dtype and device),
+so training holds one model. A later run (a resume) reuses the file only when its key is the run's; one made from
+other data or settings, or damaged, is named and computed again. A resume whose starting model is gone reuses a
+readable file of the same data and max_len as it is, and stops otherwise.
 
 Pairs from an early checkpoint (`make_pairs=True`, as the Chinese Phi-2 project makes them): for each SFT record
 (pairs_input, or the embedded default set) the reference answer of its last turn becomes `chosen` and the model of
@@ -43,9 +46,11 @@ with LoRA).
 """
 import copy
 import difflib
+import hashlib
 import json
 import os
 import sys
+import zipfile
 from contextlib import contextmanager
 
 import numpy as np
@@ -225,17 +230,72 @@ class DPOBatches(tuning.SFTBatches):
 
 # ------------------------------------------------------------------------------------------------ the reference
 
+def files_digest(paths):
+    """sha256 over the bytes of the files, one after another."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(model):
+    """sha256 over the weights a reference pass runs (names, dtypes, shapes, bytes), the LoRA adapters aside: they
+    are bypassed, and their random start must not make the same starting model look another."""
+    h = hashlib.sha256()
+    for name, v in sorted(model.state_dict().items()):
+        if name.rsplit(".", 1)[-1] not in ("lora_A", "lora_B"):
+            v = v.detach().cpu().contiguous()
+            h.update(f"{name} {v.dtype} {tuple(v.shape)}".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def cache_key(data, split, max_len, weights, t):
+    """What a split's reference log-probs are computed from: its pairs as tokenized (their chat template included),
+    max_len (where rows are cut, which pairs are left out), the starting weights (weights_digest), the dtype and
+    the device (bf16, and CPU autocast against CUDA's, move the sums). weights None: a resume whose starting model
+    is gone, which can check only the data and max_len, and compute nothing."""
+    key = {"data": files_digest([data.file(f"{split}.bin"), data.file(f"{split}_idx.npy")]), "max_len": max_len}
+    if weights is not None:
+        key.update(weights=weights, dtype=t.dtype, device=t.device.type)
+    return key
+
+
+def read_cache(path, key, records):
+    """(the (records, 2) log-probs of the file at `path`, None) when it was made under `key`, else (None, why not)."""
+    try:
+        with np.load(path) as f:  # a zip: a file cut short or a changed byte (its CRC) fails here
+            made_from, logps = json.loads(f["key"].item()), f["logps"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        return None, f"unreadable, damaged or cut short ({type(e).__name__}: {e})"
+    if not isinstance(made_from, dict) or logps.shape != (records, 2):
+        return None, f"not a reference cache of these {records} pairs: damaged or replaced"
+
+    def show(v):  # a sha256 by its first digits
+        return f"{v[:12]}..." if isinstance(v, str) and len(v) == 64 else v
+    changed = [f"{k} {show(made_from.get(k))} -> {show(v)}" for k, v in key.items() if made_from.get(k) != v]
+    return (None, f"made from other settings ({', '.join(changed)})") if changed else (logps, None)
+
+
 @torch.no_grad()
-def reference_cache(t, batches, path, reuse):
+def reference_cache(t, batches, path, key):
     """The (records, 2) reference log-probs (chosen, rejected) of every pair of `batches`, by the trainer's model
-    with its adapters off (its starting weights: called before fit loads a checkpoint), in the trainer's dtype.
-    Written atomically to `path`; with `reuse`, a file already there of the right shape is read instead."""
+    with its adapters off (its starting weights: called before fit loads a checkpoint), in the trainer's dtype:
+    read from `path` when it was made under `key` (cache_key), else computed and written there atomically with
+    it, the reason logged. A key without weights (the starting model is gone) stops where the file cannot serve."""
     n = len(batches.records)
-    if reuse and os.path.isfile(path):
-        cached = np.load(path)
-        if cached.shape == (n, 2):
-            log(f"reference log-probs: {path} (cached)")
-            return cached
+    cached, why = read_cache(path, key, n) if os.path.exists(path) else (None, "not found")
+    if cached is not None:
+        log(f"reference log-probs: {path} (cached" + ("" if "weights" in key else "; the starting model is gone: "
+                                                       "only its data and max_len are checked") + ")")
+        return cached
+    if "weights" not in key:
+        raise SystemExit(f"{path}: {why}, and the model to compute the reference log-probs from, the one this run "
+                         f"started from, is gone: put it back and resume again, or start a new run")
+    if os.path.exists(path):
+        log(f"{path}: {why}: computing it again")
     out = np.full((n, 2), np.nan, dtype=np.float32)
     model = getattr(t.model, "module", t.model)  # every rank runs every forward (FSDP gathers collectively)
     model.eval()
@@ -250,8 +310,9 @@ def reference_cache(t, batches, path, reuse):
             trim_heap()
     model.train()
     if t.master:
-        np.save(path + ".tmp.npy", out)
-        os.replace(path + ".tmp.npy", path)
+        with open(path + ".tmp", "wb") as f:
+            np.savez(f, logps=out, key=np.array(json.dumps(key)))
+        os.replace(path + ".tmp", path)
         log(f"reference log-probs of {len(batches.kept)} pairs: {path}")
     return out
 
@@ -361,10 +422,12 @@ def main():
         return write_pairs()
     check_settings(cfg)
     trainer.train_config({**cfg, "max_iters": 1, "eval_interval": 1, "eval_iters": 1})  # the rest, before any work
-    if init_from == "resume" and reference == "copy":
+    start_gone = False  # a resume whose starting model, the reference, has been removed since
+    if init_from == "resume":
         path = checkpoint.latest_checkpoint(out_dir)
         source = path and checkpoint.read_trainer_state(path).get("model_source", "scratch")
-        if source and not os.path.exists(source):
+        start_gone = bool(source) and not os.path.exists(source)
+        if start_gone and reference == "copy":
             raise SystemExit(f"reference=copy: the reference is the model the run started from, {source}, which is "
                              f"gone; resume with --reference=cached only if out_dir holds its ref_logps files")
     model, tok, data, length = tuning.load_for_tuning(cfg, "dpo")
@@ -383,6 +446,8 @@ def main():
         raise SystemExit(f"reference=adapter_off: {', '.join(model.modules_to_save)} train in full, so switching the "
                          f"adapters off does not give the starting model back; use reference=copy or cached")
     disable_dropout(model)
+    # before the Trainer moves, shards or casts them: the starting weights, which the reference cache is keyed by
+    weights = weights_digest(model) if reference == "cached" and not start_gone else None
     tuning.resolve_schedule(cfg, train, val)
     loss_fn = dpo_loss_fn(beta, loss_type, label_smoothing, sft_weight, reference)
     prompts = [tuple(x.tolist() for x in val_records[i][:2]) for i in val.kept[:sample_prompts]] if val else []
@@ -394,8 +459,8 @@ def main():
     if reference == "cached":
         for split, batches in (("train", train), ("val", val)):
             if batches is not None:
-                path = os.path.join(out_dir, f"ref_logps_{split}.npy")
-                batches.ref = reference_cache(t, batches, path, reuse=init_from == "resume")
+                path = os.path.join(out_dir, f"ref_logps_{split}.npz")
+                batches.ref = reference_cache(t, batches, path, cache_key(data, split, length, weights, t))
     t.fit()
 
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -208,12 +209,17 @@ def test_the_reference_is_unchanged_by_training(setup, tmp_path, reference):
         assert not torch.allclose(dpo.answer_logps(t.raw_model, ids, labels)[0], policy_before)  # it trained
 
 
+def cache_key(setup, t, max_len=64):
+    model_dir, data_dir = setup
+    return dpo.cache_key(data.open_data_dir(data_dir, "dpo"), "train", max_len, dpo.weights_digest(load(model_dir)), t)
+
+
 def test_cached_reference_logps_equal_live_ones(setup, tmp_path):
     model_dir, _ = setup
     t, train = tiny_dpo_trainer(setup, tmp_path, "cached")
-    path = str(tmp_path / "ref_logps_train.npy")
-    cache = dpo.reference_cache(t, train, path, reuse=False)
-    assert np.array_equal(np.load(path), cache) and cache.shape == (len(train.records), 2)
+    path = str(tmp_path / "ref_logps_train.npz")
+    cache = dpo.reference_cache(t, train, path, cache_key(setup, t))
+    assert np.array_equal(np.load(path)["logps"], cache) and cache.shape == (len(train.records), 2)
     train.ref = cache
     live, batch = load(model_dir), train.train_batch(0, 0, 1)
     logps = dpo.answer_logps(live, batch[0], batch[1])[0].view(2, -1).t()
@@ -221,6 +227,80 @@ def test_cached_reference_logps_equal_live_ones(setup, tmp_path):
     copy_loss = dpo.dpo_loss_fn(0.1, "sigmoid", 0.0, 0.0, "copy")(live, batch[:2], load(model_dir))
     cached_loss = dpo.dpo_loss_fn(0.1, "sigmoid", 0.0, 0.0, "cached")(live, batch, None)
     assert cached_loss[0].item() == pytest.approx(copy_loss[0].item(), abs=1e-5)
+
+
+def test_the_cache_key_follows_the_data_max_len_and_starting_weights(setup, tmp_path):
+    model_dir, data_dir = setup
+    t, _ = tiny_dpo_trainer(setup, tmp_path, "cached")
+    key = cache_key(setup, t)
+    assert cache_key(setup, t) == key and (key["max_len"], key["dtype"], key["device"]) == (64, "float32", "cpu")
+    changed = tmp_path / "data"
+    shutil.copytree(data_dir, changed)
+    tokens = np.memmap(changed / "train.bin", dtype=data.read_meta(data_dir)["dtype"], mode="r+")
+    tokens[-2] = next(v for v in tokens if v != tokens[-2])  # one token of one answer: same size, same pair count
+    tokens.flush()
+    del tokens
+    other = dpo.cache_key(data.open_data_dir(str(changed), "dpo"), "train", 64, key["weights"], t)
+    assert other["data"] != key["data"] and {**other, "data": key["data"]} == key
+    assert cache_key(setup, t, max_len=32) == {**key, "max_len": 32}
+    adapted = [load(model_dir), load(model_dir)]
+    for seed, model in enumerate(adapted):  # the reference pass bypasses the adapters: their random start is no change
+        torch.manual_seed(seed)
+        lora.add_lora(model, 4, 8.0)
+    assert dpo.weights_digest(adapted[0]) == dpo.weights_digest(adapted[1])
+    assert not torch.equal(adapted[0].layers[0].attn.q_proj.lora_A, adapted[1].layers[0].attn.q_proj.lora_A)
+    model = load(model_dir)
+    with torch.no_grad():
+        model.layers[0].attn.q_proj.weight[0, 0] += 1e-3
+    assert dpo.weights_digest(model) != key["weights"]
+    gone = dpo.cache_key(data.open_data_dir(data_dir, "dpo"), "train", 64, None, t)
+    assert gone == {"data": key["data"], "max_len": 64}  # a resume whose starting model is gone checks these only
+
+
+def stale_cache(path, logps, key):
+    with open(path, "wb") as f:
+        np.savez(f, logps=logps, key=np.array(json.dumps(key)))
+
+
+def test_a_cache_is_reused_under_its_key_only_and_otherwise_computed_again(setup, tmp_path, capsys):
+    t, train = tiny_dpo_trainer(setup, tmp_path, "cached")
+    path, key = str(tmp_path / "ref_logps_train.npz"), cache_key(setup, t)
+    fresh = dpo.reference_cache(t, train, path, key)
+    stale_cache(path, fresh - 1, key)  # values that show whether the file was used
+    assert np.array_equal(dpo.reference_cache(t, train, path, key), fresh - 1, equal_nan=True)
+    for change, shown in [({"data": "0" * 64}, f"data {key['data'][:12]}... -> 000000000000..."),
+                          ({"max_len": 32}, "max_len 64 -> 32"), ({"weights": "1" * 64}, "weights "),
+                          ({"dtype": "bfloat16"}, "dtype float32 -> bfloat16"), ({"device": "cuda"}, "device cpu -> cuda")]:
+        stale_cache(path, fresh - 1, key)
+        capsys.readouterr()
+        assert np.array_equal(dpo.reference_cache(t, train, path, {**key, **change}), fresh, equal_nan=True)
+        assert f"{path}: made from other settings ({shown}" in capsys.readouterr().out
+        assert json.loads(np.load(path)["key"].item()) == {**key, **change}  # written again under the new key
+
+
+def test_a_damaged_cache_is_named_and_computed_again_or_refused_without_the_start_model(setup, tmp_path, capsys):
+    model_dir, data_dir = setup
+    t, train = tiny_dpo_trainer(setup, tmp_path, "cached")
+    path, key = str(tmp_path / "ref_logps_train.npz"), cache_key(setup, t)
+    fresh = dpo.reference_cache(t, train, path, key)
+    whole = open(path, "rb").read()
+    for damaged in (whole[:len(whole) // 2], whole[:200] + bytes([whole[200] ^ 1]) + whole[201:], b"", b"junk"):
+        open(path, "wb").write(damaged)
+        capsys.readouterr()
+        assert np.array_equal(dpo.reference_cache(t, train, path, key), fresh, equal_nan=True)
+        assert f"{path}: unreadable, damaged or cut short" in capsys.readouterr().out
+        assert np.array_equal(np.load(path)["logps"], fresh, equal_nan=True)
+    # the starting model gone (key without weights): a readable file of the same data is all there is
+    gone = dpo.cache_key(data.open_data_dir(data_dir, "dpo"), "train", 64, None, t)
+    stale_cache(path, fresh - 1, {**key, "weights": "1" * 64})
+    assert np.array_equal(dpo.reference_cache(t, train, path, gone), fresh - 1, equal_nan=True)
+    for damaged, why in [(whole[:100], "unreadable, damaged or cut short"), (None, "not found")]:
+        os.remove(path) if damaged is None else open(path, "wb").write(damaged)
+        with pytest.raises(SystemExit, match=f"{why}.*, and the model .* is gone: put it back"):
+            dpo.reference_cache(t, train, path, gone)
+    stale_cache(path, fresh, {**key, "max_len": 32})
+    with pytest.raises(SystemExit, match=r"made from other settings \(max_len 32 -> 64\), and the model"):
+        dpo.reference_cache(t, train, path, gone)
 
 
 # ---------------------------------------------------------------------------------------------- the script
@@ -254,7 +334,7 @@ def test_cached_run_writes_reference_logps_equal_to_the_start_model(setup, tmp_p
     batches = dpo.DPOBatches(data.load_dpo(data_dir, "val"), 64, 4, 0, 7)
     ids, labels = batches.val_batch(0)
     live = dpo.answer_logps(load(model_dir), ids, labels)[0].view(2, -1).t().detach().numpy()
-    cached = np.load(os.path.join(out, "ref_logps_val.npy"))[[u[0] for u in batches.units[:4]]]
+    cached = np.load(os.path.join(out, "ref_logps_val.npz"))["logps"][[u[0] for u in batches.units[:4]]]
     assert np.allclose(cached, live, rtol=1e-5, atol=1e-5)
 
 
@@ -262,6 +342,27 @@ def test_a_dpo_run_resumes_after_kill_9_to_the_same_end(setup, tmp_path):
     model_dir, data_dir = setup
     kill_then_resume("dpo.py", [f"--init_from={model_dir}", f"--data_dir={data_dir}", "--sample_prompts=0",
                                 "--learning_rate=3e-3", "--min_lr=3e-4", "--reference=cached"], tmp_path, steps=30)
+
+
+def test_a_resume_computes_a_damaged_cache_again_and_without_its_start_model_refuses(setup, tmp_path):
+    model_dir, data_dir = setup
+    start, out = tmp_path / "start", str(tmp_path / "out")
+    shutil.copytree(model_dir, start)
+    args = [f"--data_dir={data_dir}", f"--out_dir={out}", "--reference=cached", "--sample_prompts=0",
+            "--eval_interval=2"]
+    run_dpo([f"--init_from={start}", "--max_iters=2", *args])
+    train_cache, val_cache = (os.path.join(out, f"ref_logps_{split}.npz") for split in ("train", "val"))
+    os.truncate(train_cache, 100)
+    r = run_dpo(["--init_from=resume", "--max_iters=4", *args])
+    assert f"{train_cache}: unreadable, damaged or cut short" in r.stdout
+    assert f"reference log-probs: {val_cache} (cached)" in r.stdout  # the same start, data and settings: reused
+    shutil.rmtree(start)
+    os.truncate(val_cache, 100)
+    cmd = [sys.executable, os.path.join(ROOT, "dpo.py"), "--dtype=float32", "--init_from=resume", "--max_iters=6",
+           *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{val_cache}: unreadable, damaged or cut short" in r.stderr and "is gone: put it back" in r.stderr
 
 
 def test_bad_settings_are_refused_before_any_work(setup, tmp_path):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import data
 import workers
 from clean import strip_control
-from tokenizer import CHATML_TEMPLATE, IM_END, IM_START, QA_TEMPLATE
+from tokenizer import CHATML_TEMPLATE, IM_END, IM_START, QA_TEMPLATE, ChatTemplateError
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
           "bot": "assistant", "model": "assistant", "system": "system"}
@@ -248,6 +248,8 @@ def _template_errors_exit(encoded, cfg):
         yield from encoded
     except TemplateError as e:  # raised in a worker: the chat template itself is unusable, not one record
         raise SystemExit(f"{cfg['tokenizer'] or 'tokenizer'}: {e}")
+    except ChatTemplateError as e:  # the template failed to render a record; the message names its file
+        raise SystemExit(str(e)) from None
 
 
 def prepare_chat(cfg, tok, tok_source, records, sources, issues):

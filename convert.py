@@ -162,8 +162,7 @@ def read_tensors(folder):
     from safetensors.torch import load_file
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = _files_in_index(index)
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:  # shards without an index; not e.g. an adapter_model.safetensors lying next to them
@@ -180,8 +179,7 @@ def read_tensors(folder):
         return
     index = os.path.join(folder, "pytorch_model.bin.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = _files_in_index(index)
     else:
         files = sorted(f for f in os.listdir(folder) if re.fullmatch(r"pytorch_model.*\.bin", f))
     if not files:
@@ -194,6 +192,32 @@ def read_tensors(folder):
             raise ValueError(f"{path}: cannot be read ({e}); the file is missing, truncated or damaged") from None
         for k, v in tensors.items():
             yield path, k, v
+
+
+def _files_in_index(index):
+    """The weight files an index's weight_map names, each a file inside the index's folder: an entry that points
+    elsewhere (../x, an absolute path, a symlink out of the folder) would have us read any file on the machine as
+    weights, so it is refused. A Hugging Face hub cache's snapshot folder links into the repo's blobs folder, which
+    counts as inside."""
+    folder = os.path.dirname(index)
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        entries = list(weight_map.items())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"{index}: expected an object with a 'weight_map' of tensor name -> file name") from None
+    roots = [os.path.realpath(folder)]
+    if os.path.basename(os.path.dirname(roots[0])) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(os.path.dirname(roots[0])), "blobs"))
+    for tensor, name in entries:
+        real = os.path.realpath(os.path.join(folder, name)) if isinstance(name, str) and name else None
+        if real is None or os.path.isabs(name) or not any(os.path.commonpath([root, real]) == root != real
+                                                          for root in roots):
+            raise ValueError(f"{index}: weight_map entry {tensor!r} -> {name!r} points outside {folder}; every "
+                             f"weight file must be a file in the model's folder")
+    return sorted({name for _, name in entries})
 
 
 def _split_wqkv(state_dict, config):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import convert
 import lora
 import quant
-from tokenizer import Tokenizer, tokenizer_in
+from tokenizer import ChatTemplateError, Tokenizer, tokenizer_in
 
 
 def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
@@ -72,10 +72,14 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty
 
 
 def render_chat(tok, messages, system=""):
-    """The prompt text for the next assistant turn, by the tokenizer's chat template."""
+    """The prompt text for the next assistant turn, by the tokenizer's chat template (one that fails stops the
+    run with a line naming its file: chat.py, eval.py and rag.py cannot go on without it)."""
     if system:
         messages = [{"role": "system", "content": system}] + messages
-    return tok.apply_chat_template(messages, add_generation_prompt=True)
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise SystemExit(str(e)) from None
 
 
 def fit_history(tok, history, system, budget):

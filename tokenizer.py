@@ -9,6 +9,7 @@ Two backends sit behind it. Our own tokenizers are sentencepiece models (train_t
 brings a `tokenizers` tokenizer.json, or a GGUF whose metadata we rebuild into one of the two. save_pretrained always
 writes a tokenizer.json + tokenizer_config.json as well, so `transformers.AutoTokenizer` loads the same ids.
 """
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +38,10 @@ QA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '##Answer:\n' }}{% endif %}"
 )
 
+# Text whose ids go into Tokenizer.checksum: Chinese, odd whitespace, digits, emoji, markup and ChatML markers.
+_PROBE = ("<|im_start|>user\n床前明月光，疑是地上霜。 Hello,  world!\t\tTabs,\r\nnew lines\n\n\n   and  "
+          "spaces x  1234 = 56.7; ünïcode ﬁ Ａ１ 😀👩‍👩‍👧 def f(x):\n    return x ** 2<|im_end|>\n</s>")
+
 # sentencepiece piece types; GGUF's tokenizer.ggml.token_type uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -47,10 +52,16 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _GPT2_SPLIT = ("gpt2", "mpt", "olmo")
 _DIGITS_THEN_GPT2_SPLIT = ("smollm", "starcoder", "refact", "codeshell")
 
+
+class ChatTemplateError(ValueError):
+    """A chat template that does not compile or render, or leaves jinja2's sandbox; the message names its file."""
+
+
 class Tokenizer:
     """Use Tokenizer.from_pretrained(path); see the module docstring and notes/tokenizer_contract.md."""
 
-    def __init__(self, *, sp_model=None, hf=None, special_tokens, bos, eos, pad, unk, chat_template=None):
+    def __init__(self, *, sp_model=None, hf=None, special_tokens, bos, eos, pad, unk, chat_template=None,
+                 template_source=None):
         assert (sp_model is None) != (hf is None), "exactly one backend"
         self.sp_model = sp_model  # the serialized sentencepiece ModelProto (bytes), or None
         self.sp = spm.SentencePieceProcessor(model_proto=sp_model) if sp_model is not None else None
@@ -58,12 +69,15 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens)
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos, eos, pad, unk
         self.chat_template = chat_template or CHATML_TEMPLATE
+        self.template_source = template_source or "built-in"  # the file it came from, for messages
         self._special_ids = {i: s for s, i in self.special_tokens.items()}
         # sentencepiece never matches control pieces in text, so we cut the text at special tokens ourselves
         # (longest first, as `tokenizers` does with its added tokens).
         names = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-        self._compiled_template = None
+        self._checksum = None
+        # A template that cannot render the simplest prompt, or reaches for Python internals, stops the load.
+        self.apply_chat_template([{"role": "user", "content": "Hi"}])
 
     # ---- loading ------------------------------------------------------------------------------------------------
 
@@ -80,7 +94,8 @@ class Tokenizer:
         config = _read_tokenizer_config(path)
         if os.path.isfile(os.path.join(path, "tokenizer.model")):
             with open(os.path.join(path, "tokenizer.model"), "rb") as f:
-                return cls.from_sentencepiece(f.read(), config.get("chat_template"), where=path)
+                return cls.from_sentencepiece(f.read(), config.get("chat_template"), where=path,
+                                              template_source=config.get("chat_template_file"))
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             json_path = os.path.join(path, "tokenizer.json")
             try:
@@ -96,11 +111,12 @@ class Tokenizer:
                     raise ValueError(f"{path}/tokenizer_config.json: {name}_token {token!r} is not in tokenizer.json")
             specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
             specials.update({hf.id_to_token(i): i for i in ids.values() if i is not None})
-            return cls(hf=hf, special_tokens=specials, chat_template=config.get("chat_template"), **ids)
+            return cls(hf=hf, special_tokens=specials, chat_template=config.get("chat_template"),
+                       template_source=config.get("chat_template_file"), **ids)
         raise FileNotFoundError(f"{path}: no tokenizer.model or tokenizer.json in this folder")
 
     @classmethod
-    def from_sentencepiece(cls, model_bytes, chat_template=None, where="<bytes>"):
+    def from_sentencepiece(cls, model_bytes, chat_template=None, where="<bytes>", template_source=None):
         try:
             sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         except Exception as e:
@@ -109,7 +125,8 @@ class Tokenizer:
         specials = {sp.id_to_piece(i): i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
         ids = {name: (i if 0 <= i < n else None)
                for name, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()), ("unk", sp.unk_id()))}
-        return cls(sp_model=model_bytes, special_tokens=specials, chat_template=chat_template, **ids)
+        return cls(sp_model=model_bytes, special_tokens=specials, chat_template=chat_template,
+                   template_source=template_source or where, **ids)
 
     @classmethod
     def from_gguf(cls, path):
@@ -124,7 +141,8 @@ class Tokenizer:
             scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
             proto = _spm_proto_from_vocab(tokens, scores, types, ids,
                                           add_dummy_prefix=meta.get("tokenizer.ggml.add_space_prefix", True))
-            return cls.from_sentencepiece(proto, template, where=path)
+            return cls.from_sentencepiece(proto, template, where=path,
+                                          template_source=f"{path} (tokenizer.chat_template)")
         if kind != "gpt2":
             raise ValueError(f"{path}: GGUF tokenizer.ggml.model {kind!r} is not supported (only 'gpt2' and 'llama')")
         pre = meta.get("tokenizer.ggml.pre")
@@ -149,7 +167,8 @@ class Tokenizer:
                        for t, ty in zip(tokens, types) if ty == USER_DEFINED])
         specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL}
         specials.update({tokens[i]: i for i in ids.values() if i is not None})
-        return cls(hf=hf, special_tokens=specials, chat_template=template, **ids)
+        return cls(hf=hf, special_tokens=specials, chat_template=template,
+                   template_source=f"{path} (tokenizer.chat_template)", **ids)
 
     # ---- the interface ------------------------------------------------------------------------------------------
 
@@ -212,32 +231,57 @@ class Tokenizer:
         return "".join(out)
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
-        """Render [{"role", "content"}] with the jinja2 chat template, as transformers' apply_chat_template does."""
-        if self._compiled_template is None:
-            import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message):
-                raise jinja2.exceptions.TemplateError(message)
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-            env.globals["raise_exception"] = raise_exception
-            self._compiled_template = env.from_string(self.chat_template)
+        """Render [{"role", "content"}] with the jinja2 chat template, as transformers' apply_chat_template does,
+        in jinja2's immutable sandbox (a template comes with a downloaded model). A template that does not compile
+        or render, or that reaches for Python internals, is a ChatTemplateError naming the file it came from."""
+        from jinja2.sandbox import SecurityError
         for k, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {k}: expected {{'role': ..., 'content': ...}}, got {m!r}")
         name = {i: s for s, i in self.special_tokens.items()}
-        return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=name.get(self.bos_id, ""), eos_token=name.get(self.eos_id, ""))
+        try:
+            return _sandboxed_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=name.get(self.bos_id, ""), eos_token=name.get(self.eos_id, ""))
+        except SecurityError as e:
+            raise ChatTemplateError(f"{self.template_source}: the chat template reaches for Python internals, which "
+                                    f"is refused ({e}); replace or remove its chat_template") from None
+        except Exception as e:  # jinja2's errors, the template's raise_exception(), whatever its code runs into
+            line = f" (template line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise ChatTemplateError(f"{self.template_source}: the chat template cannot be used: "
+                                    f"{type(e).__name__}: {e}{line}") from None
 
     def checksum(self):
-        """sha256 over the model (vocabulary, merges, normalisation) and the special ids."""
-        model = self.sp_model if self.sp is not None else self.hf.to_str().encode()
-        ids = json.dumps([self.bos_id, self.eos_id, self.pad_id, self.unk_id]).encode()
-        return hashlib.sha256(model + ids).hexdigest()
+        """sha256 of what decides the ids: the vocabulary (pieces with their scores and types, or tokens, merges and
+        added tokens), the normalisation, the special ids, and the ids of a probe text. Not the file's bytes: the
+        same tokenizer read back from a GGUF we exported (a rebuilt sentencepiece model, the embedding's padding
+        ids as placeholders) has the same checksum, so data made with it still fits the model."""
+        if self._checksum is None:  # a Tokenizer never changes (add_special_tokens makes a new one)
+            self._checksum = self._canonical_checksum()
+        return self._checksum
+
+    def _canonical_checksum(self):
+        n = self.vocab_size
+        while n and self._piece(n - 1) == f"[PAD{n - 1}]":  # gguf_export's (and llama.cpp's) padding ids
+            n -= 1
+        if self.sp is not None:
+            from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf
+            proto = pb.ModelProto.FromString(self.sp_model)
+            spec, norm = proto.trainer_spec, proto.normalizer_spec
+            vocab = {"pieces": [[p.piece, p.score, p.type] for p in proto.pieces[:n]],
+                     "model": [spec.model_type, spec.byte_fallback, spec.treat_whitespace_as_suffix],
+                     "normalizer": [norm.precompiled_charsmap.hex(), norm.add_dummy_prefix,
+                                    norm.remove_extra_whitespaces, norm.escape_whitespaces]}
+        else:
+            model = json.loads(self.hf.to_str())["model"]
+            vocab = {"tokens": [self._piece(i) for i in range(n)],
+                     "model": {k: v for k, v in model.items() if k not in ("vocab", "merges")},  # type, options
+                     "merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])],
+                     "added": sorted([t.content, i, t.special] for i, t in self.hf.get_added_tokens_decoder().items()
+                                     if i < n)}
+        vocab["special_ids"] = [self.bos_id, self.eos_id, self.pad_id, self.unk_id]
+        vocab["probe"] = self.encode(_PROBE)  # what the fields above may miss (a pre-tokenizer, a normaliser rule)
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
     def with_chat_template(self, template):
         """This tokenizer with another chat template (the ids, and so the checksum, stay the same)."""
@@ -268,7 +312,11 @@ class Tokenizer:
             if got != new_ids:  # a tokenizer.json whose added tokens leave holes in the ids
                 raise ValueError(f"the new tokens got ids {got}, not the next ones after the vocabulary {new_ids}")
         return Tokenizer(sp_model=sp_model, hf=hf, special_tokens={**self.special_tokens, **new_ids}, bos=self.bos_id,
-                         eos=self.eos_id, pad=self.pad_id, unk=self.unk_id, chat_template=self.chat_template)
+                         eos=self.eos_id, pad=self.pad_id, unk=self.unk_id, chat_template=self.chat_template,
+                         template_source=self.template_source)
+
+    def _piece(self, i):
+        return self.sp.id_to_piece(i) if self.sp is not None else self.hf.id_to_token(i)
 
     def _piece_id(self, token):
         """The id of `token` as one entry of the vocabulary, or None."""
@@ -308,21 +356,43 @@ def tokenizer_in(path):
     return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.model", "tokenizer.json"))
 
 
+@functools.lru_cache(maxsize=16)
+def _sandboxed_template(template):
+    """A chat template compiled in jinja2's ImmutableSandboxedEnvironment, as transformers compiles them: no
+    attribute of Python's internals (''.__class__.__mro__ ...), no mutation of the values it is given. Cached
+    here rather than on the Tokenizer, which stays picklable."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
 def _read_tokenizer_config(folder):
-    """tokenizer_config.json (+ special_tokens_map.json, chat_template.jinja as transformers writes them), or {}."""
+    """tokenizer_config.json (+ special_tokens_map.json, chat_template.jinja as transformers writes them), or {};
+    chat_template_file names the file the chat template came from."""
     config = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as f:
-                    config.update(json.load(f))
+                    loaded = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+            config.update(loaded)
+            if "chat_template" in loaded:
+                config["chat_template_file"] = path
     jinja_path = os.path.join(folder, "chat_template.jinja")
     if "chat_template" not in config and os.path.isfile(jinja_path):
         with open(jinja_path, encoding="utf-8") as f:
             config["chat_template"] = f.read()
+        config["chat_template_file"] = jinja_path
     if isinstance(config.get("chat_template"), list):  # several named templates: take the default one
         config["chat_template"] = {t["name"]: t["template"] for t in config["chat_template"]}.get("default")
     return config

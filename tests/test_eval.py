@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -444,6 +445,50 @@ def test_load_model_quantized_and_refusals(ckpt_folder, tmp_path):
         json.dump(cfg, f)
     with pytest.raises(SystemExit, match="'gptq' is not supported"):
         inference.load_model(ckpt_folder)
+
+
+@pytest.mark.parametrize("kind,entry", [("safetensors", "../outside"), ("safetensors", "ABSOLUTE"),
+                                        ("safetensors", "link"), ("bin", "../outside")])
+def test_load_model_refuses_a_weight_map_entry_outside_the_folder(ckpt_folder, tmp_path, kind, entry):
+    """An index's weight_map entry leading out of the model's folder (../x, an absolute path, a symlink out of it)
+    is refused naming the entry and the index, even when it leads to valid weights. Entries inside load, and so do
+    a hub cache snapshot's files, which link into the repo's blobs folder."""
+    from safetensors.torch import load_file, save_file
+    weights = load_file(os.path.join(ckpt_folder, "model.safetensors"))
+    os.remove(os.path.join(ckpt_folder, "model.safetensors"))
+    index = "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
+    suffix = ".safetensors" if kind == "safetensors" else ".bin"
+
+    def write(path):
+        if kind == "safetensors":
+            save_file(weights, str(path))
+        else:
+            torch.save(weights, str(path))
+
+    def with_index(folder, name):
+        with open(os.path.join(folder, index), "w") as f:
+            json.dump({"metadata": {}, "weight_map": {k: name for k in weights}}, f)
+
+    write(os.path.join(ckpt_folder, "model-00001-of-00001" + suffix))
+    with_index(ckpt_folder, "model-00001-of-00001" + suffix)
+    model, _ = inference.load_model(ckpt_folder)
+    write(tmp_path / ("outside" + suffix))
+    name = {"ABSOLUTE": str(tmp_path / "outside"), "link": "link"}.get(entry, entry) + suffix
+    if entry == "link":
+        os.symlink(tmp_path / ("outside" + suffix), os.path.join(ckpt_folder, name))
+    with_index(ckpt_folder, name)
+    with pytest.raises(SystemExit, match=re.escape(f"{os.path.join(ckpt_folder, index)}: weight_map entry "
+                                                   f"{next(iter(weights))!r} -> {name!r} points outside")):
+        inference.load_model(ckpt_folder)
+
+    snapshot = tmp_path / "models--someone--tiny" / "snapshots" / "0123abc"  # the hub cache's layout
+    blobs = tmp_path / "models--someone--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    shutil.copytree(ckpt_folder, snapshot, ignore=shutil.ignore_patterns("*" + suffix))
+    write(blobs / "f00d")
+    os.symlink("../../blobs/f00d", snapshot / ("model" + suffix))
+    with_index(snapshot, "model" + suffix)
+    assert inference.load_model(str(snapshot))[0].config == model.config
 
 
 # ---------------------------------------------------------------------------------------------- bad input

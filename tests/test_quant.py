@@ -482,6 +482,38 @@ def test_gguf_export_byte_level_bpe(tmp_path):
         assert Tokenizer.from_pretrained(path).encode(text) == tok.encode(text)
 
 
+def test_gguf_export_reads_the_data_of_its_own_tokenizer(tmp_path, sp_tokenizer):
+    """A GGUF exported from a checkpoint reads the data made with the checkpoint's tokenizer: the tokenizer rebuilt
+    from the GGUF (other proto bytes, the embedding's padding ids as placeholders) has the same checksum. A tokenizer
+    that encodes differently (one score, or the dummy prefix) is still refused."""
+    import data as datalayer
+    import data_process
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from gguf_export import export_gguf
+    from tokenizer import Tokenizer
+    sp_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    (tmp_path / "corpus.txt").write_text("\n".join(f"{t} {k}" for k in range(40) for t in TEXTS))
+    data_dir = str(tmp_path / "data")
+    data_process.run(data_process.config(input=str(tmp_path / "corpus.txt"), tokenizer=str(tmp_path / "tok"),
+                                         out_dir=data_dir, num_workers=1, near_dedup=False))
+    model = tiny_model(llama_config(vocab_size=sp_tokenizer.vocab_size + 16))
+    back = Tokenizer.from_pretrained(export_gguf(model, sp_tokenizer, str(tmp_path / "m.gguf"), "q8_0"))
+    assert back.sp_model != sp_tokenizer.sp_model and back.vocab_size == sp_tokenizer.vocab_size + 16
+    tokens = datalayer.token_stream(data_dir, back)
+    assert len(tokens) > 0 and back.checksum() == sp_tokenizer.checksum()
+
+    proto = pb.ModelProto.FromString(sp_tokenizer.sp_model)
+    proto.pieces[300].score += 1000  # merged first now
+    scored = Tokenizer.from_sentencepiece(proto.SerializeToString())
+    proto = pb.ModelProto.FromString(sp_tokenizer.sp_model)
+    proto.normalizer_spec.add_dummy_prefix = True
+    prefixed = Tokenizer.from_sentencepiece(proto.SerializeToString())
+    for other in (scored, prefixed, sp_tokenizer.add_special_tokens(["<tool>"])):
+        with pytest.raises(SystemExit, match="was tokenized with another tokenizer"):
+            datalayer.token_stream(data_dir, other)
+
+
 def test_gguf_export_refuses_phi(tmp_path, sp_tokenizer):
     from gguf_export import export_gguf
     with pytest.raises(ValueError, match="LLaMA family only"):

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -426,3 +427,54 @@ def test_with_chat_template_keeps_the_ids(bpe):
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert qa.apply_chat_template(msgs, add_generation_prompt=False) == "S\n##Question:\nq\n##Answer:\na</s>"
     assert qa.apply_chat_template(msgs[:2]) == "S\n##Question:\nq\n##Answer:\n"
+
+
+HOSTILE = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+
+
+@pytest.mark.parametrize("file,template,message", [
+    ("tokenizer_config.json", HOSTILE, "reaches for Python internals, which is refused"),
+    ("chat_template.jinja", HOSTILE, "reaches for Python internals, which is refused"),
+    ("tokenizer_config.json", "{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError"),
+    ("tokenizer_config.json", "{{ raise_exception('roles must alternate') }}", "roles must alternate")])
+def test_a_chat_template_that_fails_is_refused_at_load_naming_its_file(tmp_path, file, template, message):
+    """Templates render in jinja2's immutable sandbox; one that cannot render a first prompt stops the load."""
+    from conftest import char_tokenizer_folder
+    path = tmp_path / "tok"
+    char_tokenizer_folder(path)
+    if file == "chat_template.jinja":
+        (path / file).write_text(template)
+    else:
+        config = json.loads((path / file).read_text())
+        (path / file).write_text(json.dumps({**config, "chat_template": template}))
+    with pytest.raises(ValueError, match=re.escape(str(path / file)) + ": the chat template .*" + message):
+        Tokenizer.from_pretrained(str(path))
+
+
+def test_a_chat_template_that_fails_later_names_its_file(tmp_path):
+    """Hostile code behind a condition passes the load and is refused when reached; inference.render_chat (chat.py,
+    eval.py, rag.py) and data_process.py stop with that one line."""
+    import data_process
+    import inference
+    from conftest import char_tokenizer_folder
+    from tokenizer import ChatTemplateError
+    path = tmp_path / "tok"
+    char_tokenizer_folder(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    template = ("{% for m in messages %}{% if m['content'] == 'x' %}" + HOSTILE + "{% endif %}"
+                "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    tok = Tokenizer.from_pretrained(str(path))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "user: hi\n"
+    where = re.escape(str(path / "tokenizer_config.json")) + ": the chat template reaches for Python internals"
+    with pytest.raises(ChatTemplateError, match=where):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    with pytest.raises(SystemExit, match=where):
+        inference.render_chat(tok, [{"role": "user", "content": "x"}])
+    records = tmp_path / "sft.jsonl"
+    records.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                        {"role": "assistant", "content": "a"}]}) + "\n"
+                               for q in ("a", "x")))
+    with pytest.raises(SystemExit, match=where):
+        data_process.run(data_process.config(format="sft", template="auto", input=str(records), tokenizer=str(path),
+                                             out_dir=str(tmp_path / "data"), num_workers=1))

@@ -43,7 +43,7 @@ else
     echo "       last lock?). Re-lock with 'bash lock.sh', then run 'bash test.sh'."
     exit 1
   fi
-  _venv=.venv
+  _venv=$PWD/.venv
   _want=$(cat requirements.lock | sha256sum | cut -c1-12)-$DEEPSPEED_PIN-$SMOLLM2_PIN-system_torch=${SYSTEM_TORCH:-0}
   if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$_want" ]; then
     echo "setup: installing requirements.lock into .venv (first run, or the lock changed) ..."
@@ -69,5 +69,5 @@ for n in ("torch", "triton"):
     echo "$_want" > .venv/.stamp
   fi
 fi
-export PATH="$PWD/$_venv/bin:$PATH"
+export PATH="$_venv/bin:$PATH"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

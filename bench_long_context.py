@@ -21,6 +21,7 @@ import torch
 import checkpoint
 import configurator
 import convert
+import inference
 from metrics import rss_mb
 
 ckpt = ""             # a model folder (pretrain.py's hf/)
@@ -29,7 +30,7 @@ batch_size = 1
 groups = 4            # S²-Attn groups per sequence (LongLoRA: 4)
 steps = 6
 warmup = 1
-dtype = "bfloat16"
+dtype = "auto"        # auto: bf16 where the CPU runs it fast, else float32 (inference.resolve_dtype)
 threads = 1
 side = ""             # internal: full | s2, the side a child process runs
 
@@ -66,15 +67,17 @@ def main():
         return run_side()
     if not ckpt:
         raise SystemExit("--ckpt=FOLDER is required (a model folder, e.g. out/long/base/hf)")
+    run_dtype, why = inference.resolve_dtype(dtype, "cpu")
+    print(f"dtype={run_dtype} ({why})", flush=True)
     results = {}
     for name in ("full", "s2"):
-        r = subprocess.run([sys.executable, __file__, *sys.argv[1:], f"--side={name}"], capture_output=True,
-                           text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        r = subprocess.run([sys.executable, __file__, *sys.argv[1:], f"--dtype={run_dtype}", f"--side={name}"],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         if r.returncode:
             raise SystemExit(f"side {name} failed:\n{r.stderr[-3000:]}")
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]}", flush=True)
-    print(f"\n{seq_len} tokens x {batch_size}, {dtype}, {threads} thread(s), S²-Attn {groups} groups")
+    print(f"\n{seq_len} tokens x {batch_size}, {run_dtype}, {threads} thread(s), S²-Attn {groups} groups")
     print(f"{'':<6}{'s/step':>9}{'tok/s':>9}{'peak RSS MB':>13}{'step MB':>9}")
     for name, r in results.items():
         print(f"{name:<6}{r['step_s']:>9.3f}{r['tok_s']:>9.0f}{r['peak_rss_mb']:>13.0f}{r['step_mb']:>9.0f}")

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import configurator
+import inference
 
 text_path = "../shared/data/pretrain_en/tinyshakespeare/input.txt.gz"
 config = "config/shakespeare_char.py"   # ours
@@ -162,6 +163,12 @@ def prepare_char_data(path, data_dir):
     return len(chars)
 
 
+def run_dtype(config_file, device):
+    """The dtype pretrain.py runs config_file in on `device`, and why: "dtype=float32 (auto: ...)"."""
+    name, why = inference.resolve_dtype(configurator.load_config_file(config_file).get("dtype", "auto"), device)
+    return f"dtype={name} ({why})"
+
+
 def first_below(records, level):
     hit = next((r for r in records if r["val_loss"] <= level), None)
     return f"step {hit['step']:>5}  train {hit['train_time_s']:6.1f}s  wall {hit['elapsed_s']:6.1f}s" if hit \
@@ -178,8 +185,10 @@ def bench_shakespeare():
         torch.set_num_threads(threads)
         env["OMP_NUM_THREADS"] = str(threads)
     load = os.getloadavg()[0]
-    print(f"tinyshakespeare char-level: vocab {vocab}; {torch.get_num_threads()} threads; "
-          f"load average {load:.2f} at start (other work on this machine slows both runs)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # pretrain.py's device=auto
+    print(f"tinyshakespeare char-level: vocab {vocab}; ours in {run_dtype(config, device)}; "
+          f"{torch.get_num_threads()} threads; load average {load:.2f} at start (other work on this machine slows "
+          f"both runs)")
 
     # ours, through pretrain.py exactly as a user runs it
     ours_dir = os.path.join(out_dir, "ours")
@@ -233,6 +242,7 @@ def bench_gpu():
     with open(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump({"dtype": "uint16", "vocab_size": 32000, "train_tokens": n, "val_tokens": n // 100}, f)
     run_dir = os.path.join(out_dir, "gpu")
+    print(f"{gpu_config}: {run_dtype(gpu_config, 'cuda')}", flush=True)
     cmd = [sys.executable, "pretrain.py", gpu_config, f"--data_dir={data_dir}", f"--out_dir={run_dir}",
            f"--max_iters={gpu_iters}", "--eval_interval=100000", "--eval_iters=1", "--log_interval=10",
            "--grad_accum=1", "--keep_last=1"]
@@ -254,7 +264,9 @@ def bench_attention():
     import torch.nn.functional as F
     if threads:
         torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per forward+backward (causal SDPA)")
+    name, why = inference.resolve_dtype("auto", "cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dtype=auto would be {name} ({why}); ms per "
+          f"forward+backward (causal SDPA)")
     for T in (64, 256, 1024):
         row = []
         for dt in (torch.float32, torch.bfloat16):

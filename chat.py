@@ -11,7 +11,10 @@ conversation no longer fits the rest, the oldest turns are dropped. With --rag=I
 with the rag_top_k passages the index finds for it (BM25, re-ranked by the model from the best rag_rerank hits when
 that is set; as many as fit: rag.py), and their sources are printed after the reply; the history keeps the messages
 without their passages.
+In a terminal the line can be edited and the arrow keys recall earlier messages, of this session and of those
+before it (kept in history_file), where Python has the readline module (not on Windows: there input() is plain).
 """
+import os
 import sys
 
 import torch
@@ -31,10 +34,11 @@ top_p = 0.9           # 1.0 = off
 repetition_penalty = 1.0
 seed = 1337
 device = ""           # "" = cuda when available, else cpu
-dtype = "bfloat16"
+dtype = "auto"        # auto: bfloat16 where the hardware runs it fast, else float32 (inference.resolve_dtype)
 rag = ""              # a rag.py index folder: answer each message from its passages ("" = plain chat)
 rag_top_k = 3         # passages per message
 rag_rerank = 0        # re-rank the best this many BM25 hits by the model's likelihood (0 = BM25 order; rag.py)
+history_file = "~/.tinyllm_chat_history"  # the messages the arrow keys recall in later sessions ("" = not kept)
 # -----------------------------------------------------------------------------------------------------------
 
 HELP = "/reset: clear the history  /system TEXT: set the system prompt  /exit: leave  /help: this list"
@@ -101,17 +105,52 @@ def repl(model, tok, system="", max_new_tokens=256, temperature=0.7, top_k=50, t
         history.append({"role": "assistant", "content": reply})
 
 
+def line_editing(history_file):
+    """Line editing and the arrow keys for input(): the readline module, imported only where the input and output
+    are a terminal (importing it can write escape codes to stdout) and Python has it (not on Windows: there input()
+    stays plain), with the messages of earlier sessions read from history_file ("" = none). Returns the function
+    that saves the history at the end; a history file that cannot be read or written is done without."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return lambda: None
+    try:
+        import readline
+    except ImportError:
+        return lambda: None
+    if not history_file:
+        return lambda: None
+    path = os.path.expanduser(history_file)
+    try:
+        readline.read_history_file(path)
+    except OSError:  # none yet, or unreadable
+        pass
+    readline.set_history_length(1000)
+
+    def save():
+        try:
+            readline.write_history_file(path)
+            os.chmod(path, 0o600)  # the messages are private, as a shell's history
+        except OSError:  # an unwritable home: this session's messages are not kept
+            pass
+    return save
+
+
 def main():
     configurator.apply(globals(), sys.argv[1:])
     if not ckpt:
         raise SystemExit("--ckpt=PATH is required")
     inference.check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     torch.manual_seed(seed)
-    model, tok = inference.load_model(ckpt, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype,
-                                      lora_base)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_dtype, why = inference.resolve_dtype(dtype, dev)
+    print(f"dtype={run_dtype} ({why})")
+    model, tok = inference.load_model(ckpt, dev, run_dtype, lora_base)
     index = Index.open(rag, tok) if rag else None
-    repl(model, tok, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, index=index,
-         rag_top_k=rag_top_k, rag_rerank=rag_rerank)
+    save_history = line_editing(history_file)
+    try:
+        repl(model, tok, system, max_new_tokens, temperature, top_k, top_p, repetition_penalty, index=index,
+             rag_top_k=rag_top_k, rag_rerank=rag_rerank)
+    finally:
+        save_history()
 
 
 if __name__ == "__main__":

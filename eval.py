@@ -105,7 +105,8 @@ system = ""           # generate: system prompt ("" = the template's default, if
 seed = 1337
 device = ""           # "" = cuda when available, else cpu
 dtype = "float32"     # float32: figures equal to an fp32 reference; bfloat16: ~2.3x faster on CPUs with AMX, but
-                      # moves HellaSwag acc_norm by up to ~0.5-0.8 points (rounding flips close calls)
+                      # moves HellaSwag acc_norm by up to ~0.5-0.8 points (rounding flips close calls); auto:
+                      # bfloat16 where the hardware runs it fast, else float32 (inference.resolve_dtype)
 out = ""              # write the results as JSON here
 # -----------------------------------------------------------------------------------------------------------
 
@@ -582,12 +583,14 @@ def main():
     check_settings()
     torch.manual_seed(seed)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_dtype, why = inference.resolve_dtype(dtype, dev)
+    print(f"dtype={run_dtype} ({why})", flush=True)
     if task in MC_TASKS:  # the data is checked before the model is loaded
         items = load_items(task, data, split, subject, shots, method)
         items = items[:limit] if limit else items
     elif task == "generate":
         prompts = load_prompts(data)[:limit or None]
-    model, tok = inference.load_model(ckpt, dev, dtype, lora_base)
+    model, tok = inference.load_model(ckpt, dev, run_dtype, lora_base)
     checkpoint.extend_context(model, rope_scaling, extend_to)
     if bos and tok.bos_id is None:
         raise SystemExit(f"--bos=True: the tokenizer of {ckpt} has no BOS token")

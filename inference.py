@@ -1,6 +1,8 @@
 """Load any checkpoint this project reads, generate from it and score text with it: the one model loader, the one
-generation path and the perplexity that eval.py, chat.py and quant_model.py share.
+generation path and the perplexity that eval.py, chat.py and quant_model.py share, and the one choice of the dtype
+every script (and trainer.py) computes in.
 
+    dtype, why = inference.resolve_dtype("auto", "cpu")        # ("float32", "auto: this CPU has no fast bf16 ...")
     model, tok = inference.load_model("out/run/pretrain/hf")   # or a .gguf, a quantized folder, a LoRA adapter
     prompt = inference.render_chat(tok, [{"role": "user", "content": "Hi"}], system="Be brief.")
     reply = inference.stream_reply(model, tok, prompt, max_new_tokens=64, on_text=print)
@@ -22,22 +24,78 @@ import lora
 import quant
 from tokenizer import ChatTemplateError, Tokenizer, tokenizer_in
 
+CPU_BF16_VARIABLE = "TINYLLM_CPU_BF16"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name, device):
+    """(dtype, why) for a dtype setting (auto | float32 | bfloat16 | float16) on `device` (a torch.device or its
+    name): the dtype's name and a few words on why, for the first line a script logs. auto chooses bfloat16 only
+    where it is fast: a CUDA GPU with native bf16 (else float16), a CPU with AMX or AVX512-BF16; any other CPU gets
+    float32, since there bf16 matmuls are emulated, ~60x slower than fp32 on an AVX2-only EPYC (never float16 on a
+    CPU). The environment variable TINYLLM_CPU_BF16=1 (or 0) says the CPU has (or lacks) fast bf16 whatever it
+    reports: to measure the other case on one machine."""
+    if name not in DTYPES:
+        raise SystemExit(f"dtype={name!r}: expected one of {', '.join(DTYPES)}")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise SystemExit(f"device={device!r}: {e}") from None
+    if kind == "cpu" and name in ("auto", "bfloat16"):
+        fast, why = _cpu_bf16()
+        if name == "bfloat16":
+            return name, "as set" if fast else f"as set, but {why}: float32 is many times faster here"
+        return ("bfloat16" if fast else "float32"), f"auto: {why}"
+    if name != "auto":
+        return name, "as set"
+    if kind == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16", "auto: the GPU has native bf16"
+        return "float16", "auto: the GPU has no native bf16"
+    return "float32", f"auto: float32 on {kind}"
+
+
+def _cpu_bf16():
+    """(fast, why): whether bf16 matmuls run natively on this CPU, and the reason."""
+    forced = os.environ.get(CPU_BF16_VARIABLE)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise SystemExit(f"{CPU_BF16_VARIABLE}={forced!r}: expected 1 (the CPU has fast bf16) or 0 (it has not), "
+                             f"or leave it unset to ask the CPU")
+        return forced == "1", f"{CPU_BF16_VARIABLE}={forced}"
+    if _cpu_has("_is_amx_tile_supported", "amx_bf16"):
+        return True, "the CPU has AMX"
+    if _cpu_has("_is_avx512_bf16_supported", "avx512_bf16"):
+        return True, "the CPU has AVX512-BF16"
+    return False, "this CPU has no fast bf16 (no AMX or AVX512-BF16)"
+
+
+def _cpu_has(torch_check, cpuinfo_flag):
+    """torch's own check where this torch has it, else the flag in /proc/cpuinfo; False where neither answers."""
+    check = getattr(torch.cpu, torch_check, None)
+    if check is not None:
+        return check()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return cpuinfo_flag in f.read().split()
+    except OSError:
+        return False
+
 
 def load_model(ckpt, device="cpu", dtype=torch.float32, lora_base=None):
     """(model, tokenizer) in eval mode from our checkpoint folders (transformers folders: config.json +
     model.safetensors + tokenizer), transformers Llama/Phi folders, .gguf files, the quantized folders quant.py
     writes, or a LoRA adapter folder (PEFT format), which is loaded onto its base (lora_base, else the one its
-    adapter_config.json names) and merged. A checkpoint that cannot be read stops with a message naming it."""
-    if isinstance(dtype, str):
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise SystemExit(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
-        dtype = getattr(torch, dtype)
+    adapter_config.json names) and merged. dtype: a torch dtype or a dtype setting's name (resolve_dtype). A
+    checkpoint that cannot be read stops with a message naming it."""
     try:
         kind = torch.device(device).type
     except RuntimeError as e:
         raise SystemExit(f"device={device!r}: {e}") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"device={device!r}: this torch sees no CUDA GPU (use cpu)")
+    if isinstance(dtype, str):  # a setting's name, "auto" included (resolve_dtype)
+        dtype = getattr(torch, resolve_dtype(dtype, device)[0])
     ckpt = os.fspath(ckpt)
     if not os.path.exists(ckpt):
         raise SystemExit(f"checkpoint not found: {ckpt!r}")

@@ -59,7 +59,7 @@ system = ""           # ask: system prompt
 max_new_tokens = 128
 temperature = 0.0     # 0 = greedy
 device = "cpu"
-dtype = "bfloat16"
+dtype = "auto"        # auto: bfloat16 where the hardware runs it fast, else float32 (inference.resolve_dtype)
 seed = 1337
 # -----------------------------------------------------------------------------------------------------------
 
@@ -473,7 +473,9 @@ def evaluate(index, qs, model=None, tok=None, k=3, rerank_n=10, system=""):
 # ----------------------------------------------------------------------------- the command line
 
 def _load(index_dir):
-    model, tok = inference.load_model(ckpt, device, dtype)
+    run_dtype, why = inference.resolve_dtype(dtype, device)
+    print(f"dtype={run_dtype} ({why})", file=sys.stderr)  # stderr: eval's stdout is its JSON
+    model, tok = inference.load_model(ckpt, device, run_dtype)
     return model, tok, Index.open(index_dir, tok)
 
 

@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 import checkpoint
 from distributed import barrier, deepspeed_engine, setup_distributed, teardown_distributed
+from inference import resolve_dtype
 from model_kernels import use_kernels
 from metrics import default_peak_flops, log, plot_losses, read_metrics, start_wandb
 
@@ -67,7 +68,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0           # 0: no clipping (the norm is still logged)
-    dtype: str = "auto"              # auto (bfloat16 where supported) | float32 | bfloat16 | float16
+    dtype: str = "auto"              # auto (bf16 where the hardware runs it fast: inference.resolve_dtype) | float32
+                                     # | bfloat16 | float16
     device: str = "auto"             # auto | cpu | cuda
     compile: bool = False            # torch.compile (minutes of warm-up on CPU; worth it on GPU)
     activation_checkpointing: bool = False
@@ -135,13 +137,6 @@ def supervised_tokens(batch):
 
 # ----------------------------------------------------------------------------------------------- small helpers
 
-def resolve_dtype(name, device):
-    if name == "auto":
-        ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
-        name = "bfloat16" if ok else "float16"
-    return name
-
-
 def lr_at(step, c):
     """Linear warmup, then cosine from learning_rate to min_lr at lr_decay_iters (nanoGPT), or constant. A pure
     function of the step and the config, set on the optimizer every step: a resumed run follows the schedule its
@@ -189,7 +184,7 @@ class Trainer:
         if c.grad_accum % self.world:
             raise SystemExit(f"grad_accum={c.grad_accum} must be a multiple of the {self.world} processes")
         self.accum = c.grad_accum // self.world
-        self.dtype = resolve_dtype(c.dtype, self.device)
+        self.dtype, self.dtype_why = resolve_dtype(c.dtype, self.device)
         self.mode = c.parallel if (self.world > 1 or c.parallel != "ddp") else "single"
         if self.device.type == "cpu" and self.world > 1 and "OMP_NUM_THREADS" not in os.environ:
             # torchrun sets 1 thread per process; the deepspeed launcher sets nothing, and the processes of one
@@ -602,7 +597,7 @@ class Trainer:
         c = self.c
         n_params = self.raw_model.num_params() if hasattr(self.raw_model, "num_params") else 0
         peak = c.peak_flops or default_peak_flops(self.device)
-        log(f"parallel={self.mode} world={self.world} device={self.device} dtype={self.dtype} "
+        log(f"parallel={self.mode} world={self.world} device={self.device} dtype={self.dtype} ({self.dtype_why}) "
             f"params={n_params / 1e6:.2f}M (excl. embeddings) global batch={c.batch_size * c.grad_accum} seqs "
             f"MFU peak={peak:.3g} FLOP/s per device")
         bar = tqdm(total=c.max_iters, initial=self.step, disable=None if self.master else True, dynamic_ncols=True,

@@ -17,5 +17,5 @@ warmup_iters = 5
 epochs = 2.0
 batch_size = 4
 grad_accum = 2
-dtype = "bfloat16"
+dtype = "auto"                # bf16 where the hardware runs it fast, else float32 (inference.resolve_dtype)
 chunked_loss = True           # the (tokens x 49,152) logits would be the largest tensor of a step (model_kernels.py)

@@ -13,4 +13,4 @@ warmup_iters = 10
 eval_interval = 50
 eval_iters = 4
 log_interval = 10
-dtype = "bfloat16"
+dtype = "auto"                # bf16 where the hardware runs it fast, else float32 (inference.resolve_dtype)

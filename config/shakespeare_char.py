@@ -2,7 +2,8 @@
 #   python bench_pretrain.py        # makes the char-level data (out/bench_pretrain/data) and races both recipes
 # nanoGPT's CPU recipe (4 layers x 128, block 64, batch 12, lr 1e-3, 2000 iters, fp32) with LLaMA's blocks
 # (RoPE, RMSNorm, SwiGLU) instead of GPT-2's, a larger batch at a higher learning rate (bigger matmuls use
-# the cores better), a short cosine schedule (annealing is where the loss drops) and bf16 autocast.
+# the cores better), a short cosine schedule (annealing is where the loss drops) and bf16 autocast where the
+# CPU runs it fast (AMX or AVX512-BF16).
 out_dir = "out/shakespeare_char"
 data_dir = "out/bench_pretrain/data"
 dim = 128
@@ -19,4 +20,4 @@ eval_interval = 50  # each evaluation (and checkpoint) costs ~0.4 s
 eval_iters = 16
 log_interval = 50
 keep_last = 1
-dtype = "bfloat16"
+dtype = "auto"                # bf16 where the hardware runs it fast, else float32 (inference.resolve_dtype)

@@ -1,5 +1,6 @@
 """chat.py and inference.py's generation path: streaming, the chat loop, history that fits the context, replies
 that never run past the model's context, and the command line's refusals."""
+import io
 import os
 import subprocess
 import sys
@@ -138,3 +139,31 @@ def test_chat_cli_answers_with_its_defaults(ckpt_folder):
                          text=True, timeout=120, input="hello\n")
     assert run.returncode == 0, run.stderr
     assert "too long" not in run.stdout and "replies limited to 64 tokens" in run.stdout
+    assert run.stdout.startswith("dtype=") and "(auto: " in run.stdout.splitlines()[0]  # which dtype, and why
+
+
+def test_line_editing_by_readline_in_a_terminal(tmp_path, monkeypatch):
+    """In a terminal chat.py imports readline (arrow keys, history) and keeps the history in a file; a file that
+    cannot be written, or a Python without readline (Windows), changes nothing else."""
+    readline = pytest.importorskip("readline")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    history = tmp_path / "history"
+    history.write_text("an earlier message\n")
+    readline.clear_history()
+    try:
+        save = chat.line_editing(str(history))
+        assert readline.get_history_item(readline.get_current_history_length()) == "an earlier message"
+        readline.add_history("this session's message")
+        save()
+        assert history.read_text().splitlines() == ["an earlier message", "this session's message"]
+        assert history.stat().st_mode & 0o777 == 0o600
+        chat.line_editing(str(tmp_path / "no such folder" / "history"))()  # neither read nor written: no error
+    finally:
+        readline.clear_history()
+    monkeypatch.setitem(sys.modules, "readline", None)  # import readline fails, as on Windows
+    chat.line_editing(str(history))()

@@ -6,11 +6,19 @@ the new one, never half of one. What goes inside (model, optimizer, sharded DCP 
 the trainer's business (trainer.Trainer.save_checkpoint). build_model() is where a run starts: a fresh model, a
 model folder or .gguf, another run's out_dir or checkpoint, or this run's own to resume; extend_context() then
 stretches its rotary positions to a longer context.
+
+What keeps runs from losing or mixing work: run_in() / remove_run() (a new run never lands on another one unless
+told to), data_fingerprint() (a checkpoint records what it trained on), files.json in every checkpoint (each file's
+size, so one cut short is found without reading it), resume_checkpoint() (the newest checkpoint that reads back,
+damaged ones named and passed over) and load_tensors() (a checkpoint holding pickled objects is refused).
 """
 import glob
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 
 from dataclasses import fields
@@ -69,17 +77,101 @@ def checkpoint_dirs(out_dir):
     return sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt", "step_*")) if not d.endswith(".tmp"))
 
 
-def latest_checkpoint(out_dir):
-    dirs = checkpoint_dirs(out_dir)
-    return dirs[-1] if dirs else None
+class Damaged(SystemExit):
+    """A checkpoint file that does not read back (cut short, corrupt, missing). A SystemExit, so where nothing
+    falls back past it the run stops with its one line."""
+
+
+def load_tensors(path):
+    """torch.load(weights_only=True) of a file the trainer wrote. A file holding other Python objects is refused
+    (unpickling them could run code, and this trainer's checkpoints hold none); one cut short or corrupt raises
+    Damaged. Both name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = found[1] if found else "not loadable as weights"
+        raise SystemExit(f"{path}: holds Python objects besides tensors ({what}): refused, as loading it could run "
+                         f"code; use a checkpoint this trainer wrote, or delete it") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise Damaged(f"{path}: unreadable ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
 
 
 def read_trainer_state(ckpt_dir):
-    return torch.load(os.path.join(ckpt_dir, "state.pt"), map_location="cpu", weights_only=True)
+    return load_tensors(os.path.join(ckpt_dir, "state.pt"))
+
+
+SIZES = "files.json"  # in each checkpoint: {file: bytes} as written
+
+
+def file_sizes(folder):
+    return {os.path.relpath(os.path.join(root, n), folder): os.path.getsize(os.path.join(root, n))
+            for root, _, names in os.walk(folder) for n in names if n != SIZES}
+
+
+def damage(ckpt_dir):
+    """What is wrong with a checkpoint, seen without reading it: a file missing or of another size than it was
+    written with (files.json); None when nothing is (or it predates files.json)."""
+    path = os.path.join(ckpt_dir, SIZES)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            written = json.load(f)
+    except (OSError, ValueError):
+        return f"{path}: unreadable"
+    now = file_sizes(ckpt_dir)
+    for name, size in written.items():
+        if now.get(name) != size:
+            return f"{os.path.join(ckpt_dir, name)}: " + (
+                "missing" if name not in now else f"{now[name]:,} bytes, written with {size:,} (cut short?)")
+    return None
+
+
+_named = set()  # damaged checkpoints already named: build_model and the trainer both look
+
+
+def _pass_over(ckpt_dir, problem):
+    if ckpt_dir not in _named:
+        _named.add(ckpt_dir)
+        log(f"warning: {problem}: checkpoint {ckpt_dir} is damaged; going back to the one before it")
+
+
+def latest_checkpoint(out_dir):
+    """The newest checkpoint whose files are all there at their written sizes (damaged ones are named)."""
+    for d in reversed(checkpoint_dirs(out_dir)):
+        problem = damage(d)
+        if problem is None:
+            return d
+        _pass_over(d, problem)
+    return None
+
+
+def resume_checkpoint(out_dir):
+    """(path, trainer state) of the newest checkpoint in out_dir that reads back: its files at their written
+    sizes, state.pt and every rank's RNG state loadable. A damaged newer one is named and passed over; one holding
+    pickled objects stops the run (load_tensors)."""
+    dirs = checkpoint_dirs(out_dir)
+    if not dirs:
+        raise SystemExit(f"init_from=resume: no checkpoint in {out_dir}/ckpt")
+    for d in reversed(dirs):
+        try:
+            problem = damage(d)
+            if problem:
+                raise Damaged(problem)
+            for rng in glob.glob(os.path.join(d, "rng_rank*.pt")):
+                load_tensors(rng)
+            return d, read_trainer_state(d)
+        except Damaged as e:
+            _pass_over(d, e)
+    raise SystemExit(f"init_from=resume: no checkpoint in {out_dir}/ckpt reads back (each is named above); start "
+                     f"over with --overwrite=True")
 
 
 def publish(tmp, final):
     """Make a fully written checkpoint folder visible under its final name (replacing one of the same step)."""
+    with open(os.path.join(tmp, SIZES), "w") as f:
+        json.dump(file_sizes(tmp), f, indent=1)
     fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
@@ -95,21 +187,66 @@ def prune(out_dir, keep_last, keep=()):
             shutil.rmtree(d, ignore_errors=True)
 
 
+# what a training run writes in its out_dir: the trainer's files, its exports (LoRA: adapter/), wandb's and DPO's
+# reference cache
+RUN_FILES = ("ckpt", "metrics.jsonl", "config.json", "loss.png", "hf", "adapter", "wandb", "ref_logps_*")
+
+
+def run_in(out_dir):
+    """What shows that out_dir holds a training run: its checkpoints, a metrics.jsonl with records ('' if none)."""
+    found = [f"{len(checkpoint_dirs(out_dir))} checkpoint(s)"] if checkpoint_dirs(out_dir) else []
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics):
+        found.append("metrics.jsonl")
+    return ", ".join(found)
+
+
+def remove_run(out_dir):
+    """overwrite=True: the files and folders of the run in out_dir go (RUN_FILES); anything else there stays, and
+    a folder that holds no run (run_in) is left as it is (a config.json there may be a model's)."""
+    if not run_in(out_dir):
+        return
+    gone = sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(out_dir, pattern)))
+    for p in gone:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
+    if gone:
+        log(f"overwrite=True: removed the previous run's {', '.join(os.path.basename(p) for p in gone)} from {out_dir}")
+
+
+BLOCKS, BLOCK = 16, 1 << 16
+
+
+def data_fingerprint(data_dir):
+    """What a checkpoint records of its data: the folder and a sha256 of its token files (*.bin, *.npy), each one's
+    name, size and 16 blocks of 64 KiB spread over it (the whole file up to 1 MiB). It reads at most 1 MiB a
+    file however large, survives a copy or a move (no mtimes) and ignores meta.json's timings; a re-tokenized
+    corpus changes sizes or sampled bytes (an edit that keeps every size and falls between the blocks goes unseen)."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.bin")) + glob.glob(os.path.join(data_dir, "*.npy"))):
+        size = os.path.getsize(path)
+        h.update(f"{os.path.basename(path)} {size}\n".encode())
+        with open(path, "rb") as f:
+            for k in range(BLOCKS):
+                f.seek(k * max(0, size - BLOCK) // (BLOCKS - 1))
+                h.update(f.read(BLOCK))
+    return {"data_dir": os.path.abspath(data_dir), "checksum": h.hexdigest()}
+
+
 def build_model(init_from, out_dir, scratch_config=None):
     """(model, tokenizer) a run starts from; the tokenizer is None where the model brings none (a fresh model takes
     the data's). scratch: Transformer(scratch_config); a model folder or .gguf: its weights in fp32 (master
-    weights, whatever is stored); resume: what the newest checkpoint's run started from (its frozen weights, as
-    LoRA needs) or, for a run that trained every weight, the checkpoint's architecture. Trainer.fit then loads the
-    checkpoint's weights."""
+    weights, whatever is stored); resume: what the newest checkpoint that reads back (resume_checkpoint) started
+    from (its frozen weights, as LoRA needs) or, for a run that trained every weight, the checkpoint's
+    architecture. Trainer.fit then loads the checkpoint's weights."""
     if init_from == "scratch":
         if scratch_config is None:
             raise SystemExit("init_from=scratch: this script fine-tunes a model; name its folder or .gguf")
         return Transformer(scratch_config), None
     if init_from == "resume":
-        path = latest_checkpoint(out_dir)
-        if path is None:
-            raise SystemExit(f"init_from=resume: no checkpoint in {out_dir}/ckpt")
-        state = read_trainer_state(path)
+        path, state = resume_checkpoint(out_dir)
         source = state.get("model_source", "scratch")
         if source != "scratch" and (state.get("frozen") or os.path.exists(source)):
             log(f"init_from=resume: the model is rebuilt from {source}, then {path} is loaded onto it")

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+from data import read_meta
 from distributed import barrier, deepspeed_engine, setup_distributed, teardown_distributed
 from inference import resolve_dtype
 from model_kernels import use_kernels
@@ -79,6 +80,8 @@ class TrainConfig:
     parallel: str = "ddp"            # ddp (single process unless torchrun starts several) | fsdp | deepspeed
     deepspeed_config: str = "config/ds_zero2.json"
     init_from: str = "scratch"       # scratch | resume | a model folder or .gguf (checkpoint.build_model)
+    overwrite: bool = False          # a new run into an out_dir that holds another run: remove that run's files
+                                     # first (checkpoint.RUN_FILES); False: refused, so no run is lost by a typo
     seed: int = 1337
     eval_interval: int = 250         # evaluate and checkpoint every this many steps
     eval_iters: int = 20
@@ -120,6 +123,17 @@ def train_config(cfg):
             raise SystemExit(f"{key}={getattr(c, key)}: must be in [0, 1)")
     if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
         raise SystemExit(f"out_dir={c.out_dir}: is a file, not a folder")
+    if c.overwrite and c.init_from == "resume":
+        raise SystemExit("overwrite=True and init_from=resume: a resume continues the run in out_dir; drop one")
+    if c.init_from not in ("", "scratch", "resume"):  # overwriting, or even exporting, would destroy the model
+        out, source = os.path.realpath(c.out_dir), os.path.realpath(c.init_from)
+        if source == out or source.startswith(os.path.join(out, "")):
+            raise SystemExit(f"out_dir={c.out_dir} holds the model this run starts from (init_from={c.init_from}), "
+                             f"which the run would overwrite: write to another --out_dir")
+    found = checkpoint.run_in(c.out_dir) if c.init_from != "resume" else ""
+    if found and not c.overwrite:
+        raise SystemExit(f"out_dir={c.out_dir} holds another run ({found}): continue it with --init_from=resume, "
+                         f"start over with --overwrite=True (its files are removed), or choose another --out_dir")
     return c
 
 
@@ -179,6 +193,14 @@ class Trainer:
         self.train_batch, self.val_batch, self.loss_fn = train_batch, val_batch, loss_fn
         self.weight_fn, self.on_eval, self.export = weight_fn, on_eval, export
         self.tokenizer_dir = tokenizer_dir
+        # what the run trains on, recorded in its checkpoints; its kind is the data's format, as pretrain.py,
+        # fine_tuning.py and dpo.py each open only their own
+        data_dir = cfg.get("data_dir")
+        self.kind = read_meta(data_dir)["format"] if data_dir else None
+        self.data = checkpoint.data_fingerprint(data_dir) if data_dir else None
+        self.resume_from = checkpoint.resume_checkpoint(c.out_dir) if c.init_from == "resume" else None
+        if self.resume_from:
+            self.check_same_kind(*self.resume_from)
         self.rank, self.world, self.device = setup_distributed(c.parallel, c.device)
         self.master = self.rank == 0
         if c.grad_accum % self.world:
@@ -245,6 +267,8 @@ class Trainer:
         self.ckpt_root = os.path.join(c.out_dir, "ckpt")
         self.metrics_path = os.path.join(c.out_dir, "metrics.jsonl")
         if self.master:
+            if c.overwrite:
+                checkpoint.remove_run(c.out_dir)
             os.makedirs(self.ckpt_root, exist_ok=True)
             for d in glob.glob(os.path.join(self.ckpt_root, "*.tmp")):  # left by a run killed while saving
                 shutil.rmtree(d, ignore_errors=True)
@@ -382,7 +406,7 @@ class Trainer:
                  "tokens_seen": self.tokens_seen,
                  "elapsed_s": time.time() - self.t_start, "train_time_s": self.train_time,
                  "world_size": self.world, "parallel": self.mode, "model_source": self.model_source,
-                 "frozen": sorted(self.frozen_names),
+                 "frozen": sorted(self.frozen_names), "kind": self.kind, "data": self.data,
                  "model_config": asdict(self.raw_model.config) if hasattr(self.raw_model, "config") else {}}
         if self.engine is None:
             state["scaler"] = self.scaler.state_dict() if self.scaler is not None else None
@@ -450,8 +474,16 @@ class Trainer:
             log(f"checkpoint: {final}{' (' + reason + ')' if reason else ''}")
         barrier()
 
-    def load_checkpoint(self, path):
-        state = checkpoint.read_trainer_state(path)
+    def check_same_kind(self, path, state):
+        """A resume continues a run of the same kind: a pretraining run's checkpoints do not go on as SFT, nor SFT's
+        as DPO (checkpoints from before the kind was recorded are not checked)."""
+        saved = state.get("kind")
+        if saved and self.kind and saved != self.kind:
+            raise SystemExit(f"init_from=resume: {path} is a checkpoint of a {saved} run and this run is {self.kind} "
+                             f"(its data's format); start a new run from it with --init_from={self.c.out_dir} and "
+                             f"another --out_dir")
+
+    def load_checkpoint(self, path, state):
         saved_by = state["parallel"] if state["parallel"] != "single" else "ddp"  # the same files
         if saved_by != (self.mode if self.mode != "single" else "ddp"):
             raise SystemExit(f"{path}: saved with parallel={saved_by}; resume it with --parallel={saved_by}")
@@ -477,11 +509,19 @@ class Trainer:
         self.model_source = state.get("model_source", self.model_source)
         self.step = state["step"]
         self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
+        saved = state.get("data")
+        if saved and self.data and saved["checksum"] != self.data["checksum"]:
+            log(f"resume: {path} trained on other data ({saved['data_dir']}, checksum {saved['checksum'][:12]}) "
+                f"than this run's ({self.data['data_dir']}, {self.data['checksum'][:12]}); training goes on with this "
+                f"run's, and the best checkpoint is chosen afresh (val losses on other data do not compare)")
+            self.best_val_loss, self.best_step = float("inf"), -1
+            if self.master and os.path.isfile(os.path.join(self.ckpt_root, "best.json")):
+                os.remove(os.path.join(self.ckpt_root, "best.json"))
         self.nan_skips_total, self.tokens_seen = state["nan_skips_total"], state["tokens_seen"]
         self.t_start, self.train_time = time.time() - state["elapsed_s"], state["train_time_s"]  # clocks go on
         rng_path = os.path.join(path, f"rng_rank{self.rank}.pt")
         if os.path.isfile(rng_path):
-            checkpoint.set_rng_state(torch.load(rng_path, weights_only=True))
+            checkpoint.set_rng_state(checkpoint.load_tensors(rng_path))
         else:
             log(f"warning: {rng_path} missing (resumed with more processes?): this rank's RNG starts fresh")
         self.resumed = True
@@ -565,11 +605,9 @@ class Trainer:
             if self.master:
                 log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in self.cfg.items()))
                 checkpoint.atomic_write_json(self.cfg, os.path.join(c.out_dir, "config.json"))
-            if c.init_from == "resume":
-                path = checkpoint.latest_checkpoint(c.out_dir)
-                if path is None:
-                    raise SystemExit(f"init_from=resume: no checkpoint in {self.ckpt_root}")
-                self.load_checkpoint(path)
+            if self.resume_from:  # chosen and checked in __init__, before anything was written
+                self.load_checkpoint(*self.resume_from)
+                self.resume_from = None  # its tensors are loaded: free them
             if self.master:  # the metrics of a killed run past the checkpoint are replaced by the resumed run's
                 recs = []
                 if self.resumed and os.path.isfile(self.metrics_path):

@@ -1,8 +1,10 @@
 """What the trainers refuse or survive, each named in its message: data that does not belong to the model,
-settings that cannot work, training that went wrong, and files that are broken (pretrain.py, trainer.py, data.py)."""
+settings that cannot work, training that went wrong, files that are broken, and runs that would lose or mix work
+(pretrain.py, trainer.py, checkpoint.py, data.py)."""
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import trainer
 from data import open_data_dir
+from model import ModelConfig
 from test_pretrain import ENV, ROOT, VOCAB, make_data_dir, read_metrics, run_pretrain, tiny_trainer
 
 
@@ -187,6 +191,128 @@ def test_a_full_disk_says_so_and_keeps_the_last_good_checkpoint(tmp_path, monkey
         t.fit()
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["best.json", "step_00000006"]  # no .tmp left behind
     assert os.path.isfile(tmp_path / "ckpt" / "step_00000006" / "state.pt")
+
+
+# ------------------------------------------------------------------------------------- runs that would lose or mix work
+
+def files_of(folder):
+    """Every file under folder with its size and mtime: what 'nothing was written' is checked against."""
+    return {os.path.join(root, n): (os.path.getsize(os.path.join(root, n)), os.stat(os.path.join(root, n)).st_mtime_ns)
+            for root, _, names in os.walk(folder) for n in names}
+
+
+def plain_loss(model, batch, ref_model):  # tiny_trainer's batches carry their step third, not document ids
+    return model(batch[0], batch[1])[1]
+
+
+def scripted_val_loss(values):
+    """A loss_fn whose evaluations return values["val"] (training is the real loss)."""
+    def loss_fn(model, batch, ref_model):
+        loss = model(batch[0], batch[1])[1]
+        return loss if model.training else loss * 0 + values["val"]
+    return loss_fn
+
+
+def test_a_new_run_into_another_runs_out_dir_is_refused_unless_overwrite(tmp_path):
+    tiny_trainer(tmp_path, plain_loss, max_iters=6).fit()
+    (tmp_path / "notes.txt").write_text("not the run's")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_text("the old run's")
+    (tmp_path / "ref_logps_train.npz").write_text("the old run's")
+    before = files_of(tmp_path)
+    with pytest.raises(SystemExit, match=r"out_dir=.* holds another run \(1 checkpoint\(s\), metrics.jsonl\): continue "
+                                         r"it with --init_from=resume, start over with --overwrite=True"):
+        tiny_trainer(tmp_path, plain_loss, max_iters=3, eval_interval=3)
+    assert files_of(tmp_path) == before  # stopped before any write
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"step": 10, "train_loss": 3.0}\n')  # killed before its first checkpoint
+    with pytest.raises(SystemExit, match=r"holds another run \(metrics.jsonl\)"):
+        trainer.train_config({"out_dir": str(fresh)})
+    with pytest.raises(SystemExit, match="overwrite=True and init_from=resume"):
+        trainer.train_config({"out_dir": str(tmp_path), "init_from": "resume", "overwrite": True})
+
+    tiny_trainer(tmp_path, plain_loss, max_iters=3, eval_interval=3, overwrite=True).fit()
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["best.json", "step_00000003"]  # step 6 was the old run's
+    assert max(x["step"] for x in read_metrics(str(tmp_path))) == 3
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "ref_logps_train.npz").exists()
+    assert (tmp_path / "notes.txt").read_text() == "not the run's"
+
+
+def test_an_out_dir_that_holds_the_starting_model_is_refused(tmp_path):
+    (tmp_path / "hf").mkdir()
+    for init_from in (tmp_path / "hf", tmp_path, tmp_path / "hf" / ".." / "hf"):
+        for overwrite in (False, True):
+            with pytest.raises(SystemExit, match=r"out_dir=.* holds the model this run starts from \(init_from="):
+                trainer.train_config({"out_dir": str(tmp_path), "init_from": str(init_from), "overwrite": overwrite})
+    trainer.train_config({"out_dir": str(tmp_path / "hf" / "tuned"), "init_from": str(tmp_path / "hf")})  # in it: fine
+
+
+def test_resume_of_another_kind_is_refused_and_other_data_restarts_the_best_checkpoint(data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    values = {"val": 1.0}
+    tiny_trainer(out, scripted_val_loss(values), data_dir=data_dir, max_iters=6).fit()
+    sft = copy_data(data_dir, str(tmp_path / "sft"))
+    edit_meta(sft, format="sft")
+    before = files_of(out)
+    with pytest.raises(SystemExit, match=r"init_from=resume: .*/o/ckpt/step_00000006 is a checkpoint of a pretrain "
+                                         r"run and this run is sft \(its data's format\); start a new run from it"):
+        tiny_trainer(out, plain_loss, data_dir=sft, init_from="resume", max_iters=12)
+    assert files_of(out) == before
+
+    other = copy_data(data_dir, str(tmp_path / "other"))
+    with open(os.path.join(other, "train.bin"), "r+b") as f:  # same size, other tokens in the middle
+        f.seek(20_000)
+        f.write(b"\x05\x00" * 8)
+    values["val"] = 5.0  # worse than the old data's 1.0: only a restarted bookkeeping makes step 12 the best
+    t = tiny_trainer(out, scripted_val_loss(values), data_dir=other, init_from="resume", max_iters=12)
+    t.fit()
+    text = capsys.readouterr().out
+    assert f"resume: {out}/ckpt/step_00000006 trained on other data ({data_dir}, checksum" in text, text
+    assert "the best checkpoint is chosen afresh" in text
+    assert t.best_step == 12 and json.load(open(out / "ckpt" / "best.json"))["dir"] == "step_00000012"
+    # the same data under another name is the same data
+    moved = copy_data(other, str(tmp_path / "moved"))
+    tiny_trainer(out, plain_loss, data_dir=moved, init_from="resume", max_iters=18).fit()
+    assert "trained on other data" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sizes_recorded", [True, False])
+def test_a_damaged_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys, sizes_recorded):
+    tiny_trainer(tmp_path, plain_loss).fit()  # checkpoints at steps 6 and 12
+    newest = tmp_path / "ckpt" / "step_00000012"
+    with open(newest / "state.pt", "r+b") as f:
+        f.truncate(os.path.getsize(newest / "state.pt") // 2)
+    if not sizes_recorded:  # a checkpoint from before files.json: found out by reading it
+        (newest / "files.json").unlink(missing_ok=True)
+    checkpoint.build_model("resume", str(tmp_path), ModelConfig(vocab_size=128, dim=32, n_layers=1, n_heads=2,
+                                                                 max_seq_len=16))
+    t = tiny_trainer(tmp_path, plain_loss, init_from="resume", max_iters=18)
+    t.fit()
+    text = capsys.readouterr().out
+    assert f"{newest}/state.pt" in text and f"{newest} is damaged" in text, text
+    assert text.count(f"{newest} is damaged") == 1  # named once, though build_model and the trainer both looked
+    assert f"resumed from {tmp_path}/ckpt/step_00000006 at step 6" in text
+    assert t.step == 18
+
+
+def test_a_pickle_in_a_training_checkpoint_is_refused_naming_the_file(tmp_path):
+    tiny_trainer(tmp_path, plain_loss, max_iters=6).fit()
+    ckpt = tmp_path / "ckpt" / "step_00000006"
+    witness = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {witness}",)
+
+    torch.save({"step": 6, "payload": Payload()}, ckpt / "state.pt")
+    (ckpt / "files.json").unlink(missing_ok=True)  # as another tool would leave it: no sizes to give it away
+    message = re.escape(f"{ckpt}/state.pt: holds Python objects besides tensors (posix.system)") + ".*refused"
+    with pytest.raises(SystemExit, match=message):
+        tiny_trainer(tmp_path, plain_loss, init_from="resume", max_iters=12).fit()
+    with pytest.raises(SystemExit, match=message):
+        checkpoint.build_model(str(ckpt), "unused")
+    assert not witness.exists()
 
 
 # ------------------------------------------------------------------------------------- both families from scratch

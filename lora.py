@@ -85,16 +85,17 @@ class LoRALinear(nn.Module):
         return out
 
 
-def nf4_linear(linear):
+def nf4_linear(linear, compute_dtype=torch.bfloat16):
     """A frozen bitsandbytes Linear4bit holding `linear` in NF4 (4-bit NormalFloat codes in blocks of 64,
-    double-quantised scales) that multiplies in bf16: QLoRA's base layer."""
+    double-quantised scales) that multiplies in compute_dtype: QLoRA's base layer. bf16 where the hardware is fast
+    at it; fp32 on CPUs without AMX/AVX512-BF16, where a bf16 matmul is emulated and many times slower."""
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise SystemExit("QLoRA (quantize='nf4') needs bitsandbytes: pip install bitsandbytes") from None
     weight = linear.weight
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+                              compute_dtype=compute_dtype, quant_type="nf4", device="meta")
     # moving a Params4bit to its device is what quantises it (CPU included)
     layer.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, quant_type="nf4").to(weight.device)
     if linear.bias is not None:
@@ -126,11 +127,12 @@ def _names(names):
 
 
 def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=ALL_LINEAR, use_rslora=False, trainable=(),
-             quantize=None):
+             quantize=None, compute_dtype=torch.bfloat16):
     """Wrap every linear layer named by `targets` (e.g. "q_proj,v_proj", "layers.0.attn.q_proj", Phi's
     "Wqkv,out_proj,fc1,fc2"; "all" for every projection; lm_head only when named) in a LoRALinear, train the modules
     named by `trainable` in full (e.g. "embed,lm_head"; a tied lm_head is the embedding, so both are saved), and
-    freeze all other parameters. quantize="nf4": the wrapped base layers become frozen NF4 layers (QLoRA).
+    freeze all other parameters. quantize="nf4": the wrapped base layers become frozen NF4 layers (QLoRA) that
+    multiply in compute_dtype.
     Returns the wrapped module names; model.modules_to_save lists the fully trained ones. A name that picks no
     module is a ValueError listing the model's names, before anything changes."""
     every = targets == "all" or targets == ALL_LINEAR
@@ -156,7 +158,7 @@ def add_lora(model, rank=8, alpha=16.0, dropout=0.0, targets=ALL_LINEAR, use_rsl
     for name in full:
         model.get_submodule(name).requires_grad_(True)
     model.modules_to_save = full
-    quantized = nf4_linear if quantize else (lambda linear: linear)
+    quantized = (lambda linear: nf4_linear(linear, compute_dtype)) if quantize else (lambda linear: linear)
     swap_modules(model, {n: LoRALinear(quantized(model.get_submodule(n)), rank, alpha, dropout, use_rslora)
                          for n in chosen})
     return chosen

@@ -77,3 +77,18 @@ def test_qlora_without_bitsandbytes_says_what_to_install(monkeypatch):
     lora.add_lora(tiny(), targets="q_proj")  # plain LoRA does not need it
     with pytest.raises(ValueError, match="quantize='int4'"):
         lora.add_lora(tiny(), quantize="int4")
+
+
+@pytest.mark.parametrize("fast_bf16, expected", [("0", torch.float32), ("1", torch.bfloat16)])
+def test_qlora_multiplies_in_the_dtype_the_cpu_is_fast_at(monkeypatch, fast_bf16, expected):
+    """On a CPU without AMX/AVX512-BF16 a bf16 matmul is emulated: the NF4 bases follow dtype=auto, not bf16."""
+    import tuning
+    monkeypatch.setenv("TINYLLM_CPU_BF16", fast_bf16)
+    model = tiny()
+    cfg = dict(seed=0, device="cpu", dtype="auto", trainable="", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
+               lora_targets="q_proj,v_proj", use_rslora=False, method="qlora")
+    tuning.add_adapters(model, cfg, type("Data", (), {"meta": {}})())
+    bases = [m.base for m in lora.lora_layers(model).values()]
+    assert bases and all(b.compute_dtype == expected for b in bases)
+    logits = model(torch.randint(0, V, (1, 8)))[0]  # the NF4 layers run in that dtype, and give back finite logits
+    assert torch.isfinite(logits).all()

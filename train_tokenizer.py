@@ -13,7 +13,8 @@ spaces, CJK and emoji all come back byte for byte; characters the vocabulary lac
 
 Bounded memory: the corpus is streamed once, keeping a uniform random sample of its lines that holds at most
 `max_chars` characters; only that sample reaches sentencepiece, so RAM and time do not grow with the corpus.
-Writes out_dir/tokenizer.model, tokenizer.json and tokenizer_config.json (transformers-loadable, same ids).
+Writes out_dir/tokenizer.model, tokenizer.json and tokenizer_config.json (transformers-loadable, same ids), and
+sentencepiece's own log (hundreds of lines: its options, then every 100th merge) to out_dir/sentencepiece.log.
 """
 import gzip
 import heapq
@@ -86,7 +87,8 @@ def sample_lines(lines, budget, rng):
 # ---- training ---------------------------------------------------------------------------------------------------
 
 def train(documents):
-    """Sample the documents' lines and train on them; return (Tokenizer, VERIFY_LINES of the sampled lines)."""
+    """Sample the documents' lines and train on them; return (Tokenizer, VERIFY_LINES of the sampled lines,
+    sentencepiece's log)."""
     specials = [UNK, BOS, EOS, PAD, IM_START, IM_END]
     if model_type not in ("bpe", "char"):
         raise SystemExit(f"model_type must be 'bpe' or 'char', got {model_type!r}")
@@ -98,8 +100,7 @@ def train(documents):
     lines.close()
     if not sample:
         raise SystemExit(f"{input or 'the default corpus'}: no text to train on (empty files or blank lines only)")
-    print(f"training on {len(sample):,} sampled lines, {sum(map(len, sample)):,} characters "
-          f"(sentencepiece logs its progress below)")
+    print(f"training on {len(sample):,} sampled lines, {sum(map(len, sample)):,} characters")
     kept = sample[:VERIFY_LINES]
 
     def drain(lines):  # hand the lines over to sentencepiece, dropping our copy as it takes them
@@ -108,9 +109,12 @@ def train(documents):
 
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
+    # sentencepiece logs from C++ straight to file descriptor 2; `logstream` points that at a file for the call, so
+    # the console keeps one line and out_dir gets the log (written only with the tokenizer, after its checks)
+    log = tempfile.TemporaryFile()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=drain(sample), model_writer=model,
+            sentence_iterator=drain(sample), model_writer=model, logstream=log,
             model_type=model_type, vocab_size=vocab_size, hard_vocab_limit=model_type != "char",
             character_coverage=character_coverage, byte_fallback=True,
             # exact round trip: no NFKC, no dummy "▁" at the start, no collapsing of repeated spaces, and the space
@@ -124,7 +128,11 @@ def train(documents):
             num_threads=num_threads, minloglevel=0)
     except RuntimeError as e:  # e.g. more required characters than vocab_size
         raise SystemExit(f"sentencepiece training failed: {e}") from None
-    return Tokenizer.from_sentencepiece(model.getvalue()), kept
+    finally:
+        log.seek(0)
+        log_text = log.read().decode("utf-8", errors="replace")
+        log.close()
+    return Tokenizer.from_sentencepiece(model.getvalue()), kept, log_text
 
 
 def verify(tok, samples):
@@ -149,7 +157,7 @@ def main():
     documents = (readers.iter_texts(input, text_field=text_field, txt_split=txt_split, encoding=encoding,
                                     lenient=lenient) if input else default_documents())
     t0 = time.time()
-    tok, sample = train(documents)
+    tok, sample, log_text = train(documents)
     t_train = time.time() - t0
     edge = ["a\tb\n\nc  d   e", "中文，繁體。 😀👍🏽", "<|im_start|>user\nhi<|im_end|>\n", "x = [1,  22, 333]\n    y"]
     try:
@@ -157,8 +165,12 @@ def main():
     except RuntimeError as e:
         raise SystemExit(f"the trained tokenizer failed its check, so nothing was written to {out_dir}: {e}") from None
     tok.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "sentencepiece.log"), "w", encoding="utf-8") as f:
+        f.write(log_text)
+    log_lines = log_text.count("\n")
     print(f"trained a {model_type} tokenizer: {tok.vocab_size} ids in {t_train:.1f}s; specials "
-          f"{tok.special_tokens}; wrote {out_dir}/tokenizer.model, tokenizer.json, tokenizer_config.json")
+          f"{tok.special_tokens}; wrote {out_dir}/tokenizer.model, tokenizer.json, tokenizer_config.json "
+          f"(sentencepiece's {log_lines}-line log: sentencepiece.log)")
     return t_train
 
 

@@ -66,7 +66,8 @@ def bpe(bpe_dir):
 
 
 def test_trained_files_and_special_ids(bpe_dir, bpe):
-    assert sorted(os.listdir(bpe_dir)) == ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(os.listdir(bpe_dir)) == ["sentencepiece.log", "tokenizer.json", "tokenizer.model",
+                                           "tokenizer_config.json"]
     assert bpe.vocab_size == 800
     assert (bpe.unk_id, bpe.bos_id, bpe.eos_id, bpe.pad_id) == (0, 1, 2, 3)
     assert bpe.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, IM_START: 4, IM_END: 5}
@@ -478,3 +479,18 @@ def test_a_chat_template_that_fails_later_names_its_file(tmp_path):
     with pytest.raises(SystemExit, match=where):
         data_process.run(data_process.config(format="sft", template="auto", input=str(records), tokenizer=str(path),
                                              out_dir=str(tmp_path / "data"), num_workers=1))
+
+
+def test_sentencepiece_log_goes_to_a_file_and_errors_still_show(tmp_path):
+    """sentencepiece's C++ log (hundreds of lines on stderr) goes to out_dir/sentencepiece.log; the console keeps
+    our few lines, and a failing training still shows sentencepiece's reason."""
+    (tmp_path / "c.txt").write_text(corpus_text(), encoding="utf-8")
+    proc, out = run_train(tmp_path, "tok", f"--input={tmp_path / 'c.txt'}", "--vocab_size=600")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert console.count("\n") <= 6 and "bpe_model_trainer" not in console, console
+    log = (out / "sentencepiece.log").read_text(encoding="utf-8")
+    assert "trainer_spec" in log and "Merged" in log
+    assert "sentencepiece.log" in proc.stdout
+    proc, out = run_train(tmp_path, "big", f"--input={tmp_path / 'c.txt'}", "--vocab_size=60000")
+    assert proc.returncode == 1 and "Vocabulary size too high" in proc.stderr and not out.exists()

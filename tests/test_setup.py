@@ -13,7 +13,9 @@ def copy_setup(tmp_path):
 
 
 def source_setup(tmp_path):
-    return subprocess.run(["bash", "-c", "source setup.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("TINYLLM_LATEST", "SYSTEM_TORCH")}  # test.sh --latest
+    return subprocess.run(["bash", "-c", "source setup.sh"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_a_lock_older_than_requirements_is_refused_naming_the_relock_command(tmp_path):

@@ -7,7 +7,8 @@
     python data_process.py --bench=True --tokenizer=out/tok                            # MB/s and peak RSS
 
 Inputs (`input`: comma-separated files, folders and globs; .txt/.jsonl/.json/.csv/.parquet, .gz read transparently,
-everything streams) are read by readers.py, whose docstring says what `txt_split`, `text_field` and `exclude` do.
+everything streams) are read by readers.py, whose docstring says what `txt_split`, `text_field` and `exclude` do;
+binary files (a PDF, an image) are skipped, named in one line.
   No --input: default_data.default_documents(), the language-reference topics of pydoc_data plus the docstrings of ~70 stdlib
   modules (~0.85 MB, deterministic for a Python version); with --format=sft/dpo, ~1,250 question -> first-sentence
   records derived from them (default_sft_records / default_dpo_records), the same ~10% of items held out in both.
@@ -43,13 +44,14 @@ generation prompt "<|im_start|>assistant\n"; qa with "##Question:\n{q}\n" then "
 tokenizer carries the template used. ChatML markers the vocabulary lacks (a plain GPT-2 or LLaMA tokenizer) are
 added as special tokens at new ids after it; meta.json then holds base_tokenizer_sha256 (the tokenizer before) and
 added_tokens ({token: id}), and the model's embeddings must grow to the new vocab_size.
-Chat records (any mix): alpaca {instruction, input, output[, system, history]}, sharegpt {conversations:[{from,
-value}], system}, messages {messages:[{role, content}]}, TRL's {prompt, completion} (strings or message lists,
-optional system), other keys renamed to these with `rename` (riddles: --rename=riddle:prompt,answer:completion);
-preference {prompt, chosen, rejected}, {conversations, chosen, rejected} with chosen/rejected as strings or {from,
-value}, and hh-rlhf full "Human:/Assistant:" transcripts. Roles must alternate (user first, optional system),
-contents be non-empty, SFT end with the assistant (trailing unanswered user turns are dropped, counted). A record
-with "split": "train"/"val" keeps that split.
+Chat records (any mix; a .csv's columns name them, readers.CSV_LAYOUTS: instruction,output[,input,system],
+prompt,completion or [prompt,]chosen,rejected): alpaca {instruction, input, output[, system, history]}, sharegpt
+{conversations:[{from, value}], system}, messages {messages:[{role, content}]}, TRL's {prompt, completion} (strings
+or message lists, optional system), other keys renamed to these with `rename` (riddles:
+--rename=riddle:prompt,answer:completion); preference {prompt, chosen, rejected}, {conversations, chosen, rejected}
+with chosen/rejected as strings or {from, value}, and hh-rlhf full "Human:/Assistant:" transcripts. Roles must
+alternate (user first, optional system), contents be non-empty, SFT end with the assistant (trailing unanswered user
+turns are dropped, counted). A record with "split": "train"/"val" keeps that split.
 """
 import collections
 import hashlib
@@ -70,7 +72,8 @@ from chat_data import prepare_chat
 from clean import clean_text
 from dedup import NearDedup, minhash
 from default_data import default_documents, default_dpo_records, default_sft_records
-from readers import EXCLUDE as _EXCLUDE, Issues, check_options, expand_inputs, iter_documents, iter_records
+from readers import (EXCLUDE as _EXCLUDE, Issues, check_csv_layouts, check_options, expand_inputs, iter_documents,
+                     iter_records, skipped_summary)
 
 # -------------------------------------------------------------------------------------------------------- config
 input = ""                 # files, folders, globs (comma-separated); empty: the embedded Python-docs corpus
@@ -94,7 +97,7 @@ minhash_perms = 128
 shingle = 5                # characters per shingle (works for CJK and space-separated text alike)
 bos = False                # BOS before every pretraining document
 dtype = "auto"             # auto | uint16 | uint32
-max_len = 1024             # sft/dpo: records longer than this are truncated (counted)
+max_len = 1024             # sft/dpo: records longer than this are truncated (counted); at least 32
 template = "auto"          # sft/dpo: auto (the tokenizer's chat template) | chatml | qa (module docstring)
 rename = ""                # sft/dpo: record keys renamed before reading: "old:new,..." (module docstring)
 num_workers = 0            # tokenizer processes; 0: one per CPU core
@@ -263,6 +266,22 @@ def _report(meta):
 
 
 # --------------------------------------------------------------------------------------------------------- main
+MIN_CHAT_LEN = 32  # tokens: the chat template's markers take ~10-25 of each exchange, and DPO prompts get half
+
+
+def check_numbers(cfg):
+    """Stop on a numeric setting out of its range, naming the key and the range, before any reading."""
+    if cfg["format"] != "pretrain" and cfg["max_len"] < MIN_CHAT_LEN:
+        raise SystemExit(f"max_len={cfg['max_len']}: must be at least {MIN_CHAT_LEN} tokens for --format="
+                         f"{cfg['format']} (the chat template alone takes ~10-25 per exchange)")
+    for key, ok, accepted in (("val_fraction", 0 <= cfg["val_fraction"] < 1, "in [0, 1)"),
+                              ("near_dup_threshold", 0 < cfg["near_dup_threshold"] <= 1, "in (0, 1]"),
+                              ("min_chars", cfg["min_chars"] >= 0, "0 or more"),
+                              ("num_workers", cfg["num_workers"] >= 0, "0 (one per CPU core) or more")):
+        if not ok:
+            raise SystemExit(f"{key}={cfg[key]}: must be {accepted}")
+
+
 def run(cfg, tok=None):
     """Do what the config says; `tok` (an object with the Tokenizer interface) overrides cfg["tokenizer"]."""
     if cfg["format"] not in ("pretrain", "sft", "dpo"):
@@ -272,6 +291,7 @@ def run(cfg, tok=None):
         raise SystemExit(f"out_dir {cfg['out_dir']} is a file, not a folder")
     if cfg["minhash_perms"] < 1 or cfg["minhash_perms"] & (cfg["minhash_perms"] - 1) or cfg["shingle"] < 1:
         raise SystemExit("minhash_perms must be a power of two and shingle at least 1")
+    check_numbers(cfg)
     tok_source = tok
     if tok is None:
         if not cfg["tokenizer"]:
@@ -286,8 +306,8 @@ def run(cfg, tok=None):
     issues, sources = Issues(cfg["lenient"]), {}
     if cfg["input"]:
         files, skipped = expand_inputs(cfg["input"], cfg["exclude"])
-        print(f"reading {len(files)} file(s)" + (f"; skipped {len(skipped)}: {', '.join(skipped[:8])}" if skipped
-                                                  else ""))
+        print(f"reading {len(files)} file(s)" + (f"; {skipped_summary(skipped)}" if skipped else ""))
+        check_csv_layouts(files, cfg)
         records = iter_records(files, cfg, issues, sources)
         docs = iter_documents(files, cfg, issues, sources)
     else:

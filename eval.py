@@ -24,7 +24,8 @@ Tasks
   passkey    retrieval of a random number (1..50000) hidden in filler text (the prompt of LongLoRA's
              passkey_retrivial.py, after Landmark Attention), --trials prompts per --lengths (prompt tokens) and
              --depths (where the key's line sits: 0 = first, 1 = last); a hit is a greedy continuation that starts
-             with the key. Needs no --data.
+             with the key. Needs no --data. A length whose KV cache and prefill attention masks would not fit the
+             free memory is refused before any generation, with the longest that fits (check_passkey_memory).
   hellaswag  HellaSwag jsonl(.gz) with lm-evaluation-harness's preprocessing (see load_hellaswag).
   arc        ARC jsonl {question: {stem, choices: [{text, label}]}, answerKey}; context "Question: ...\\nAnswer:".
   mmlu       csv folders <data>/<split>/<subject>_<split>.csv (MMLU headerless; C-Eval/CMMLU with a header, CMMLU's
@@ -531,6 +532,53 @@ def check_lengths(values):
     return list(values)
 
 
+def free_memory(device):
+    """Bytes free for new tensors on `device`: CUDA's free memory, else MemAvailable of /proc/meminfo (None where
+    there is none: no check then)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def passkey_memory(model, rows, length):
+    """{part: bytes} that generating for `rows` prompts of `length` tokens needs beyond the weights (model.generate;
+    within ~15% of the peak measured on CPU): the KV cache; the prefill's attention masks, rows x T x T each (boolean,
+    its negation and the additive one in the cache's dtype), which grow with the square of the length; one layer's
+    activations."""
+    c, p = model.config, next(model.parameters())
+    cache = 4 if p.device.type == "cpu" else p.element_size()  # Transformer.setup_cache: an fp32 cache on CPU
+    T = length + 16  # and the key's few tokens
+    return {"KV cache": 2 * c.n_layers * rows * c.n_kv_heads * c.head_dim * T * cache,
+            "attention mask": rows * T * T * (cache + 2),
+            "activations": rows * T * (4 * c.dim + 3 * c.hidden_dim) * p.element_size()}
+
+
+def check_passkey_memory(model, lengths, rows):
+    """Stop before generating when the longest passkey prompt would need more than 90% of the memory free on the
+    model's device (passkey_memory); lengths past max_seq_len are allowed: they measure the context extension."""
+    device, length = next(model.parameters()).device, max(lengths)
+    free, need = free_memory(device), passkey_memory(model, rows, length)
+    if free is None or sum(need.values()) <= 0.9 * free:
+        return
+
+    def longest(b):  # the longest length that fits with b rows
+        lo, hi = 0, length
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if sum(passkey_memory(model, b, mid).values()) <= 0.9 * free else (lo, mid - 1)
+        return lo
+
+    parts = ", ".join(f"{name} {v / 2**30:.1f}" for name, v in need.items())
+    raise SystemExit(f"--lengths={length}: a passkey batch of {rows} prompt(s) of {length:,} tokens needs about "
+                     f"{sum(need.values()) / 2**30:.1f} GiB on {device} ({parts}) but {free / 2**30:.1f} GiB is free "
+                     f"(90% of it may be planned on): lengths up to {longest(rows):,} fit at --batch_size={rows}, "
+                     f"{longest(1):,} at --batch_size=1")
+
+
 def print_table(rows, columns):
     """rows: {name: {column: value}}; accuracies print as percentages."""
     def fmt(column, v):
@@ -607,6 +655,7 @@ def main():
         summary = {str(w) if lengths else "ppl": perplexity(model, tokens, w, stride or w, batch_size) for w in windows}
         print_table(summary, ["tokens", "loss", "ppl"])
     elif task == "passkey":
+        check_passkey_memory(model, lengths, min(batch_size, trials))
         summary = passkey(model, tok, lengths, depths, trials, batch_size, seed, bos)
         print_table(summary, [f"acc@{d:g}" for d in depths] + ["acc_mean"])
     elif task == "generate":

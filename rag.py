@@ -186,8 +186,8 @@ def build_index(folder, spec, tok, settings, tokenizer_path=""):
         raise SystemExit(f"chunk_tokens={settings['chunk_tokens']} must be at least 16 and overlap_tokens="
                          f"{settings['overlap_tokens']} at least 0 and less than half of it")
     files, skipped = readers.expand_inputs(spec) if spec else ([DEFAULT_SOURCE], [])
-    if skipped:  # names readers.py does not read (or README, LICENSE, SOURCE.json) inside the folders
-        print(f"{spec}: skipped {len(skipped)} file(s): {', '.join(skipped[:8])}", file=sys.stderr)
+    if skipped:  # binary files, names readers.py does not read (or README, LICENSE, SOURCE.json) inside the folders
+        print(f"{spec}: {readers.skipped_summary(skipped)}", file=sys.stderr)
     try:
         old = Index.open(folder, tok, settings) if os.path.exists(os.path.join(folder, "index.json")) else None
     except DamagedIndex as e:  # another tokenizer or other settings stay refused: the user must choose
@@ -479,11 +479,20 @@ def _load(index_dir):
     return model, tok, Index.open(index_dir, tok)
 
 
+def check_numbers():
+    """Stop on a count out of its range, naming the key and the range, before any index or model is read."""
+    for key, low, accepted in (("top_k", 1, "1 or more"), ("rerank", 0, "0 (BM25 order) or more"),
+                               ("max_questions", 0, "0 (all) or more"), ("max_new_tokens", 1, "1 or more")):
+        if globals()[key] < low:
+            raise SystemExit(f"--{key}={globals()[key]}: must be {accepted}")
+
+
 def main(argv):
     configurator.help_if_asked(globals(), argv)  # before the command is required
     if not argv or argv[0] not in ("index", "ask", "eval"):
         raise SystemExit("usage: python rag.py index|ask|eval --key=value ... (see the top of rag.py)")
     configurator.apply(globals(), argv[1:])
+    check_numbers()
     torch.manual_seed(seed)
     if argv[0] == "index":
         if not tokenizer:

@@ -11,6 +11,10 @@ Inputs (`spec`: comma-separated files, folders and globs; `.gz` is read transpar
       `text_field` names the field or column; a comma-separated list tries each in turn, a list value has its items
       joined by newlines and a nested object is searched for the same names (chinese-poetry: paragraphs,content,para);
       "#N" is column N of a headerless CSV. Folders skip `exclude` names and unknown extensions (both reported).
+  Chat records (data_process.py --format=sft/dpo) in a .csv: each row is read as the JSON object of its header's
+      names, which must hold one of CSV_LAYOUTS (after `rename`); a header with none stops, naming the columns.
+  Binary files (a PDF, an image, an archive: a known signature or NUL bytes in the first 8 KB, _is_binary) are never
+      read as text: they are skipped and reported, named or found in a folder alike.
 Bad input (bytes that are not `encoding`, malformed JSON, a missing field, a broken .gz) stops with
 `path:line: what`; with `lenient=True` such places are skipped and counted instead.
 """
@@ -30,6 +34,12 @@ EXCLUDE = "SOURCE.json,README*,LICENSE*"  # file-name globs skipped inside folde
 
 _KINDS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 csv.field_size_limit(2**31 - 1)
+# The columns a CSV of chat records needs, per format: its rows are then the JSON records of that layout (chat_data.py);
+# other columns (input, system, split, prompt for chosen/rejected) come along. dpo's chosen/rejected alone: hh-rlhf.
+CSV_LAYOUTS = {"sft": (("instruction", "output"), ("prompt", "completion")), "dpo": (("chosen", "rejected"),)}
+# Signatures of binary formats that may hold no NUL byte early on (a PDF's first lines are text) or are zip archives
+# (docx, xlsx, epub); most other binary files have many NUL bytes in their first 8 KB, which no text we read has.
+_MAGIC = (b"%PDF", b"PK\x03\x04", b"\xd0\xcf\x11\xe0", b"\x1f\x8b", b"\xff\xd8\xff")
 
 
 _GAP, _LIST_GAP = re.compile(r"\s*"), re.compile(r"[\s,]*")
@@ -40,14 +50,33 @@ class _Bad(tuple):
     """A reader's complaint about one place in a file: (line, message)."""
 
 
+class _Binary(str):
+    """The path of a file expand_inputs skipped as binary."""
+
+
 def _kind(path):
     base = path[:-3] if path.endswith(".gz") else path
     ext = os.path.splitext(os.path.basename(base))[1].lower()
     return _KINDS.get(ext, "txt" if ext == "" else None)
 
 
+def _is_binary(path, size=8192):
+    """Whether a file's first bytes (gunzipped for .gz) are no text: a _MAGIC signature, or NUL bytes (more than one
+    in 1,024: a stray one in a scraped text is cleaned away later; compressed data has one in 256). UTF-16/32 text
+    with its byte order mark is left to the reader, which says how to convert it."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            head = f.read(size)
+    except (OSError, EOFError, zlib.error):  # unreadable, or a broken .gz: the reader names what is wrong
+        return False
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return False
+    return head.startswith(_MAGIC) or head.count(b"\0") > len(head) // 1024
+
+
 def expand_inputs(spec, exclude=EXCLUDE):
-    """Comma-separated files/folders/globs -> (sorted file list, skipped files). Missing paths stop with an error."""
+    """Comma-separated files/folders/globs -> (sorted file list, skipped files: see skipped_summary). Missing paths
+    stop with an error."""
     patterns = [p for p in exclude.split(",") if p]
     files, skipped = [], []
 
@@ -55,10 +84,12 @@ def expand_inputs(spec, exclude=EXCLUDE):
         name = os.path.basename(path)
         if not explicit and any(fnmatch.fnmatch(name, p) for p in patterns):
             skipped.append(path)
-        elif _kind(path) or explicit:  # an explicitly named file of unknown extension is read as text
-            files.append(path)
-        else:
+        elif not (_kind(path) or explicit):  # an explicitly named file of unknown extension is read as text
             skipped.append(path)
+        elif _kind(path) != "parquet" and _is_binary(path):
+            skipped.append(_Binary(path))
+        else:
+            files.append(path)
 
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         is_glob = any(c in part for c in "*?[")
@@ -74,8 +105,20 @@ def expand_inputs(spec, exclude=EXCLUDE):
             else:
                 add(m, not is_glob)
     if not files:
-        raise SystemExit(f"{spec}: no readable files (skipped: {', '.join(skipped[:5]) or 'none'})")
+        raise SystemExit(f"{spec}: no readable files ({skipped_summary(skipped) or 'none found'})")
     return files, skipped
+
+
+def skipped_summary(skipped):
+    """One line naming expand_inputs' skipped files, the binary ones apart ("" when there are none)."""
+    def names(paths):
+        return ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+
+    binary = [p for p in skipped if isinstance(p, _Binary)]
+    other = [p for p in skipped if not isinstance(p, _Binary)]
+    parts = ([f"{len(binary)} binary (not text: never read): {names(binary)}"] if binary else []) + (
+        [f"{len(other)} by name or extension: {names(other)}"] if other else [])
+    return f"skipped {len(skipped)} file(s): {'; '.join(parts)}" if skipped else ""
 
 
 def _blocks(path, encoding, size=1 << 20):
@@ -228,7 +271,8 @@ def _read_json(path, encoding):
     yield from bad
 
 
-def _read_csv(path, fields, encoding):
+def _read_csv(path, fields, encoding, fmt=None, rename=""):
+    """The `fields` column of each row, or for fmt sft/dpo each row as {header name: value} (CSV_LAYOUTS)."""
     bad, where = [], [0]
 
     def text_lines():
@@ -240,6 +284,9 @@ def _read_csv(path, fields, encoding):
                 yield line
 
     reader = csv.reader(text_lines())
+    if fmt in CSV_LAYOUTS:
+        yield from _csv_records(path, reader, bad, where, fmt, rename)
+        return
     if fields[0].startswith("#"):
         col = int(fields[0][1:])
     else:
@@ -255,6 +302,27 @@ def _read_csv(path, fields, encoding):
             yield _Bad((where[0], f"row has {len(row)} columns, needs column {col + 1}"))
         else:
             yield row[col], where[0]
+    yield from bad
+
+
+def _csv_records(path, reader, bad, where, fmt, rename):
+    header = next(reader, [])
+    if bad:  # the header line itself does not decode
+        yield _Bad((bad[0][0], bad[0][1] + " (in the header: the file is skipped)"))
+        return
+    renames = {old.strip(): new.strip() for old, _, new in (p.partition(":") for p in rename.split(",") if ":" in p)}
+    names = {renames.get(h, h) for h in header}
+    if not any(names.issuperset(layout) for layout in CSV_LAYOUTS[fmt]):
+        raise SystemExit(f"{path}:1: the columns {', '.join(header) or '(none)'} hold no {fmt} record layout: a CSV of "
+                         f"{fmt} records needs the columns {' or '.join(','.join(x) for x in CSV_LAYOUTS[fmt])}, "
+                         f"as in JSON records (--rename=old:new maps other names)")
+    for row in reader:
+        yield from bad
+        bad.clear()
+        if len(row) != len(header):
+            yield _Bad((where[0], f"row has {len(row)} columns, the header {len(header)}"))
+        else:
+            yield dict(zip(header, row)), where[0]
     yield from bad
 
 
@@ -293,15 +361,26 @@ def check_options(txt_split, encoding):
                          f"(iconv -f {encoding} -t utf-8)")
 
 
+def check_csv_layouts(files, opts):
+    """For format sft/dpo: stop on the first CSV of `files` whose header holds no CSV_LAYOUTS layout, before any
+    file is read through (or anything written)."""
+    for path in files:
+        if _kind(path) == "csv" and opts.get("format") in CSV_LAYOUTS:
+            next(read_file(path, opts), None)
+
+
 def read_file(path, opts):
     """Yield (value, line) per document/record of one file (a str, or a decoded JSON value), or _Bad((line, msg)).
-    `opts`: a mapping with text_field, txt_split and encoding (data_process.py's config has them)."""
+    `opts`: a mapping with text_field, txt_split and encoding, and optionally format and rename (data_process.py's
+    config has them all): format sft/dpo reads a CSV's rows as records (CSV_LAYOUTS)."""
     kind, fields, enc = _kind(path) or "txt", opts["text_field"].split(","), opts["encoding"]
     if kind == "txt":
         return _read_txt(path, opts["txt_split"], enc)
     if kind in ("json", "jsonl"):
         return (_read_json if kind == "json" else _read_jsonl)(path, enc)
-    return (_read_csv if kind == "csv" else _read_parquet)(path, fields, enc)
+    if kind == "csv":
+        return _read_csv(path, fields, enc, opts.get("format"), opts.get("rename", ""))
+    return _read_parquet(path, fields, enc)
 
 
 def _where(path, line, msg):
@@ -379,7 +458,7 @@ def iter_texts(spec, text_field="text", txt_split="line", encoding="utf-8", leni
     check_options(txt_split, encoding)
     files, skipped = expand_inputs(spec, exclude)
     if skipped:
-        print(f"{spec}: skipped {len(skipped)} file(s): {', '.join(skipped[:8])}", file=sys.stderr)
+        print(f"{spec}: {skipped_summary(skipped)}", file=sys.stderr)
     issues = Issues(lenient)
     yield from iter_documents(files, {"text_field": text_field, "txt_split": txt_split, "encoding": encoding},
                               issues, {})

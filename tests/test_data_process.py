@@ -333,6 +333,65 @@ def test_bad_inputs_name_file_and_line(tmp_path):
         assert not list((t / "out").glob("*.tmp"))  # nothing half-written is left behind
 
 
+def test_numbers_out_of_range_are_refused_naming_the_key(tmp_path):
+    path = write(tmp_path / "d.jsonl", json.dumps({"instruction": "q", "output": "a"}))
+    for fmt, key, value, pattern in [("sft", "max_len", -5, "max_len=-5: must be at least 32 tokens for --format=sft"),
+                                     ("dpo", "max_len", 16, "max_len=16: must be at least 32"),
+                                     ("pretrain", "val_fraction", 1.0, r"val_fraction=1.0: must be in \[0, 1\)"),
+                                     ("pretrain", "near_dup_threshold", 0.0, "near_dup_threshold=0.0: must be in"),
+                                     ("pretrain", "min_chars", -1, "min_chars=-1: must be 0 or more"),
+                                     ("sft", "num_workers", -2, "num_workers=-2: must be 0")]:
+        with pytest.raises(SystemExit, match=pattern):
+            dp.run(cfg(tmp_path, input=path, format=fmt, **{key: value}), tok=CharTokenizer())
+        assert not (tmp_path / "out").exists()
+    dp.run(cfg(tmp_path, input=write(tmp_path / "p.txt", "\n".join(f"document {i}" for i in range(20))),
+               max_len=5), tok=CharTokenizer())  # pretraining does not use max_len
+
+
+FAKE_PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Length 42 >>\nstream\nx\x9c\xf3H\xcd\xc9\xc9\x07\nendstream\n"
+
+
+def test_binary_files_are_skipped_with_a_count_never_tokenized(tmp_path, capsys):
+    write(tmp_path / "c" / "docs.jsonl", "\n".join(json.dumps({"text": f"文档 number {i}"}, ensure_ascii=False)
+                                                 for i in range(20)))
+    write(tmp_path / "c" / "paper.pdf.txt", FAKE_PDF)
+    write(tmp_path / "c" / "logo.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    report = write(tmp_path / "report.pdf", FAKE_PDF)
+    meta = dp.run(cfg(tmp_path, input=f"{tmp_path / 'c'},{report}", near_dedup=False), tok=CharTokenizer())
+    out = capsys.readouterr().out
+    assert "reading 1 file(s); skipped 3 file(s): 3 binary (not text: never read): " in out
+    assert all(name in out for name in ("paper.pdf.txt", "logo.txt", "report.pdf"))
+    assert [os.path.basename(s) for s in meta["sources"]] == ["docs.jsonl"] and meta["counts"]["docs_read"] == 20
+    with pytest.raises(SystemExit, match=r"report\.pdf: no readable files \(skipped 1 file\(s\): 1 binary"):
+        dp.run(cfg(tmp_path, input=report, format="sft"), tok=CharTokenizer())
+
+
+def test_csv_chat_records_are_mapped_like_their_json_layouts(tmp_path):
+    tok = CharTokenizer()
+    rows = "".join(f'把第{i}句翻译成英文,"你好, 世界 {i}",Hello world {i}\n' for i in range(12))
+    path = write(tmp_path / "alpaca.csv", "instruction,input,output\n" + rows)
+    dp.run(cfg(tmp_path, input=path, format="sft"), tok=tok)
+    ids, labels = data.load_sft(str(tmp_path / "out"), "train")[0]
+    assert tok.decode(ids) == tok.apply_chat_template(conv(("user", "把第0句翻译成英文\n\n你好, 世界 0"),
+                                                           ("assistant", "Hello world 0")), add_generation_prompt=False)
+    assert tok.decode(ids[labels != -100]) == f"Hello world 0{IM_END}\n"
+    rows = "".join(f"问题 {i}?,好的回答 {i},坏的回答 {i}\n" for i in range(12))
+    path = write(tmp_path / "pref.csv", "prompt,chosen,rejected\n" + rows)
+    dp.run(cfg(tmp_path, input=path, format="dpo", out_dir=str(tmp_path / "dpo")), tok=tok)
+    p, c, r = data.load_dpo(str(tmp_path / "dpo"), "train")[0]
+    assert tok.decode(p) == f"{IM_START}user\n问题 0?{IM_END}\n{IM_START}assistant\n"
+    assert tok.decode(c) == f"好的回答 0{IM_END}\n" and tok.decode(r) == f"坏的回答 0{IM_END}\n"
+    path = write(tmp_path / "qa.csv", "question,answer\n" + "".join(f"问{i},答{i}\n" for i in range(12)))
+    with pytest.raises(SystemExit, match=r"qa\.csv:1: the columns question, answer hold no sft record layout: a CSV "
+                                         r"of sft records needs the columns instruction,output or prompt,completion"):
+        dp.run(cfg(tmp_path, input=f"{tmp_path / 'alpaca.csv'},{path}", format="sft", out_dir=str(tmp_path / "qa")),
+               tok=tok)
+    assert not (tmp_path / "qa").exists()  # refused before anything was written
+    meta = dp.run(cfg(tmp_path, input=path, format="sft", rename="question:prompt,answer:completion",
+                      out_dir=str(tmp_path / "qa")), tok=tok)
+    assert meta["counts"]["records_read"] == 12 and meta["counts"].get("skipped_bad_records", 0) == 0
+
+
 def test_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "out").write_text("not a folder")
     with pytest.raises(SystemExit, match="out_dir .*out is a file, not a folder"):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import configurator
 import convert
 import eval as evaluate
 from conftest import ROOT, char_tokenizer_folder, run_script, tiny_transformer
@@ -274,6 +275,53 @@ def test_passkey_prompts_fit_their_length_and_place_the_key_at_its_depth(tmp_pat
                      "800": {"acc@0": 1.0, "acc@1": 1.0, "acc_mean": 1.0}}
     wrong = evaluate.passkey(KeyReader(tok, right=False), tok, [400], [0.5], 3, 2, seed=0)
     assert wrong["400"]["acc_mean"] == 0.0
+
+
+def test_passkey_lengths_beyond_memory_are_refused_with_the_figure(monkeypatch, ckpt_folder):
+    model = tiny_transformer(100, max_seq_len=64)
+    monkeypatch.setattr(evaluate, "free_memory", lambda device: 2**30, raising=False)
+    evaluate.check_passkey_memory(model, [300, 2000], 16)  # 16 x 2016^2 x 6 bytes of masks: 0.4 GiB, fits
+    with pytest.raises(SystemExit) as e:
+        evaluate.check_passkey_memory(model, [300, 8000], 16)
+    msg = str(e.value)
+    assert msg.startswith("--lengths=8000: a passkey batch of 16 prompt(s) of 8,000 tokens needs about 6.0 GiB on cpu")
+    fit = re.search(r"lengths up to ([\d,]+) fit at --batch_size=16, 8,000 at --batch_size=1", msg)[1]
+    fit = int(fit.replace(",", ""))
+    need = [sum(evaluate.passkey_memory(model, 16, n).values()) for n in (fit, fit + 1)]
+    assert need[0] <= 0.9 * 2**30 < need[1] and 2900 < fit < 3100  # the masks grow with rows x length^2
+    for key in configurator.config_keys(vars(evaluate)):  # main() sets them: put back after the test
+        monkeypatch.setattr(evaluate, key, getattr(evaluate, key))
+    monkeypatch.setattr(evaluate, "passkey", lambda *args: pytest.fail("generating before the memory check"))
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--task=passkey", f"--ckpt={ckpt_folder}", "--lengths=300,8000",
+                                      "--trials=20", "--batch_size=16"])
+    with pytest.raises(SystemExit, match="--lengths=8000: a passkey batch of 16 prompt"):
+        evaluate.main()
+
+
+PEAK_PROBE = r"""import re
+from conftest import tiny_transformer
+import eval as evaluate
+
+def vm(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read())[1]) * 1024
+
+model = tiny_transformer(100)
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS (VmHWM) starts again from here
+base = vm("VmRSS")
+model.generate([[5] * 3000, [5] * 2999], max_new_tokens=4, temperature=0)
+print(vm("VmHWM") - base, sum(evaluate.passkey_memory(model, 2, 3000).values()))
+"""
+
+
+def test_passkey_memory_estimate_is_near_the_measured_peak():
+    """The estimate against the peak RSS of a real generate() (2 rows of 3,000 tokens), in a fresh process."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure a peak")
+    r = subprocess.run([sys.executable, "-c", PEAK_PROBE], cwd=os.path.join(ROOT, "tests"), capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured, estimated = map(int, r.stdout.split())
+    assert 0.8 * measured < estimated < 1.5 * measured, (measured, estimated)
 
 
 def run_eval(args):

@@ -119,6 +119,32 @@ def test_reindexing_is_idempotent_and_mirrors_the_files(tmp_path, bpe, capsys):
     assert rag.Index.open(idx).search("早茶", 1)[0][0]["source"].endswith("b.txt")  # BM25 rebuilt too
 
 
+def test_binary_files_are_skipped_and_named_never_indexed(tmp_path, bpe, capsys):
+    pdf = b"%PDF-1.5\n%\xe2\xe3\xcf\xd3\n4 0 obj\n<< /Filter /FlateDecode >>\nstream\nx\x9c\xf3H\xcd\xc9\xc9\x07\n"
+    write_docs(tmp_path / "docs", {"a.txt": ENGLISH, "b.txt": CHINESE})
+    (tmp_path / "docs" / "scan.txt").write_bytes(pdf)  # a PDF under a text name, found in the folder
+    (tmp_path / "report.pdf").write_bytes(pdf)  # and one named on the command line
+    report = rag.build_index(str(tmp_path / "idx"), f"{tmp_path / 'docs'},{tmp_path / 'report.pdf'}", bpe, SETTINGS)
+    assert [os.path.basename(p) for p in report["chunked"]] == ["a.txt", "b.txt"]
+    assert {os.path.basename(c["source"]) for c in rag.Index.open(str(tmp_path / "idx")).chunks} == {"a.txt", "b.txt"}
+    err = capsys.readouterr().err
+    assert "skipped 2 file(s): 2 binary (not text: never read): " in err and "scan.txt" in err and "report.pdf" in err
+
+
+def test_counts_out_of_range_are_refused_naming_the_key(monkeypatch):
+    for key in ("top_k", "rerank", "max_questions", "max_new_tokens", "index"):
+        monkeypatch.setattr(rag, key, getattr(rag, key))  # main() sets them: put back after the test
+    for key, value, accepted in [("top_k", 0, "1 or more"), ("top_k", -2, "1 or more"),
+                                 ("rerank", -1, r"0 \(BM25 order\) or more"), ("max_questions", -5, r"0 \(all\)"),
+                                 ("max_new_tokens", 0, "1 or more")]:
+        good = {"top_k": 1, "rerank": 0, "max_questions": 0, "max_new_tokens": 1}  # the lowest accepted
+        args = [f"--{k}={value if k == key else v}" for k, v in good.items()]
+        with pytest.raises(SystemExit, match=f"--{key}={value}: must be {accepted}"):
+            rag.main(["ask", *args, "--index=no/such/index"])
+    with pytest.raises(SystemExit, match="--ckpt=PATH .* are required"):  # they pass
+        rag.main(["ask", *[f"--{k}={v}" for k, v in good.items()]])
+
+
 def test_a_mismatched_or_damaged_index_is_refused(tmp_path, bpe):
     docs, idx = tmp_path / "docs", str(tmp_path / "idx")
     write_docs(docs, {"a.txt": ENGLISH})

@@ -72,3 +72,49 @@ def test_utf16_files_get_a_hint_and_utf16_is_refused(tmp_path):
         list(readers.iter_texts(str(path)))
     with pytest.raises(SystemExit, match="encoding utf-16 is not supported: convert the files to UTF-8"):
         list(readers.iter_texts(str(path), encoding="utf-16"))
+
+
+# a PDF's start: text lines, then compressed streams (no NUL byte in these first ones)
+FAKE_PDF = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\nstream\nx\x9c\xf3H\xcd\xc9\xc9\x07"
+
+
+def test_binary_files_are_skipped_and_named_never_read(tmp_path, capsys):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("a line of text\n", encoding="utf-8")
+    (tmp_path / "c" / "paper.txt").write_bytes(FAKE_PDF)  # a PDF saved under a text name
+    (tmp_path / "c" / "scan.jsonl.gz").write_bytes(gzip.compress(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"))
+    (tmp_path / "c" / "win.txt").write_bytes("第一行\n".encode("utf-16"))  # text with NUL bytes: left to the reader
+    (tmp_path / "c" / "web.txt").write_bytes(b"scraped\x00 text\n" + b"more text\n" * 200)  # one stray NUL: text
+    (tmp_path / "report.pdf").write_bytes(FAKE_PDF)
+    files, skipped = readers.expand_inputs(f"{tmp_path / 'c'},{tmp_path / 'report.pdf'}")
+    assert [f.rsplit("/", 1)[1] for f in files] == ["notes.txt", "web.txt", "win.txt"]
+    summary = readers.skipped_summary(skipped)
+    assert summary.startswith("skipped 3 file(s): 3 binary (not text: never read): ")
+    assert all(name in summary for name in ("paper.txt", "scan.jsonl.gz", "report.pdf"))
+    texts = list(readers.iter_texts(f"{tmp_path / 'c' / 'notes.txt'},{tmp_path / 'report.pdf'}"))
+    assert texts == ["a line of text"] and "1 binary (not text: never read): " in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"report\.pdf: no readable files \(skipped 1 file\(s\): 1 binary"):
+        readers.expand_inputs(str(tmp_path / "report.pdf"))
+
+
+def test_csv_chat_records_are_read_like_json_records(tmp_path):
+    opts = {"text_field": "text", "txt_split": "line", "encoding": "utf-8", "format": "sft"}
+    path = tmp_path / "alpaca.csv"
+    rows = 'instruction,input,output\n把这句话翻译成英文,"你好，世界",Hello world\n写一首诗,,"床前明月光，\n疑是地上霜。"\n'
+    path.write_text(rows, encoding="utf-8-sig")  # as Excel saves it: with a byte order mark
+    assert list(readers.read_file(str(path), opts)) == [
+        ({"instruction": "把这句话翻译成英文", "input": "你好，世界", "output": "Hello world"}, 2),
+        ({"instruction": "写一首诗", "input": "", "output": "床前明月光，\n疑是地上霜。"}, 4)]
+    (tmp_path / "pref.csv").write_text("prompt,chosen,rejected\n问题,好,坏\n", encoding="utf-8")
+    assert list(readers.read_file(str(tmp_path / "pref.csv"), {**opts, "format": "dpo"})) == \
+        [({"prompt": "问题", "chosen": "好", "rejected": "坏"}, 2)]
+    (tmp_path / "qa.csv").write_text("question,answer\n问,答\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"qa\.csv:1: the columns question, answer hold no sft record layout: .*"
+                                         r"instruction,output or prompt,completion"):
+        list(readers.read_file(str(tmp_path / "qa.csv"), opts))
+    renamed = {**opts, "rename": "question:prompt,answer:completion"}  # renamed later, by chat_data
+    assert list(readers.read_file(str(tmp_path / "qa.csv"), renamed)) == [({"question": "问", "answer": "答"}, 2)]
+    (tmp_path / "short.csv").write_text("instruction,output\n1,2\n3\n", encoding="utf-8")
+    assert list(readers.read_file(str(tmp_path / "short.csv"), opts))[1] == (3, "row has 1 columns, the header 2")
+    assert list(readers.read_file(str(path), {**opts, "format": "pretrain", "text_field": "output"})) == \
+        [("Hello world", 2), ("床前明月光，\n疑是地上霜。", 4)]  # pretraining text: one column, as before

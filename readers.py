@@ -63,7 +63,10 @@ def _kind(path):
 def _is_binary(path, size=8192):
     """Whether a file's first bytes (gunzipped for .gz) are no text: a _MAGIC signature, or NUL bytes (more than one
     in 1,024: a stray one in a scraped text is cleaned away later; compressed data has one in 256). UTF-16/32 text
-    with its byte order mark is left to the reader, which says how to convert it."""
+    with its byte order mark is left to the reader, which says how to convert it. A pipe (--data=<(printf ...)) is
+    not looked at: what is read from it is gone."""
+    if not os.path.isfile(path):
+        return False
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             head = f.read(size)

@@ -1,5 +1,6 @@
 """readers.py: the public entry points (iter_texts, read_jsonl) and broken files; the formats themselves are
 covered by test_data_process.py's reader tests."""
+import os
 import gzip
 import json
 
@@ -118,3 +119,14 @@ def test_csv_chat_records_are_read_like_json_records(tmp_path):
     assert list(readers.read_file(str(tmp_path / "short.csv"), opts))[1] == (3, "row has 1 columns, the header 2")
     assert list(readers.read_file(str(path), {**opts, "format": "pretrain", "text_field": "output"})) == \
         [("Hello world", 2), ("床前明月光，\n疑是地上霜。", 4)]  # pretraining text: one column, as before
+
+
+def test_a_pipe_is_read_once_not_sniffed_first():
+    """--data=<(printf ...) is a pipe: the binary check must not eat what the reader then reads."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, "The for statement\n一个类是\n".encode())
+    os.close(write_end)
+    try:
+        assert list(readers.iter_texts(f"/dev/fd/{read_end}", text_field="prompt")) == ["The for statement", "一个类是"]
+    finally:
+        os.close(read_end)

@@ -229,12 +229,13 @@ def add_adapters(model, cfg, data):
     """LoRA/QLoRA adapters as cfg says; embed and lm_head train in full when the data's tokenizer added tokens."""
     extra = cfg["trainable"] or ("embed,lm_head" if data.meta.get("added_tokens") else "")
     torch.manual_seed(cfg["seed"])  # the A matrices are random, and the trainer seeds torch only after this
-    device = cfg["device"] if cfg["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    compute_dtype = getattr(torch, inference.resolve_dtype(cfg["dtype"], device)[0])  # QLoRA's NF4 matmuls: the run's
+    quantize = {}
+    if cfg["method"] == "qlora":  # the NF4 layers multiply in the run's dtype
+        device = cfg["device"] if cfg["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        quantize = dict(quantize="nf4", compute_dtype=getattr(torch, inference.resolve_dtype(cfg["dtype"], device)[0]))
     try:
         lora.add_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"],
-                      cfg["use_rslora"], trainable=extra, quantize="nf4" if cfg["method"] == "qlora" else None,
-                      compute_dtype=compute_dtype)
+                      cfg["use_rslora"], trainable=extra, **quantize)
     except ValueError as e:  # a module name the model lacks, or one named both as target and trainable
         raise SystemExit(f"lora_targets={cfg['lora_targets']!r}, trainable={extra!r}: {e}") from None
 

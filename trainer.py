@@ -134,6 +134,8 @@ def train_config(cfg):
     if found and not c.overwrite:
         raise SystemExit(f"out_dir={c.out_dir} holds another run ({found}): continue it with --init_from=resume, "
                          f"start over with --overwrite=True (its files are removed), or choose another --out_dir")
+    device = c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    log("dtype={} ({})".format(*resolve_dtype(c.dtype, device)))  # the run's first line: a slow dtype shows at once
     return c
 
 

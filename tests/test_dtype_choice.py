@@ -158,3 +158,13 @@ def test_rag_says_which_dtype_and_why_on_stderr(ckpt_folder, monkeypatch, capsys
     model, _, index = rag._load("unused")
     assert next(model.parameters()).dtype == torch.bfloat16 and index == "index"
     assert "dtype=bfloat16 (auto: TINYLLM_CPU_BF16=1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "fine_tuning.py", "dpo.py"])
+def test_each_trainer_says_the_dtype_before_anything_else(script, tmp_path):
+    """The first line of a training script, before the data or the model is read (here the data is missing)."""
+    r = subprocess.run([sys.executable, script, f"--data_dir={tmp_path}/none", f"--out_dir={tmp_path}/out",
+                        "--init_from=scratch" if script == "pretrain.py" else f"--init_from={tmp_path}/model",
+                        "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", inference.CPU_BF16_VARIABLE: "0"})
+    assert r.stdout.splitlines()[0] == "dtype=float32 (auto: TINYLLM_CPU_BF16=0)", r.stdout + r.stderr

@@ -266,7 +266,7 @@ def build_model(init_from, out_dir, scratch_config=None):
     if os.path.isfile(os.path.join(init_from, "state.pt")):
         return _from_trainer_checkpoint(init_from)
     import convert
-    from tokenizer import Tokenizer, tokenizer_in
+    from tokenizer import load_tokenizer, tokenizer_in
     try:
         model = convert.from_pretrained(init_from, dtype=torch.float32)
     except (ValueError, FileNotFoundError) as e:  # the loader's message names the file
@@ -274,7 +274,7 @@ def build_model(init_from, out_dir, scratch_config=None):
     has_tokenizer = tokenizer_in(init_from)
     if not has_tokenizer:
         log(f"warning: {init_from} holds no tokenizer: the data's tokenizer is NOT checked against the model's")
-    return model, Tokenizer.from_pretrained(init_from) if has_tokenizer else None
+    return model, load_tokenizer(init_from) if has_tokenizer else None
 
 
 EXTENSIONS = ("linear", "dynamic", "yarn")
@@ -327,10 +327,10 @@ def _from_trainer_checkpoint(path):
         raise SystemExit(f"{path}: a checkpoint of adapters, not of a whole model; start from its run's hf/ folder")
     model = Transformer(ModelConfig(**state["model_config"]))
     model.load_state_dict(state["model"])
-    from tokenizer import Tokenizer, tokenizer_in
+    from tokenizer import load_tokenizer, tokenizer_in
     data_dir = state["config"].get("data_dir", "")
     has_tokenizer = bool(data_dir) and tokenizer_in(data_dir)
     if not has_tokenizer:
         log(f"warning: {path}: its run's data_dir {data_dir!r} holds no tokenizer: the data is NOT checked")
     log(f"init_from: the weights of {path} (step {state['step']})")
-    return model, Tokenizer.from_pretrained(data_dir) if has_tokenizer else None
+    return model, load_tokenizer(data_dir) if has_tokenizer else None

@@ -101,8 +101,8 @@ def read_meta(data_dir):
 
 def _tokenizer_of(folder):
     """The tokenizer saved in a folder, or None when it holds none."""
-    from tokenizer import Tokenizer, tokenizer_in
-    return Tokenizer.from_pretrained(folder) if tokenizer_in(folder) else None
+    from tokenizer import load_tokenizer, tokenizer_in
+    return load_tokenizer(folder) if tokenizer_in(folder) else None
 
 
 class DataDir:

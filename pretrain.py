@@ -120,8 +120,8 @@ def main():
     export = None
     if method != "full":
         tuning.add_adapters(model, cfg, data)
-        from tokenizer import Tokenizer
-        export = tuning.lora_export(model_tok or Tokenizer.from_pretrained(tokenizer_dir), merge_dtype)
+        from tokenizer import load_tokenizer
+        export = tuning.lora_export(model_tok or load_tokenizer(tokenizer_dir), merge_dtype)
     batches = PretrainData(data, block_size, cfg["batch_size"], cfg["seed"])
     trainer.Trainer(cfg, model, batches.train_batch, batches.val_batch, tokenizer_dir=tokenizer_dir,
                     export=export).fit()

@@ -37,7 +37,7 @@ import torch
 import configurator
 import inference
 import readers
-from tokenizer import Tokenizer
+from tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------- config
 index = "out/rag"     # the index folder
@@ -499,7 +499,7 @@ def main(argv):
             raise SystemExit("--tokenizer=PATH is required: the model (folder or .gguf) whose tokens size the chunks")
         settings = {k: globals()[k] for k in SETTINGS}
         t0 = time.time()
-        report = build_index(index, docs, Tokenizer.from_pretrained(tokenizer), settings, tokenizer)
+        report = build_index(index, docs, load_tokenizer(tokenizer), settings, tokenizer)
         dropped = ": " + ", ".join(report["dropped"]) if report["dropped"] else ""
         print(f"{index}: {report['chunks']} chunks; {len(report['chunked'])} file(s) chunked, {len(report['kept'])} "
               f"unchanged, {len(report['dropped'])} dropped{dropped} ({time.time() - t0:.1f}s)")

@@ -57,6 +57,15 @@ class ChatTemplateError(ValueError):
     """A chat template that does not compile or render, or leaves jinja2's sandbox; the message names its file."""
 
 
+def load_tokenizer(path):
+    """Tokenizer.from_pretrained for a script's own process: a chat template that cannot be used stops the run
+    with the error's one line (it names the file). Not in worker processes, where a SystemExit is lost."""
+    try:
+        return Tokenizer.from_pretrained(path)
+    except ChatTemplateError as e:
+        raise SystemExit(str(e)) from None
+
+
 class Tokenizer:
     """Use Tokenizer.from_pretrained(path); see the module docstring and notes/tokenizer_contract.md."""
 

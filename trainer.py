@@ -576,8 +576,8 @@ class Trainer:
         import convert
         convert.save_pretrained(fresh, out)
         if self.tokenizer_dir:
-            from tokenizer import Tokenizer
-            Tokenizer.from_pretrained(self.tokenizer_dir).save_pretrained(out)
+            from tokenizer import load_tokenizer
+            load_tokenizer(self.tokenizer_dir).save_pretrained(out)
         log(f"model exported to {out}" + ("" if self.tokenizer_dir else " (without a tokenizer)"))
 
     # -------------------------------------------------------------------------------------------- logging

@@ -201,8 +201,8 @@ def load_for_tuning(cfg, fmt):
     # more ids than embeddings is only right when the data's tokenizer is the model's plus added tokens
     grows = bool(read_meta(cfg["data_dir"]).get("added_tokens"))
     data = open_data_dir(cfg["data_dir"], fmt, tokenizer=model_tok, vocab_size=None if grows else model.config.vocab_size)
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_pretrained(data.tokenizer_dir) if data.tokenizer_dir else model_tok
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(data.tokenizer_dir) if data.tokenizer_dir else model_tok
     if tok is None:
         raise SystemExit(f"neither {cfg['data_dir']} nor the model holds a tokenizer")
     if data.meta["vocab_size"] > model.config.vocab_size:

@@ -494,3 +494,23 @@ def test_sentencepiece_log_goes_to_a_file_and_errors_still_show(tmp_path):
     assert "sentencepiece.log" in proc.stdout
     proc, out = run_train(tmp_path, "big", f"--input={tmp_path / 'c.txt'}", "--vocab_size=60000")
     assert proc.returncode == 1 and "Vocabulary size too high" in proc.stderr and not out.exists()
+
+
+def test_a_trainer_refuses_a_hostile_template_in_one_line(tmp_path):
+    """fine_tuning.py from a model folder whose tokenizer_config.json holds a template that leaves the sandbox: one
+    line naming the file, no traceback, nothing written."""
+    import subprocess
+    import sys
+    import convert
+    from conftest import ROOT, char_tokenizer_folder, tiny_transformer
+    model = tmp_path / "model"
+    tok = char_tokenizer_folder(model)
+    convert.save_pretrained(tiny_transformer(tok.vocab_size), str(model))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": HOSTILE}))
+    r = subprocess.run([sys.executable, "fine_tuning.py", f"--init_from={model}", f"--data_dir={tmp_path}/data",
+                        f"--out_dir={tmp_path}/out", "--device=cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "tokenizer_config.json" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -139,6 +139,9 @@ def main():
     if not ckpt:
         raise SystemExit("--ckpt=PATH is required")
     inference.check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if rag_top_k < 1 or rag_rerank < 0:
+        raise SystemExit(f"rag_top_k={rag_top_k}, rag_rerank={rag_rerank}: rag_top_k must be at least 1 and rag_rerank "
+                         f"at least 0 (0 keeps BM25's order)")
     torch.manual_seed(seed)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     run_dtype, why = inference.resolve_dtype(dtype, dev)

@@ -124,7 +124,9 @@ def test_generation_settings_that_cannot_work_are_refused(ckpt_folder):
     for arg, message in [("--max_new_tokens=0", "max_new_tokens=0 must be at least 1"),
                          ("--temperature=-1", "temperature=-1.0 must be >= 0"),
                          ("--top_p=0", "top_p=0.0 must be in"), ("--top_k=-5", "top_k=-5 must be >= 0"),
-                         ("--repetition_penalty=0", "repetition_penalty=0.0 must be > 0")]:
+                         ("--repetition_penalty=0", "repetition_penalty=0.0 must be > 0"),
+                         ("--rag_top_k=0", "rag_top_k must be at least 1"),
+                         ("--rag_rerank=-1", "rag_rerank at least 0")]:
         run = subprocess.run([sys.executable, "chat.py", f"--ckpt={ckpt_folder}", arg], cwd=ROOT,
                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, (arg, run.stderr)

@@ -7,10 +7,11 @@ the trainer's business (trainer.Trainer.save_checkpoint). build_model() is where
 model folder or .gguf, another run's out_dir or checkpoint, or this run's own to resume; extend_context() then
 stretches its rotary positions to a longer context.
 
-What keeps runs from losing or mixing work: run_in() / remove_run() (a new run never lands on another one unless
-told to), data_fingerprint() (a checkpoint records what it trained on), files.json in every checkpoint (each file's
-size, so one cut short is found without reading it), resume_checkpoint() (the newest checkpoint that reads back,
-damaged ones named and passed over) and load_tensors() (a checkpoint holding pickled objects is refused).
+What keeps runs from losing or mixing work: check_out_dir(), run_in() / remove_run() (a new run never lands on
+another one unless told to), check_same_kind() (a resume continues a run of its own kind), data_fingerprint() (a
+checkpoint records what it trained on), files.json in every checkpoint (each file's size, so one cut short is found
+without reading it), resume_checkpoint() (the newest checkpoint that reads back, damaged ones named and passed
+over) and load_tensors() (a checkpoint holding pickled objects is refused).
 """
 import glob
 import hashlib
@@ -190,6 +191,31 @@ def prune(out_dir, keep_last, keep=()):
 # what a training run writes in its out_dir: the trainer's files, its exports (LoRA: adapter/), wandb's and DPO's
 # reference cache
 RUN_FILES = ("ckpt", "metrics.jsonl", "config.json", "loss.png", "hf", "adapter", "wandb", "ref_logps_*")
+
+
+def check_out_dir(out_dir, init_from, overwrite):
+    """Before a run writes anything: it never lands on another run in out_dir unless told to (overwrite), and never
+    writes into the folder of the model it starts from."""
+    if overwrite and init_from == "resume":
+        raise SystemExit("overwrite=True and init_from=resume: a resume continues the run in out_dir; drop one")
+    if init_from not in ("", "scratch", "resume"):  # overwriting, or even exporting, would destroy the model
+        out, source = os.path.realpath(out_dir), os.path.realpath(init_from)
+        if source == out or source.startswith(os.path.join(out, "")):
+            raise SystemExit(f"out_dir={out_dir} holds the model this run starts from (init_from={init_from}), "
+                             f"which the run would overwrite: write to another --out_dir")
+    found = run_in(out_dir) if init_from != "resume" else ""
+    if found and not overwrite:
+        raise SystemExit(f"out_dir={out_dir} holds another run ({found}): continue it with --init_from=resume, "
+                         f"start over with --overwrite=True (its files are removed), or choose another --out_dir")
+
+
+def check_same_kind(path, state, kind, out_dir):
+    """A resume continues a run of the same kind (the data's format): a pretraining run's checkpoints do not go on
+    as SFT, nor SFT's as DPO (checkpoints from before the kind was recorded are not checked)."""
+    saved = state.get("kind")
+    if saved and kind and saved != kind:
+        raise SystemExit(f"init_from=resume: {path} is a checkpoint of a {saved} run and this run is {kind} (its "
+                         f"data's format); start a new run from it with --init_from={out_dir} and another --out_dir")
 
 
 def run_in(out_dir):

@@ -123,17 +123,7 @@ def train_config(cfg):
             raise SystemExit(f"{key}={getattr(c, key)}: must be in [0, 1)")
     if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
         raise SystemExit(f"out_dir={c.out_dir}: is a file, not a folder")
-    if c.overwrite and c.init_from == "resume":
-        raise SystemExit("overwrite=True and init_from=resume: a resume continues the run in out_dir; drop one")
-    if c.init_from not in ("", "scratch", "resume"):  # overwriting, or even exporting, would destroy the model
-        out, source = os.path.realpath(c.out_dir), os.path.realpath(c.init_from)
-        if source == out or source.startswith(os.path.join(out, "")):
-            raise SystemExit(f"out_dir={c.out_dir} holds the model this run starts from (init_from={c.init_from}), "
-                             f"which the run would overwrite: write to another --out_dir")
-    found = checkpoint.run_in(c.out_dir) if c.init_from != "resume" else ""
-    if found and not c.overwrite:
-        raise SystemExit(f"out_dir={c.out_dir} holds another run ({found}): continue it with --init_from=resume, "
-                         f"start over with --overwrite=True (its files are removed), or choose another --out_dir")
+    checkpoint.check_out_dir(c.out_dir, c.init_from, c.overwrite)
     device = c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     log("dtype={} ({})".format(*resolve_dtype(c.dtype, device)))  # the run's first line: a slow dtype shows at once
     return c
@@ -202,7 +192,7 @@ class Trainer:
         self.data = checkpoint.data_fingerprint(data_dir) if data_dir else None
         self.resume_from = checkpoint.resume_checkpoint(c.out_dir) if c.init_from == "resume" else None
         if self.resume_from:
-            self.check_same_kind(*self.resume_from)
+            checkpoint.check_same_kind(*self.resume_from, self.kind, c.out_dir)
         self.rank, self.world, self.device = setup_distributed(c.parallel, c.device)
         self.master = self.rank == 0
         if c.grad_accum % self.world:
@@ -475,15 +465,6 @@ class Trainer:
                 self.ckpt_root, f"step_{self.best_step:08d}")})
             log(f"checkpoint: {final}{' (' + reason + ')' if reason else ''}")
         barrier()
-
-    def check_same_kind(self, path, state):
-        """A resume continues a run of the same kind: a pretraining run's checkpoints do not go on as SFT, nor SFT's
-        as DPO (checkpoints from before the kind was recorded are not checked)."""
-        saved = state.get("kind")
-        if saved and self.kind and saved != self.kind:
-            raise SystemExit(f"init_from=resume: {path} is a checkpoint of a {saved} run and this run is {self.kind} "
-                             f"(its data's format); start a new run from it with --init_from={self.c.out_dir} and "
-                             f"another --out_dir")
 
     def load_checkpoint(self, path, state):
         saved_by = state["parallel"] if state["parallel"] != "single" else "ddp"  # the same files

@@ -29,14 +29,16 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_dtype(name, device):
-    """(dtype, why) for a dtype setting (auto | float32 | bfloat16 | float16) on `device` (a torch.device or its
-    name): the dtype's name and a few words on why, for the first line a script logs. auto chooses bfloat16 only
-    where it is fast: a CUDA GPU with native bf16 (else float16), a CPU with AMX or AVX512-BF16; any other CPU gets
-    float32, since there bf16 matmuls are emulated, ~60x slower than fp32 on an AVX2-only EPYC (never float16 on a
-    CPU). The environment variable TINYLLM_CPU_BF16=1 (or 0) says the CPU has (or lacks) fast bf16 whatever it
+    """(dtype, why) for a dtype setting (auto | float32 | bfloat16 | float16) on `device` (a torch.device, its
+    name, or auto): the dtype's name and a few words on why, for the first line a script logs. auto chooses
+    bfloat16 only where it is fast: a CUDA GPU with native bf16 (else float16), a CPU with AMX or AVX512-BF16; any
+    other CPU gets float32, since there bf16 matmuls are emulated, ~60x slower than fp32 on an AVX2-only EPYC (never
+    float16 on a CPU). The environment variable TINYLLM_CPU_BF16=1 (or 0) says the CPU has (or lacks) fast bf16 whatever it
     reports: to measure the other case on one machine."""
     if name not in DTYPES:
         raise SystemExit(f"dtype={name!r}: expected one of {', '.join(DTYPES)}")
+    if device == "auto":  # the trainers' device=auto
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         kind = torch.device(device).type
     except RuntimeError as e:

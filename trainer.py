@@ -124,8 +124,7 @@ def train_config(cfg):
     if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
         raise SystemExit(f"out_dir={c.out_dir}: is a file, not a folder")
     checkpoint.check_out_dir(c.out_dir, c.init_from, c.overwrite)
-    device = c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    log("dtype={} ({})".format(*resolve_dtype(c.dtype, device)))  # the run's first line: a slow dtype shows at once
+    log("dtype={} ({})".format(*resolve_dtype(c.dtype, c.device)))  # the run's first line: a slow dtype shows at once
     return c
 
 

@@ -231,8 +231,8 @@ def add_adapters(model, cfg, data):
     torch.manual_seed(cfg["seed"])  # the A matrices are random, and the trainer seeds torch only after this
     quantize = {}
     if cfg["method"] == "qlora":  # the NF4 layers multiply in the run's dtype
-        device = cfg["device"] if cfg["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        quantize = dict(quantize="nf4", compute_dtype=getattr(torch, inference.resolve_dtype(cfg["dtype"], device)[0]))
+        dtype = inference.resolve_dtype(cfg["dtype"], cfg["device"])[0]
+        quantize = dict(quantize="nf4", compute_dtype=getattr(torch, dtype))
     try:
         lora.add_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"],
                       cfg["use_rslora"], trainable=extra, **quantize)

@@ -168,3 +168,9 @@ def test_each_trainer_says_the_dtype_before_anything_else(script, tmp_path):
                         "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1", inference.CPU_BF16_VARIABLE: "0"})
     assert r.stdout.splitlines()[0] == "dtype=float32 (auto: TINYLLM_CPU_BF16=0)", r.stdout + r.stderr
+
+
+def test_device_auto_is_the_trainers_choice(monkeypatch):
+    monkeypatch.setenv(inference.CPU_BF16_VARIABLE, "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference.resolve_dtype("auto", "auto") == ("float32", "auto: TINYLLM_CPU_BF16=0")

@@ -99,7 +99,7 @@ def main():
         sys.exit(f"data_dir={data_dir}: no DPO data directory there; make one with the model's tokenizer, e.g. "
                  f"python data_process.py --format=dpo --template=chatml --input=../shared/data/dpo_en/dpo_en_demo "
                  f"--tokenizer=$GGUF --out_dir={data_dir} --max_len=512")
-    run_dtype, why = inference.resolve_dtype(dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    run_dtype, why = inference.resolve_dtype(dtype, "auto")  # dpo.py's device=auto
     print(f"dtype={run_dtype} ({why})", flush=True)
     names = [r for r in references.split(",") if r]
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:

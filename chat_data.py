@@ -17,6 +17,7 @@ from tqdm import tqdm
 import data
 import workers
 from clean import strip_control
+from readers import parse_rename
 from tokenizer import CHATML_TEMPLATE, IM_END, IM_START, QA_TEMPLATE, ChatTemplateError
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -153,17 +154,6 @@ def to_preference(rec):
     if chosen == rejected:
         raise ValueError("chosen and rejected are identical")
     return prompt, chosen, rejected
-
-
-def parse_rename(spec):
-    """data_process's `rename`: "old:new,..." -> {old: new}."""
-    renames = {}
-    for pair in filter(str.strip, spec.split(",")):
-        old, sep, new = (x.strip() for x in pair.partition(":"))
-        if not (sep and old and new):
-            raise SystemExit(f"rename: expected old:new pairs separated by commas, got {pair!r}")
-        renames[old] = new
-    return renames
 
 
 class TemplateError(ValueError):

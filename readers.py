@@ -308,12 +308,23 @@ def _read_csv(path, fields, encoding, fmt=None, rename=""):
     yield from bad
 
 
+def parse_rename(spec):
+    """data_process's `rename`: "old:new,..." -> {old: new}."""
+    renames = {}
+    for pair in filter(str.strip, spec.split(",")):
+        old, sep, new = (x.strip() for x in pair.partition(":"))
+        if not (sep and old and new):
+            raise SystemExit(f"rename: expected old:new pairs separated by commas, got {pair!r}")
+        renames[old] = new
+    return renames
+
+
 def _csv_records(path, reader, bad, where, fmt, rename):
     header = next(reader, [])
     if bad:  # the header line itself does not decode
         yield _Bad((bad[0][0], bad[0][1] + " (in the header: the file is skipped)"))
         return
-    renames = {old.strip(): new.strip() for old, _, new in (p.partition(":") for p in rename.split(",") if ":" in p)}
+    renames = parse_rename(rename)
     names = {renames.get(h, h) for h in header}
     if not any(names.issuperset(layout) for layout in CSV_LAYOUTS[fmt]):
         raise SystemExit(f"{path}:1: the columns {', '.join(header) or '(none)'} hold no {fmt} record layout: a CSV of "

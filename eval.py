@@ -7,6 +7,7 @@
     python eval.py --ckpt=out/run/pretrain/hf --task=generate --data=prompts.txt --max_new_tokens=64
     python eval.py --ckpt=out/long/base/hf --task=ppl --data=out/run/data --lengths=256,512,1024 --rope_scaling=yarn --extend_to=1024
     python eval.py --ckpt=out/long/yarn/hf --task=passkey --lengths=256,512,1024 --depths=0,0.5,1
+    python eval.py --ckpt=model.gguf --task=gsm8k --data=../shared/data/math_en/svamp --limit=200 --out=svamp.json
 
 --ckpt takes anything inference.load_model reads: our checkpoint folders (transformers folders: config.json +
 model.safetensors + tokenizer; pretrain.py writes one to <out_dir>/hf), transformers Llama/Phi folders, .gguf files,
@@ -37,6 +38,12 @@ Tasks
              target_delimiter (use "" for Chinese, where words are not separated by spaces).
   generate   one completion per prompt: a .txt file (one prompt per line) or jsonl {"prompt"}; --chat=True wraps
              each prompt in the checkpoint's chat template. A completion stops at the model's context.
+  gsm8k      generative math (math_tasks.py): the model answers each question in its chat template, asked to end
+             with "#### <number>"; the final number is extracted ("####", \boxed{}, "the answer is", else the last
+             number) and compared with the gold answer. GSM8K jsonl, SVAMP's json, any {question, answer} JSON
+             Lines, or "addition" (the embedded task: "addition:digits=3,n=500"). pass@1 is greedy; --k=8 samples
+             --samples (default k) completions per problem at --temperature/--top_p/--top_k and adds maj@k and
+             pass@k (unbiased, Chen et al. 2021). --out holds every completion and extracted answer.
 
 --rope_scaling=linear|dynamic|yarn with --extend_to=N stretches the checkpoint's context before evaluating (no
 fine-tuning; checkpoint.extend_context); a checkpoint extended and fine-tuned already carries its scaling.
@@ -72,13 +79,14 @@ import checkpoint
 import configurator
 import data as datalayer
 import inference
+import math_tasks
 import readers
 from inference import gather_logprobs, pad_right, perplexity
 
 # ---------------------------------------------------------------------------------------------------- config
 ckpt = ""             # checkpoint: folder, .gguf, quantized folder or LoRA adapter folder (PEFT format)
 lora_base = ""        # a LoRA adapter's base checkpoint ("" = the adapter config's base_model_name_or_path)
-task = "hellaswag"    # ppl | passkey | hellaswag | arc | mmlu | ceval | cmmlu | mc | generate
+task = "hellaswag"    # ppl | passkey | hellaswag | arc | mmlu | ceval | cmmlu | mc | generate | gsm8k
 data = ""             # the task's data: file or folder (see the docstring)
 split = ""            # "" = the task's usual split (ppl val, hellaswag val, arc test, mmlu/cmmlu test, ceval val)
 subject = ""          # mmlu/ceval/cmmlu: comma-separated subjects ("" = all)
@@ -96,10 +104,12 @@ depths = (0, 0.25, 0.5, 0.75, 1)  # passkey: where the key sits, as fractions of
 trials = 10           # passkey: prompts (keys) per length and depth
 rope_scaling = ""     # linear | dynamic | yarn: stretch the checkpoint's context to extend_to before evaluating
 extend_to = 0
-max_new_tokens = 256  # generate (fewer where the prompt leaves less of the model's context)
-temperature = 0.7     # generate: 0 = greedy
-top_k = 50            # generate: 0 = off
-top_p = 0.9           # generate: 1.0 = off
+max_new_tokens = 256  # generate, gsm8k (fewer where the prompt leaves less of the model's context)
+temperature = 0.7     # generate, gsm8k with k > 1: 0 = greedy
+top_k = 50            # generate, gsm8k with k > 1: 0 = off
+top_p = 0.9           # generate, gsm8k with k > 1: 1.0 = off
+k = 1                 # gsm8k: 1 = greedy pass@1; k > 1 adds maj@k and pass@k from sampled completions
+samples = 0           # gsm8k: completions per problem with k > 1 (0 = k; more makes pass@k the unbiased estimate)
 no_repeat_ngram_size = 0  # generate: never repeat an n-gram of this size (0 = off; small models loop without it)
 chat = True           # generate: wrap prompts in the chat template
 system = ""           # generate: system prompt ("" = the template's default, if any)
@@ -597,8 +607,8 @@ def check_settings():
     """Stop at start-up, naming the key, on settings that cannot work (before a model is loaded)."""
     if task == "chat":
         raise SystemExit("eval.py has no chat task: chat with a checkpoint with python chat.py --ckpt=...")
-    if task not in ("ppl", "passkey", "generate", *MC_TASKS):
-        raise SystemExit(f"unknown --task={task!r}: ppl, passkey, {', '.join(MC_TASKS)} or generate")
+    if task not in ("ppl", "passkey", "generate", "gsm8k", *MC_TASKS):
+        raise SystemExit(f"unknown --task={task!r}: ppl, passkey, {', '.join(MC_TASKS)}, generate or gsm8k")
     if method not in ("loglik", "first_token"):
         raise SystemExit(f"unknown --method={method!r}: loglik or first_token")
     if method == "first_token" and task not in LETTER_TASKS:
@@ -620,8 +630,13 @@ def check_settings():
     for key in ("limit", "shots", "block_size", "stride"):
         if globals()[key] < 0:
             raise SystemExit(f"--{key}={globals()[key]}: must be >= 0 (0 = {'all' if key == 'limit' else 'default'})")
-    if task == "generate":
+    if task in ("generate", "gsm8k"):
         inference.check_sampling(max_new_tokens, temperature, top_k, top_p, 1.0)
+    if task == "gsm8k":
+        if k < 1 or samples < 0 or 0 < samples < k:
+            raise SystemExit(f"--k={k} --samples={samples}: need k >= 1 and samples 0 (= k) or >= k")
+        if k > 1 and temperature == 0:
+            raise SystemExit(f"--k={k} samples completions: it needs --temperature > 0 (k=1 is greedy)")
     if out and (os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out)))):
         raise SystemExit(f"--out={out}: not a file in an existing folder")
 
@@ -638,6 +653,8 @@ def main():
         items = items[:limit] if limit else items
     elif task == "generate":
         prompts = load_prompts(data)[:limit or None]
+    elif task == "gsm8k":
+        problems = math_tasks.load_problems(data, limit)
     model, tok = inference.load_model(ckpt, dev, run_dtype, lora_base)
     checkpoint.extend_context(model, rope_scaling, extend_to)
     if bos and tok.bos_id is None:
@@ -660,7 +677,7 @@ def main():
         print_table(summary, [f"acc@{d:g}" for d in depths] + ["acc_mean"])
     elif task == "generate":
         summary = []
-        for k, p in enumerate(prompts, 1):
+        for number, p in enumerate(prompts, 1):
             text = inference.render_chat(tok, [{"role": "user", "content": p}], system) if chat else p
             print(f"### {p}")
             try:
@@ -668,9 +685,17 @@ def main():
                                                     on_text=lambda s: print(s, end="", flush=True),
                                                     no_repeat_ngram_size=no_repeat_ngram_size)
             except ValueError as e:
-                raise SystemExit(f"{data}: prompt {k}: {e}")
+                raise SystemExit(f"{data}: prompt {number}: {e}")
             print("\n")
             summary.append({"prompt": p, "completion": completion})
+    elif task == "gsm8k":
+        try:
+            summary = math_tasks.evaluate(model, tok, problems, k, temperature if k > 1 else 0.0, top_p,
+                                          max_new_tokens, batch_size, seed, samples, top_k)
+        except ValueError as e:
+            raise SystemExit(f"{data}: {e}")
+        print(f"gsm8k: {len(problems)} problems, {summary['tokens']} tokens generated in {summary['seconds']:.1f}s")
+        print_table({data: summary}, [c for c in summary if "@" in c] + ["format"])
     else:
         summary = run_mc(model, tok, items, task, method, batch_size, bos)
         elapsed = time.time() - t0

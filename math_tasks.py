@@ -1,0 +1,374 @@
+"""Math word problems with answers a program can check: the problems, the prompt, the final-answer extraction, the
+rewards rl.py optimises and the generative evaluation of eval.py --task=gsm8k (pass@1, maj@k, pass@k).
+
+    problems = math_tasks.load_problems("../shared/data/math_en/svamp", limit=200)   # [{"question", "answer"}]
+    problems = math_tasks.load_problems("addition:digits=2,n=200")                    # the embedded task
+    math_tasks.extract_answer("... so she has 1,234 apples.\\n#### 1,234")            # "1234"
+    math_tasks.REWARDS["gsm8k_answer"](prompts, completions, answers)               # [1.0, 0.0, ...]
+    math_tasks.evaluate(model, tok, problems)                                       # {"pass@1": 0.31, ...}
+
+Problems (load_problems): GSM8K JSON Lines ({question, answer}, the answer's worked solution ending in "#### 42"),
+SVAMP's JSON list ({Body, Question, Answer}: the question is Body + Question), any {question, answer} JSON Lines or
+JSON list (a number or an exact string); a file, a folder of such files or "addition[:key=value,...]", the embedded
+task (addition_problems), which needs no download.
+
+The final answer of a completion (extract_answer), first rule that finds one: the number after the last "####"
+(GSM8K's convention, which the prompt asks for), in the last \\boxed{}, after the last "the answer is" ("答案是"),
+else the last number in the text. A number: optional minus and "$", digits with thousands commas, a decimal part, or
+a fraction a/b; "1,234" -> "1234", "$5" -> "5", "7." -> "7". Answers compare as exact rationals when both parse
+(answers_match: "1,000" == "1000.0", "3/4" == "0.75"), else as stripped strings.
+"""
+import importlib
+import importlib.util
+import math
+import os
+import random
+import re
+import time
+import zlib
+from collections import Counter
+from fractions import Fraction
+
+import torch
+
+import inference
+import readers
+
+# ---------------------------------------------------------------------------------------------------- problems
+
+JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+ADDITION_HELD_OUT = 10  # one unordered pair in ADDITION_HELD_OUT is the addition task's held-out (eval) split
+
+
+def addition_problems(n, digits=2, seed=0, split="eval"):
+    """n questions "What is a + b?" (a, b of `digits` digits) with answer str(a + b), drawn without repeats by
+    `seed`. split="eval" (held out) or "train": a pair belongs to the eval split when crc32 of "min+max" is divisible
+    by ADDITION_HELD_OUT, whatever the seed or the order of the two numbers, so training and evaluation never share
+    a question (not even "58 + 37" for "37 + 58"); the seed only picks which questions of the split, in which order."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"addition split={split!r}: expected train or eval")
+    if not 1 <= digits <= 6:
+        raise ValueError(f"addition digits={digits}: expected 1 to 6")
+    low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits
+    # an odd step coprime with the square count walks every pair once, in an order the seed shuffles, without
+    # listing all of them (10^12 for 6 digits)
+    side, rng = high - low, random.Random(seed)
+    count = side * side
+    step = rng.randrange(1, count) | 1
+    while math.gcd(step, count) != 1:
+        step += 2
+    start, problems = rng.randrange(count), []
+    for i in range(count):
+        a, b = divmod((start + i * step) % count, side)
+        a, b = a + low, b + low
+        if (zlib.crc32(f"{min(a, b)}+{max(a, b)}".encode()) % ADDITION_HELD_OUT == 0) == (split == "eval"):
+            problems.append({"question": f"What is {a} + {b}?", "answer": str(a + b)})
+            if len(problems) == n:
+                return problems
+    raise ValueError(f"addition: only {len(problems)} {split} questions with digits={digits}, asked for {n}")
+
+
+def _addition_spec(spec, limit):
+    """The problems of "addition" or "addition:digits=2,n=200,seed=0,split=eval" (n defaults to limit, else 200)."""
+    settings = {"digits": 2, "n": limit or 200, "seed": 0, "split": "eval"}
+    for item in filter(None, spec.partition(":")[2].split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in settings:
+            raise SystemExit(f"{spec!r}: expected addition:key=value,... with keys {', '.join(settings)}")
+        key, value = key.strip(), value.strip()
+        if key != "split":
+            try:
+                value = int(value)
+            except ValueError:
+                raise SystemExit(f"{spec!r}: {key}={value!r} is not an integer") from None
+        settings[key] = value
+    if settings["n"] < 1:
+        raise SystemExit(f"{spec!r}: n={settings['n']} must be at least 1")
+    try:
+        problems = addition_problems(settings["n"], settings["digits"], settings["seed"], settings["split"])
+    except ValueError as e:
+        raise SystemExit(f"{spec!r}: {e}") from None
+    return problems[:limit] if limit else problems
+
+
+def load_problems(path, limit=0):
+    """[{"question", "answer"}] of a file or folder (see the module docstring) or of the embedded "addition" task;
+    only the first `limit` (0 = all). A record without a question or a checkable answer stops with path:line."""
+    if path == "addition" or path.startswith("addition:"):
+        return _addition_spec(path, limit)
+    files = [f for f in readers.expand_inputs(path)[0] if f.endswith(JSON_SUFFIXES)]
+    if not files:
+        raise SystemExit(f"{path}: no .json or .jsonl files of problems")
+    opts = {"text_field": "question", "txt_split": "line", "encoding": "utf-8"}
+    problems = []
+    for rec, where_file, line in readers.iter_records(files, opts, readers.Issues(lenient=False), {}):
+        try:
+            problems.append(_problem(rec))
+        except ValueError as e:
+            raise SystemExit(f"{where_file}:{line}: {e}") from None
+        if len(problems) == limit:
+            break
+    if not problems:
+        raise SystemExit(f"{path}: no problems")
+    return problems
+
+
+def _problem(rec):
+    """{"question", "answer"} of one GSM8K, SVAMP or {question, answer} record; ValueError saying what is wrong."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected an object with question and answer, got {type(rec).__name__}")
+    if "Body" in rec and "Question" in rec and "Answer" in rec:  # SVAMP: the body often lacks its final stop
+        body, question = str(rec["Body"]).strip(), str(rec["Question"]).strip()
+        question = f"{body}{'' if body.endswith(('.', '?', '!')) else '.'} {question}"
+        answer = rec["Answer"]
+    elif "question" in rec and "answer" in rec:
+        question, answer = rec["question"], rec["answer"]
+    else:
+        raise ValueError(f"expected question and answer (or SVAMP's Body, Question, Answer); the record has "
+                         f"{', '.join(list(rec)[:12]) or 'no fields'}")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question is empty or not a string")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise ValueError(f"the answer must be a number or a string, got {type(answer).__name__}")
+    if isinstance(answer, float):
+        if not math.isfinite(answer):
+            raise ValueError(f"the answer {answer} is not a finite number")
+        answer = str(int(answer)) if answer.is_integer() else repr(answer)
+    elif isinstance(answer, str):
+        if "####" in answer:  # GSM8K: the worked solution, then "#### 42"
+            answer = _number_after(answer, "####")
+            if answer is None:
+                raise ValueError("no number after the answer's '####'")
+        answer = answer.strip()
+        if not answer:
+            raise ValueError("the answer is empty")
+    return {"question": question.strip(), "answer": str(answer)}
+
+
+# ---------------------------------------------------------------------------------------------------- answers
+
+def prompt_messages(question):
+    """The chat messages that ask a question: reasoning first, then the final answer alone as "#### <number>"."""
+    return [{"role": "user", "content": f"{question}\nThink step by step, then write the final answer on the "
+                                        f"last line as \"#### <number>\"."}]
+
+
+# a minus (not one between two numbers: "5-3"), "$", a number with thousands commas or none, a decimal part, "/b".
+# The lookbehind is ASCII only: a number right after Chinese text ("答案是42") is still a number.
+NUMBER = re.compile(r"(?<![A-Za-z0-9_.,/])(?P<sign>[-−])?\s?\$?\s?"
+                    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:\s?/\s?(?P<den>\d+))?(?![\d,]*\d)")
+ANSWER_IS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|答案(?:是|为|：|:))\s*:?", re.IGNORECASE)
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def _normal(m):
+    """The number of a NUMBER match as a plain string: "-1234.50", "3/4"."""
+    sign = "-" if m.group("sign") else ""
+    text = sign + m.group("num").replace(",", "")
+    return f"{text}/{m.group('den')}" if m.group("den") else text
+
+
+def _number_after(text, marker):
+    """The first number after the last `marker` in text, or None."""
+    at = text.rfind(marker)
+    if at < 0:
+        return None
+    m = NUMBER.search(text, at + len(marker))
+    return _normal(m) if m else None
+
+
+def extract_answer(text):
+    """The final answer of a completion as a plain number string, or None when it holds no number (rules: the
+    module docstring)."""
+    if "####" in text:
+        found = _number_after(text, "####")
+        if found is not None:
+            return found
+    boxed = BOXED.findall(text)
+    if boxed:
+        m = NUMBER.search(boxed[-1])
+        if m:
+            return _normal(m)
+    said = list(ANSWER_IS.finditer(text))
+    if said:
+        m = NUMBER.search(text, said[-1].end())
+        if m:
+            return _normal(m)
+    numbers = list(NUMBER.finditer(text))
+    return _normal(numbers[-1]) if numbers else None
+
+
+def to_number(text):
+    """A Fraction for "1,234", "$5", "-2.50", "3/4" (the whole stripped text must be a number), else None."""
+    if text is None:
+        return None
+    m = NUMBER.fullmatch(str(text).strip().rstrip("."))
+    if not m:
+        return None
+    value = Fraction(_normal(m).split("/")[0])
+    if m.group("den"):
+        if int(m.group("den")) == 0:
+            return None
+        value /= int(m.group("den"))
+    return value
+
+
+def answers_match(predicted, gold):
+    """Whether a predicted answer equals the gold one: as exact rationals when both are numbers ("1,000" ==
+    "1000.0"), else as stripped strings. None (no answer found) matches nothing."""
+    if predicted is None:
+        return False
+    p, g = to_number(predicted), to_number(gold)
+    if p is not None and g is not None:
+        return p == g
+    return str(predicted).strip() == str(gold).strip()
+
+
+# ---------------------------------------------------------------------------------------------------- rewards
+# TRL-style batched rewards: fn(prompts, completions, answers) -> one float per completion.
+
+FINAL_LINE = re.compile(r"####\s?" + NUMBER.pattern + r"\s*\.?")
+
+
+def _check_batch(prompts, completions, answers):
+    if not len(prompts) == len(completions) == len(answers):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and {len(answers)} answers: "
+                         f"a reward needs one of each per sample")
+
+
+def gsm8k_answer(prompts, completions, answers):
+    """1.0 where the completion's final answer (extract_answer) matches the gold answer, else 0.0."""
+    _check_batch(prompts, completions, answers)
+    return [float(answers_match(extract_answer(c), a)) for c, a in zip(completions, answers)]
+
+
+def format_reward(prompts, completions, answers):
+    """1.0 where the completion ends as prompt_messages asks: its last non-empty line is "#### <number>" (a final
+    full stop allowed), else 0.0. Registered as "format"."""
+    _check_batch(prompts, completions, answers)
+    last = [next((line.strip() for line in reversed(c.splitlines()) if line.strip()), "") for c in completions]
+    return [float(FINAL_LINE.fullmatch(line) is not None) for line in last]
+
+
+def length_penalty(prompts, completions, answers, soft_chars=600, max_chars=1200):
+    """0 up to soft_chars characters, falling linearly to -1 at max_chars and beyond: DAPO's soft overlong
+    punishment, in characters since a reward sees text (English runs ~4 characters a token: 150 to 300 tokens).
+    functools.partial(length_penalty, soft_chars=..., max_chars=...) for other limits."""
+    _check_batch(prompts, completions, answers)
+    if not 0 <= soft_chars < max_chars:
+        raise ValueError(f"length_penalty: need 0 <= soft_chars ({soft_chars}) < max_chars ({max_chars})")
+    return [0.0 - min(max(len(c) - soft_chars, 0) / (max_chars - soft_chars), 1.0) for c in completions]
+
+
+REWARDS = {"gsm8k_answer": gsm8k_answer, "format": format_reward, "length_penalty": length_penalty}
+
+
+def load_reward(name):
+    """A reward function: a name in REWARDS, or "module:function" (a module on the import path, or a .py file:
+    "my_rewards.py:exact"). Anything that cannot be found stops with a line naming it."""
+    if name in REWARDS:
+        return REWARDS[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"reward {name!r}: expected one of {', '.join(REWARDS)} or module:function")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise SystemExit(f"reward {name!r}: file {module_name} not found")
+            spec = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SystemExit(f"reward {name!r}: cannot import {module_name}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SystemExit(f"reward {name!r}: {module_name} has no function {attr}")
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+def pass_at_k(n, c, k):
+    """The unbiased pass@k estimate from n samples of which c are correct (Chen et al. 2021, numerically stable
+    form): 1 - C(n - c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority(answers):
+    """The most common answer, numbers grouped by value ("5" with "5.0"); ties go to the one seen first; None when
+    no answer was found."""
+    keys = [to_number(a) if to_number(a) is not None else a for a in answers if a is not None]
+    if not keys:
+        return None
+    counts = Counter(keys)
+    best = max(counts.values())
+    key = next(k for k in keys if counts[k] == best)
+    return next(a for a in answers if a is not None and (to_number(a) if to_number(a) is not None else a) == key)
+
+
+def score(records, k):
+    """Metrics of per-problem records ({"gold", "extracted": n answers}): pass@1 is the mean share of correct
+    samples (with one greedy sample, plain accuracy); with k > 1, maj@k (the majority of the first k samples is
+    correct) and pass@k (unbiased from n samples, plain when n == k)."""
+    correct = [[answers_match(a, r["gold"]) for a in r["extracted"]] for r in records]
+    metrics = {"problems": len(records), "samples": len(records[0]["extracted"]),
+               "pass@1": sum(sum(c) / len(c) for c in correct) / len(records)}
+    if k > 1:
+        metrics[f"maj@{k}"] = sum(answers_match(majority(r["extracted"][:k]), r["gold"])
+                                  for r in records) / len(records)
+        metrics[f"pass@{k}"] = sum(pass_at_k(len(c), sum(c), k) for c in correct) / len(records)
+    return metrics
+
+
+@torch.inference_mode()
+def evaluate(model, tok, problems, k=1, temperature=0.0, top_p=1.0, max_new_tokens=256, batch_size=16, seed=0,
+             n=0, top_k=0):
+    """Answer each problem in the model's chat template (prompt_messages) and score the extracted answers.
+    k=1 with temperature 0 is greedy pass@1; k > 1 samples n (default k) completions per problem at temperature /
+    top_p / top_k (0 = off) from a generator seeded by `seed` and adds maj@k and pass@k (score). Rows go through
+    model.generate in batches of batch_size (sorted by prompt length, left-padded), stopping at the tokenizer's
+    stop ids. Returns the metrics with "format" (the share of completions whose last line is "#### <n>"),
+    "seconds", "tokens" (generated), and "records": per problem its question, gold answer, completions and
+    extracted answers, in the problems' order."""
+    n = n or k
+    if k < 1 or n < k:
+        raise ValueError(f"need k >= 1 and n >= k samples per problem, got k={k} n={n}")
+    if n > 1 and temperature == 0:
+        raise ValueError(f"{n} samples per problem need temperature > 0: greedy decoding gives one answer")
+    if not problems:
+        raise ValueError("no problems to evaluate")
+    prompts = [tok.encode(inference.render_chat(tok, prompt_messages(p["question"]))) for p in problems]
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    room = model.config.max_seq_len - len(prompts[longest])
+    if room < 1:
+        raise ValueError(f"problem {longest + 1}: its prompt has {len(prompts[longest])} tokens, the model's whole "
+                         f"context is {model.config.max_seq_len}")
+    max_new_tokens = min(max_new_tokens, room)
+    rows = sorted(((i, s) for i in range(len(problems)) for s in range(n)), key=lambda r: len(prompts[r[0]]))
+    generator = torch.Generator(inference.device_of(model)).manual_seed(seed)
+    stop = set(tok.stop_ids)
+    completions = [[None] * n for _ in problems]
+    tokens, t0 = 0, time.time()
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        ids = [prompts[i] for i, _ in batch]
+        out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                             top_p=top_p if top_p < 1 else None, stop_ids=tok.stop_ids, generator=generator)
+        width = max(len(x) for x in ids)
+        for (i, s), row in zip(batch, out[:, width:].tolist()):
+            end = next((j for j, t in enumerate(row) if t in stop), len(row))
+            tokens += end
+            completions[i][s] = tok.decode(row[:end], skip_special=True)
+    records = [{"question": p["question"], "gold": p["answer"], "completions": c,
+                "extracted": [extract_answer(x) for x in c]} for p, c in zip(problems, completions)]
+    metrics = score(records, k)
+    flat = [x for c in completions for x in c]
+    metrics["format"] = sum(format_reward([""] * len(flat), flat, [""] * len(flat))) / len(flat)
+    metrics.update(seconds=time.time() - t0, tokens=tokens, records=records)
+    return metrics

@@ -13,6 +13,8 @@ and generation (eval mode) always attend in full.
 
 Inference: setup_cache() preallocates a static KV cache; generate() runs one prefill, then one-token decode steps
 (decode_step compiles with torch.compile(fullgraph=True)). Left-padded batches carry their pad lengths in the cache.
+A forward may also give each row its own cache slots (input_pos (B, T)) and touch only some rows (cache_rows):
+engine.py's continuous batching, where each cache row is a request at its own position.
 On CPU, eager generate() runs inside cpu_decoding(), which lays the weights out for chains of matrix-vector products.
 """
 import contextlib
@@ -210,11 +212,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
+    def update(self, input_pos, k, v, rows=None):
+        """Write k/v (b, n_kv_heads, T, head_dim) at slots input_pos: (T,) the same for every row, or (b, T) one set
+        per row of the cache rows `rows` (a slice of b rows; None: all). Returns those rows' keys and values."""
         # k/v come in the matmul dtype, which need not be the cache's (QLoRA's NF4 layers compute in bf16)
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return self.k, self.v
+        cache_k, cache_v = (self.k, self.v) if rows is None else (self.k[rows], self.v[rows])  # views
+        row = torch.arange(k.shape[0], device=k.device)[:, None]
+        cache_k[row, :, input_pos] = k.transpose(1, 2)  # indexed (b, T, heads, head_dim)
+        cache_v[row, :, input_pos] = v.transpose(1, 2)
+        return cache_k, cache_v
 
 
 class Attention(nn.Module):
@@ -232,7 +243,7 @@ class Attention(nn.Module):
         self.rotate = apply_rope  # model_kernels.use_kernels may put a fused kernel here
         self.s2_groups = 0  # > 1: S²-Attn in training mode (set through Transformer.s2_groups)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
+    def forward(self, x, cos, sin, mask=None, input_pos=None, cache_rows=None):
         B, T, _ = x.shape
         if self.qkv is not None and not torch.is_grad_enabled():  # one product, one rotation for q and k together
             qkv = F.linear(x, *self.qkv).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -245,7 +256,7 @@ class Attention(nn.Module):
             q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         dtype = q.dtype
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows)
             filled = mask.shape[-1] if mask is not None else int(input_pos[-1]) + 1  # no mask: see hidden_states
             k, v = k[:, :, :filled], v[:, :, :filled]  # the mask may end at the last filled slot
             q = q.to(k.dtype)  # a CPU cache is fp32 (setup_cache)
@@ -343,11 +354,11 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
+    def forward(self, x, cos, sin, mask=None, input_pos=None, cache_rows=None):
         h = self.attn_norm(x)
         if self.mlp_norm is None:  # Phi: attention and MLP read the same normalised input
-            return x + self.dropout(self.attn(h, cos, sin, mask, input_pos)) + self.dropout(self.mlp(h))
-        x = x + self.dropout(self.attn(h, cos, sin, mask, input_pos))
+            return x + self.dropout(self.attn(h, cos, sin, mask, input_pos, cache_rows)) + self.dropout(self.mlp(h))
+        x = x + self.dropout(self.attn(h, cos, sin, mask, input_pos, cache_rows))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -396,15 +407,17 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx, targets=None, input_pos=None, doc_ids=None, reduction="mean"):
+    def forward(self, idx, targets=None, input_pos=None, doc_ids=None, reduction="mean", cache_rows=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is taken.
-        input_pos: (T,) cache slots of idx when decoding with the KV cache (setup_cache), else None.
+        input_pos: cache slots of idx when decoding with the KV cache (setup_cache), else None: (T,) the same for
+        every row, or (B, T) each row its own (engine.py's slots); cache_rows: the slice of cache rows that idx's B
+        rows are, with (B, T) input_pos (None: all of them).
         doc_ids: (B, T) ids of packed samples (see hidden_states), else None.
         Returns (logits (B, T, vocab), mean cross-entropy over the unmasked targets in fp32, or None). A batch without
         any target gives a loss of 0 with zero gradients, not NaN (the mean of nothing). reduction="none" returns
         each target's negative log-likelihood instead, (B, T) fp32, 0 where it is -100 (DPO sums these per answer).
         With a linear_cross_entropy set and targets given, the logits are None: they were never held whole."""
-        h = self.hidden_states(idx, input_pos, doc_ids)
+        h = self.hidden_states(idx, input_pos, doc_ids, cache_rows)
         if targets is None:
             return self.lm_head(h), None
         if self.linear_cross_entropy is not None:
@@ -417,7 +430,7 @@ class Transformer(nn.Module):
             return logits, nll
         return logits, nll.sum() / (targets != -100).sum().clamp(min=1)
 
-    def hidden_states(self, idx, input_pos=None, doc_ids=None):
+    def hidden_states(self, idx, input_pos=None, doc_ids=None, cache_rows=None):
         """The final-normed hidden states (B, T, dim). doc_ids (B, T): several samples packed into one row; each run
         of equal ids is a sample whose positions restart at 0 and which attends only to itself (padding after the
         last sample is just one more run)."""
@@ -435,12 +448,12 @@ class Transformer(nn.Module):
         else:
             if self.cache_pad is None:
                 raise RuntimeError("forward(input_pos=...) needs the KV cache: call setup_cache() first")
-            mask, positions = self._cache_mask(input_pos)
+            mask, positions = self._cache_mask(input_pos, cache_rows)
             if input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
                 # eager CPU decoding attends to the filled slots only: the cache's empty tail costs as much as its
                 # filled part (a compiled step keeps one static shape; on CUDA the length would be a host sync)
-                mask = mask[..., :int(input_pos[-1]) + 1]
-                if T == 1 and not self.cache_pad.any():
+                mask = mask[..., :int(input_pos.max()) + 1]
+                if T == 1 and input_pos.dim() == 1 and not self.cache_pad.any():
                     mask = None  # one query that sees every filled slot: ~0.4 ms less of a SmolLM2 step unmasked
             if mask is not None:  # additive, in the cache's dtype: attention would convert a boolean one in every layer
                 dtype = self.layers[0].attn.kv_cache.k.dtype
@@ -452,20 +465,21 @@ class Transformer(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos)
+                x = layer(x, cos, sin, mask, input_pos, cache_rows)
         return self.norm(x)
 
-    def _cache_mask(self, input_pos):
+    def _cache_mask(self, input_pos, cache_rows=None):
         """Attention mask (B, 1, T, max_len), True = visible, and rotary positions (B, T) for queries at cache slots
-        input_pos. Row b's first cache_pad[b] slots hold left padding: nobody attends to them, and its positions
-        count from its first real token (as transformers' position_ids = attention_mask.cumsum(-1) - 1)."""
+        input_pos ((T,) or (B, T)) of the cache rows cache_rows. Row b's first cache_pad[b] slots hold left padding:
+        nobody attends to them, and its positions count from its first real token (as transformers' position_ids =
+        attention_mask.cumsum(-1) - 1)."""
         max_len = self.layers[0].attn.kv_cache.k.shape[2]
-        q_slot = input_pos.view(1, -1, 1)
+        q_slot = input_pos.view(-1, input_pos.shape[-1], 1)
         k_slot = torch.arange(max_len, device=input_pos.device).view(1, 1, -1)
-        pad = self.cache_pad.view(-1, 1, 1)
+        pad = (self.cache_pad if cache_rows is None else self.cache_pad[cache_rows]).view(-1, 1, 1)
         # a padding query sees only itself: a fully masked row would put NaNs into the cache
         mask = (k_slot <= q_slot) & ((k_slot >= pad) | (k_slot == q_slot))
-        positions = (input_pos.view(1, -1) - self.cache_pad.view(-1, 1)).clamp(min=0)
+        positions = (q_slot - pad).clamp(min=0)[..., 0]
         return mask[:, None], positions
 
     # ------------------------------------------------------------------ inference

@@ -60,7 +60,105 @@ def test_a_finished_stage_is_not_redone(tmp_path):
                            "[done before]\n")
 
 
-def test_no_stage_sets_the_dtype_but_the_float32_perplexities():
-    """The configs' and trainer's dtype=auto decide (bf16 only where the hardware runs it fast)."""
+def test_no_stage_sets_the_dtype_but_the_float32_evaluations():
+    """The configs' and trainer's dtype=auto decide (bf16 only where the hardware runs it fast); the perplexities
+    (float, int8, q8_0) and C-Eval are scored in float32, so that they compare with each other and a reference."""
     flags = re.findall(r"--dtype=\S+", RUN_SH)
-    assert flags == ["--dtype=float32"] * 2, flags
+    assert set(flags) == {"--dtype=float32"}, flags
+
+
+def test_the_english_and_chinese_stage_lists_are_numbered_by_count():
+    """The "N/M" of each stage line comes from the STAGES arrays (a stage added there is counted)."""
+    for pipeline in ("en", "zh"):
+        script = RUN_SH[RUN_SH.index("\nif [ \"$PIPELINE\" = zh ]; then\n  STAGE_PREFIX"):RUN_SH.index("\necho\npython results.py")]
+        script = script.replace('stage "$n', 'echo "$n')  # the numbering alone
+        proc = subprocess.run(["bash", "-c", f"set -euo pipefail\nPIPELINE={pipeline}\nRUN_DIR=r\n{script}"],
+                              capture_output=True, text=True)
+        lines = proc.stdout.splitlines()[1:]
+        assert len(lines) == 12 and lines[0].startswith("1/12 tokenizer r/tokenizer/tokenizer.model"), proc
+        assert lines[-1] == "12/12 rag_answer", lines
+        assert ("ceval" in proc.stdout) == (pipeline == "zh") and ("sample" in proc.stdout) == (pipeline == "en")
+
+
+def test_run_sh_zh_without_its_data_stops_at_once_naming_what_it_needs(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, ZH_DATA=str(tmp_path / "no_such_data"), RUN_DIR=str(run_dir))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "zh"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"not found: {tmp_path}/no_such_data/pretrain_zh/thucnews" in proc.stdout
+    for layout in ("ZH_PRETRAIN", "ZH_SFT", "ZH_CEVAL", "ZH_RAG", "alpaca {instruction, input, output}",
+                   "val/<subject>_val.csv"):
+        assert layout in proc.stdout
+    assert not run_dir.exists()  # nothing written, nothing half-way
+    bad = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "fr"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "usage: bash run.sh [zh]" in bad.stdout
+
+
+def write_stage_files(run):
+    """The files each stage writes, with figures no other stage shares, as the stages write them."""
+    def put(path, obj):
+        os.makedirs(os.path.dirname(os.path.join(run, path)), exist_ok=True)
+        with open(os.path.join(run, path), "w", encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                f.writelines(json.dumps(r) + "\n" for r in obj)
+            elif isinstance(obj, str):
+                f.write(obj)
+            else:
+                json.dump(obj, f, ensure_ascii=False)
+    put("tokenizer/tokenizer.json", {"model": {"vocab": {f"p{i}": i for i in range(777)}}})
+    put("tokenizer/heldout.json", {"documents": 3, "ours": {"chars_per_token": 1.4321, "vocab_size": 777},
+                                   "smollm2": {"chars_per_token": 0.5678, "vocab_size": 49152}})
+    put("data/meta.json", {"dtype": "uint16", "train_tokens": 1234, "val_tokens": 56, "counts": {
+        "kept": 90, "docs_read": 97, "removed_exact_dup": 4, "removed_near_dup": 2}})
+    import numpy as np
+    np.array([1, 1, 2, 3], dtype=np.uint16).tofile(os.path.join(run, "data", "train.bin"))  # entropy of 1/2,1/4,1/4
+    put("pretrain/metrics.jsonl", [{"step": 0, "val_loss": 9.1, "val_bpb": 4.2}, {"step": 10, "tokens_per_s": 900.0},
+                                   {"step": 20, "tokens_per_s": 1100.0}, {"step": 20, "val_loss": 5.55, "val_bpb": 2.61},
+                                   {"step": 30, "tokens_per_s": 1000.0}])
+    put("eval_pretrain.json", {"results": {"ppl": {"ppl": 200.0, "loss": 5.3, "tokens": 4096}}})
+    put("eval_int8.json", {"results": {"ppl": {"ppl": 201.0}}})
+    put("eval_q8_0.json", {"results": {"ppl": {"ppl": 199.5}}})
+    put("sft/metrics.jsonl", [{"step": 0, "val_loss": 4.75}, {"step": 5, "train_loss": 4.0}, {"step": 9, "val_loss": 3.25}])
+    put("dpo/metrics.jsonl", [{"step": 0, "val_rewards/accuracies": 0.0, "val_rewards/margins": 0.0},
+                              {"step": 8, "val_rewards/accuracies": 0.8125, "val_rewards/margins": 0.0421}])
+    put("dpo_pairs/meta.json", {"train_docs": 200, "val_docs": 23})
+    put("ceval.json", {"results": {"all": {"n": 1346, "acc": 0.2712}}})
+    put("rag_eval.json", {"questions": 100, "bm25/recall@5": 0.61, "rerank/recall@5": 0.64, "gap_closed": 0.375})
+    put("answer.json", {"results": [{"prompt": "中国的首都是哪里？", "completion": "北京。"}]})
+    put("rag_answer.txt", "回答\n\nSources:\n  1. docs.jsonl:7 [0:64]\n")
+    for i, stage in enumerate(["tokenizer", "data", "pretrain", "sft"]):
+        put(f"logs/{stage}.seconds", f"{i + 10}\n")
+
+
+def test_the_results_table_reads_every_figure_from_the_stages_files(tmp_path):
+    write_stage_files(str(tmp_path))
+    stages = ["tokenizer", "data", "pretrain", "perplexity", "quantize", "sft", "answer", "dpo", "ceval", "rag",
+              "rag_answer"]
+    t_done = os.path.getmtime(tmp_path / "logs" / "sft.seconds")
+    (tmp_path / "logs" / "data.seconds").write_text("11\n")
+    os.utime(tmp_path / "logs" / "tokenizer.seconds", (t_done - 100, t_done - 100))  # an earlier run's
+    env = dict(os.environ, RUN_START=str(t_done - 50))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "results.py"), str(tmp_path), "zh", *stages],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert proc.stdout == (tmp_path / "results.md").read_text()
+    figs = {r["stage"]: r["figures"] for r in res["stages"]}
+    assert figs["tokenizer"] == {"vocab": 777, "chars/token (held out)": 1.432, "SmolLM2's (49152 ids)": 0.568}
+    assert figs["data"] == {"train tokens": 1234, "val tokens": 56, "documents kept": "90 of 97", "duplicates": 6}
+    assert figs["pretrain"] == {"val loss": 5.55, "val bits/byte": 2.61, "unigram entropy": round(1.5 * 0.6931471805599453, 4),
+                                "tokens/s": 1000}
+    assert figs["perplexity"] == {"held-out perplexity": 200.0, "tokens": 4096}
+    assert figs["quantize"] == {"int8 perplexity change": "+0.50%", "q8_0 perplexity change": "-0.25%"}
+    assert figs["sft"] == {"held-out answer loss": "4.750 -> 3.250"}
+    assert figs["dpo"] == {"held-out reward accuracy": 0.812, "margin": 0.0421, "pairs": 223}
+    assert figs["ceval"] == {"C-Eval accuracy": 0.2712, "chance": 0.25, "questions": 1346}
+    assert figs["rag"] == {"recall@5 BM25": 0.61, "re-ranked": 0.64, "answer NLL gap closed": 0.375, "questions": 100}
+    assert figs["answer"]["text"] == "中国的首都是哪里？ -> 北京。"
+    assert figs["rag_answer"] == {"text": "回答", "source": "1. docs.jsonl:7 [0:64]"}
+    times = {r["stage"]: (r["seconds"], r["done_before"]) for r in res["stages"]}
+    assert times["tokenizer"] == (10, True) and times["data"] == (11, False) and times["perplexity"] == (None, False)
+    assert "| tokenizer | 10s (done before) | vocab 777; chars/token (held out) 1.432;" in proc.stdout
+    assert "| total | 0m46s | |" in proc.stdout  # 10 + 11 + 12 + 13
+    assert res["torch"] and res["machine"] and res["commit"]

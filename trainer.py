@@ -51,6 +51,7 @@ from data import read_meta
 from distributed import barrier, deepspeed_engine, setup_distributed, teardown_distributed
 from inference import resolve_dtype
 from model_kernels import use_kernels
+from optimizers import OPTIMIZERS, check_optimizer, make_optimizer
 from metrics import default_peak_flops, log, plot_losses, read_metrics, start_wandb
 
 
@@ -66,8 +67,10 @@ class TrainConfig:
     lr_schedule: str = "cosine"      # cosine (to min_lr at lr_decay_iters) | constant (after the warmup)
     lr_decay_iters: int = 0          # 0: max_iters
     weight_decay: float = 0.1        # on matrices (dim >= 2) only; norms and biases are not decayed
-    beta1: float = 0.9
+    beta1: float = 0.9               # AdamW's betas (with optimizer=muon: for embeddings, lm_head, norms, biases)
     beta2: float = 0.95
+    optimizer: str = "adamw"         # adamw | muon: Muon for the blocks' matrices at the same learning_rate
+                                     # (optimizers.py; torch >= 2.9, parallel=ddp)
     grad_clip: float = 1.0           # 0: no clipping (the norm is still logged)
     dtype: str = "auto"              # auto (bf16 where the hardware runs it fast: inference.resolve_dtype) | float32
                                      # | bfloat16 | float16
@@ -95,7 +98,7 @@ class TrainConfig:
 
 
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda"),
-           "lr_schedule": ("cosine", "constant"), "kernels": ("torch", "triton"),
+           "lr_schedule": ("cosine", "constant"), "optimizer": OPTIMIZERS, "kernels": ("torch", "triton"),
            "parallel": ("ddp", "fsdp", "deepspeed"), "wandb_mode": ("off", "online", "offline")}
 AT_LEAST_ONE = ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
                 "max_nan_skips")
@@ -123,6 +126,7 @@ def train_config(cfg):
             raise SystemExit(f"{key}={getattr(c, key)}: must be in [0, 1)")
     if os.path.exists(c.out_dir) and not os.path.isdir(c.out_dir):
         raise SystemExit(f"out_dir={c.out_dir}: is a file, not a folder")
+    check_optimizer(c)
     checkpoint.check_out_dir(c.out_dir, c.init_from, c.overwrite)
     log("dtype={} ({})".format(*resolve_dtype(c.dtype, c.device)))  # the run's first line: a slow dtype shows at once
     return c
@@ -157,21 +161,6 @@ def lr_at(step, c):
         ratio = (step - c.warmup_iters) / max(1, decay_iters - c.warmup_iters)
         lr = c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
     return lr
-
-
-def make_optimizer(model, c, device):
-    """AdamW, decaying matrices only (weights of linears and embeddings); fused kernels where torch has them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")
-    try:
-        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=fused)
-    except (RuntimeError, TypeError):  # an older torch without the fused kernel for this device
-        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2))
-
-
-
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -282,8 +271,11 @@ class Trainer:
         """This step's learning rate, and the config's betas and weight decay (matrices only): an optimizer state
         loaded on resume carries the old run's values, and the config of the run being resumed wins."""
         c = self.c
-        for group, decay in zip(self.optimizer.param_groups, (c.weight_decay, 0.0)):  # make_optimizer's order
-            group.update(lr=lr_at(self.step, c), betas=(c.beta1, c.beta2), weight_decay=decay)
+        # make_optimizer's order: AdamW's decayed and not decayed groups, then Muon's (matrices: decayed, no betas)
+        for group, decay in zip(self.optimizer.param_groups, (c.weight_decay, 0.0, c.weight_decay)):
+            group.update(lr=lr_at(self.step, c), weight_decay=decay)
+            if "betas" in group:
+                group["betas"] = (c.beta1, c.beta2)
 
     def _to_device(self, batch):
         pin = self.device.type == "cuda"
@@ -453,6 +445,8 @@ class Trainer:
         if self.master:
             torch.save(state, os.path.join(tmp, "state.pt"))
         torch.save(checkpoint.rng_state(), os.path.join(tmp, f"rng_rank{self.rank}.pt"))
+        if hasattr(self.train_batch, "state_dict"):  # a batch source with state of its own (rl.py's rollouts)
+            torch.save(self.train_batch.state_dict(), os.path.join(tmp, f"batches_rank{self.rank}.pt"))
         barrier()
         if self.master:
             checkpoint.publish(tmp, final)
@@ -469,6 +463,10 @@ class Trainer:
         saved_by = state["parallel"] if state["parallel"] != "single" else "ddp"  # the same files
         if saved_by != (self.mode if self.mode != "single" else "ddp"):
             raise SystemExit(f"{path}: saved with parallel={saved_by}; resume it with --parallel={saved_by}")
+        saved_optimizer = state["config"].get("optimizer", "adamw")
+        if saved_optimizer != self.c.optimizer:
+            raise SystemExit(f"{path}: saved with optimizer={saved_optimizer}; resume it with "
+                             f"--optimizer={saved_optimizer}")
         if self.mode in ("single", "ddp"):
             missing, unexpected = self.raw_model.load_state_dict(state["model"], strict=False)
             not_frozen = [k for k in missing if not self._frozen(k)]
@@ -506,6 +504,8 @@ class Trainer:
             checkpoint.set_rng_state(checkpoint.load_tensors(rng_path))
         else:
             log(f"warning: {rng_path} missing (resumed with more processes?): this rank's RNG starts fresh")
+        if hasattr(self.train_batch, "load_state_dict"):
+            self.train_batch.load_state_dict(checkpoint.load_tensors(os.path.join(path, f"batches_rank{self.rank}.pt")))
         self.resumed = True
         log(f"resumed from {path} at step {self.step}")
 
@@ -655,6 +655,8 @@ class Trainer:
             lr = lr_at(self.step, c)
             loss, norm, extras, skipped = self.train_step()
             dt = time.time() - t0
+            if hasattr(self.train_batch, "metrics"):  # a batch source's own figures (rl.py: rewards, rollout speed)
+                extras = {**extras, **self.train_batch.metrics(dt)}
             self.train_time += dt
             interval_time += dt
             interval_tokens += self.tokens_seen - tokens0

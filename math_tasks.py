@@ -14,9 +14,13 @@ task (addition_problems), which needs no download.
 
 The final answer of a completion (extract_answer), first rule that finds one: the number after the last "####"
 (GSM8K's convention, which the prompt asks for), in the last \\boxed{}, after the last "the answer is" ("答案是"),
-else the last number in the text. A number: optional minus and "$", digits with thousands commas, a decimal part, or
-a fraction a/b; "1,234" -> "1234", "$5" -> "5", "7." -> "7". Answers compare as exact rationals when both parse
-(answers_match: "1,000" == "1000.0", "3/4" == "0.75"), else as stripped strings.
+else the last number in the text; after a marker, an "=" in its clause wins ("The answer is 43 + 21 = 64" -> "64").
+A number: optional minus and "$", digits with thousands commas, a decimal part, or a fraction a/b; "1,234" ->
+"1234", "$5" -> "5", "7." -> "7". Answers compare as exact rationals when both parse (answers_match: "1,000" ==
+"1000.0", "3/4" == "0.75"), else as stripped strings.
+
+The addition task's held-out split: a question is held out when crc32 of its unordered pair is divisible by 10
+(addition_problems), so "addition:split=train" and "addition:split=eval" never share a question, whatever the seeds.
 """
 import importlib
 import importlib.util
@@ -153,10 +157,11 @@ def prompt_messages(question):
                                         f"last line as \"#### <number>\"."}]
 
 
-# a minus (not one between two numbers: "5-3"), "$", a number with thousands commas or none, a decimal part, "/b".
+# a minus (not one between two numbers: "5-3"), "$", a number with thousands commas or none, a decimal part, "/b";
+# a comma not followed by three digits separates numbers ("1,2,3", "12,34").
 # The lookbehind is ASCII only: a number right after Chinese text ("答案是42") is still a number.
-NUMBER = re.compile(r"(?<![A-Za-z0-9_.,/])(?P<sign>[-−])?\s?\$?\s?"
-                    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:\s?/\s?(?P<den>\d+))?(?![\d,]*\d)")
+NUMBER = re.compile(r"(?<![A-Za-z0-9_./])(?P<sign>[-−])?\s?\$?\s?"
+                    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:\s?/\s?(?P<den>\d+))?(?!\d)")
 ANSWER_IS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|答案(?:是|为|：|:))\s*:?", re.IGNORECASE)
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
@@ -168,13 +173,23 @@ def _normal(m):
     return f"{text}/{m.group('den')}" if m.group("den") else text
 
 
-def _number_after(text, marker):
-    """The first number after the last `marker` in text, or None."""
-    at = text.rfind(marker)
-    if at < 0:
-        return None
-    m = NUMBER.search(text, at + len(marker))
+CLAUSE_END = re.compile(r"\n|\.(?:\s|$)")
+
+
+def _answer_from(text, start):
+    """The answer stated from text[start:] on: in the rest of its clause (up to a line end or a full stop), the
+    number after the last "=" ("the answer is 43 + 21 = 64") or else the first number; past the clause, the next
+    number; None when there is none."""
+    end = CLAUSE_END.search(text, start)
+    clause = text[start:end.start() if end else len(text)]
+    m = NUMBER.search(clause, clause.rfind("=") + 1) or NUMBER.search(text, start)
     return _normal(m) if m else None
+
+
+def _number_after(text, marker):
+    """The answer stated after the last `marker` in text (_answer_from), or None."""
+    at = text.rfind(marker)
+    return None if at < 0 else _answer_from(text, at + len(marker))
 
 
 def extract_answer(text):
@@ -191,9 +206,9 @@ def extract_answer(text):
             return _normal(m)
     said = list(ANSWER_IS.finditer(text))
     if said:
-        m = NUMBER.search(text, said[-1].end())
-        if m:
-            return _normal(m)
+        found = _answer_from(text, said[-1].end())
+        if found is not None:
+            return found
     numbers = list(NUMBER.finditer(text))
     return _normal(numbers[-1]) if numbers else None
 

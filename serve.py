@@ -23,6 +23,7 @@ import hmac
 import json
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -52,7 +53,7 @@ dtype = "auto"        # auto: bfloat16 where the hardware runs it fast, else flo
 model_name = ""       # the model's id in /v1/models and responses ("" = the ckpt path)
 # -- the server
 host = "127.0.0.1"    # 0.0.0.0 answers other machines too: set api_key then
-port = 8000
+port = 8000           # 0 = any free port (the "serving ... on" line names it)
 parallel = 4          # requests decoded together (slots of the engine's KV cache)
 max_queue = 64        # requests that may wait for a slot; more are answered 429
 api_key = ""          # clients must send "Authorization: Bearer <api_key>" ("" = anyone may ask)
@@ -450,9 +451,9 @@ def create_app(load, name, api_key="", cors="", max_messages=256, max_chars=100_
 
         async def stream():
             try:
-                if chat:  # the first delta carries the role
+                for k in range(len(runs) if chat else 0):  # each choice's first delta carries the role
                     yield sse([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None} for k in range(len(runs))])
+                                "finish_reason": None}])
                 async for k, text, entries, finish in reply.events():
                     c = reply.choices[k]
                     if finish == "error":  # as OpenAI's streams report one, and the stream ends
@@ -512,8 +513,8 @@ class ChoiceState:
 
     def token_entry(self, token_id, logprob, top):
         """(token text, log-prob, [(text, log-prob)] of the top ones, offset of its text in the reply)."""
-        word = self.tok.decode([token_id], skip_special=True)
-        return word, logprob, [(self.tok.decode([i], skip_special=True), lp) for i, lp in top or []], len(self.text)
+        word = self.tok.decode([token_id])  # a special token by its name, as OpenAI shows <|endoftext|>
+        return word, logprob, [(self.tok.decode([i]), lp) for i, lp in top or []], len(self.text)
 
     def logprobs_of(self, entries, chat):
         """entries in the endpoint's format: chat's {"content": [...]}, or completions' four lists; None when none."""
@@ -610,6 +611,19 @@ class Reply:
 
 # ----------------------------------------------------------------------------- the command line
 
+def listen(host, port):
+    """A listening socket on host:port (port 0: a free one), or a one-line exit saying why not."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # connections wait from now on, rather than being refused until uvicorn is up
+    except OSError as e:
+        raise SystemExit(f"cannot listen on host={host!r} port={port}: {e.strerror or e}") from None
+    return sock
+
+
 def main():
     configurator.apply(globals(), sys.argv[1:])
     if not ckpt:
@@ -620,9 +634,10 @@ def main():
         raise SystemExit(f"--rag={rag}: not a rag.py index (no index.json): build one with python rag.py index")
     problems = [f"{key}={value} must be at least {least}" for key, value, least in [
         ("parallel", parallel, 1), ("max_queue", max_queue, 1), ("max_messages", max_messages, 1),
-        ("max_chars", max_chars, 1), ("rag_top_k", rag_top_k, 1), ("port", port, 1)] if value < least]
+        ("max_chars", max_chars, 1), ("rag_top_k", rag_top_k, 1), ("port", port, 0)] if value < least]
     if problems or port > 65535:
         raise SystemExit("; ".join(problems or [f"port={port} must be at most 65535"]))
+    sock = listen(host, port)  # before loading anything: a port in use is said at once
     import uvicorn
     name = model_name or os.path.normpath(ckpt)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -643,11 +658,14 @@ def main():
         server.should_exit = True
 
     app = create_app(load, name, api_key, cors, max_messages, max_chars, rag_top_k, on_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=3))
-    print(f"serving {name} on http://{host}:{port} (loading the model; GET /health answers 200 when ready)",
-          flush=True)
-    server.run()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3))
+    where = f"[{host}]" if ":" in host else host
+    print(f"serving {name} on http://{where}:{sock.getsockname()[1]} (loading the model; GET /health answers 200 "
+          f"when ready)", flush=True)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then raises the signal again
+        pass
     if failed:
         raise SystemExit(failed[0])
 

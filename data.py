@@ -1,7 +1,7 @@
 """The one data layer: a data directory as data_process.py writes it, read and checked with one policy.
 
-A data directory holds meta.json (format, dtype, vocab_size, token counts, tokenizer_sha256), the tokenizer that
-made it, and per split:
+A data directory holds meta.json (format, dtype, vocab_size, token counts, tokenizer_sha256; pretrain: bytes, the
+UTF-8 bytes of text behind each split, for bits per byte), the tokenizer that made it, and per split:
   pretrain  {split}.bin                                       one token stream, EOS after every document
   sft       {split}.bin, {split}_mask.bin (uint8), {split}_idx.npy (n + 1 record offsets)
   dpo       {split}.bin, {split}_idx.npy ((n, 4): prompt, chosen, rejected starts and the end)
@@ -12,6 +12,7 @@ one asked for, data made by another tokenizer than the model's, and files whose 
 (an odd byte count, a truncated copy). data_process.py writes it with SplitWriter and write_meta.
 """
 import json
+import math
 import os
 import sys
 
@@ -214,6 +215,32 @@ def token_stream(path, tok, split="val"):
     if not tokens:
         raise SystemExit(f"{path}: no text to score")
     return np.array(tokens, dtype=np.int64)
+
+
+def split_bytes(meta, split):
+    """(tokens, UTF-8 bytes of their text) of a pretraining split, for bits_per_byte; None for data made before
+    data_process.py recorded bytes, or SFT/DPO data (whose loss covers only the replies)."""
+    if meta.get("format") != "pretrain" or split not in meta.get("bytes", {}):
+        return None
+    return meta[f"{split}_tokens"], meta["bytes"][split]
+
+
+def stream_bytes(path, split="val"):
+    """UTF-8 bytes of the text behind token_stream(path, tok, split): a data directory's record (None when its
+    meta.json has none), or the text of the files themselves."""
+    if os.path.isfile(path) and path.endswith(".bin"):
+        path, split = os.path.dirname(path) or ".", os.path.basename(path)[:-len(".bin")]
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json")):
+        counted = split_bytes(read_meta(path), split)
+        return counted[1] if counted else None
+    import readers
+    return sum(len(text.encode("utf-8")) for text in readers.iter_texts(path))
+
+
+def bits_per_byte(loss, tokens, n_bytes):
+    """A mean loss in nats over `tokens` tokens, as bits per byte of the `n_bytes` bytes of text they encode: the
+    figure that compares models with different tokenizers."""
+    return loss * tokens / (n_bytes * math.log(2))
 
 
 class SFTData:

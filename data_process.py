@@ -36,7 +36,9 @@ On-disk layouts (np.memmap friendly; dtype uint16, or uint32 when vocab_size > 6
             rejected); the prompt ends with the generation prompt, the replies with the end-of-turn marker. Over `max_len`
             (counted): the prompt keeps its last max_len/2 tokens at most, then the replies are cut.
   Every data dir also holds meta.json (dtype, vocab_size, token counts, tokenizer_sha256, bos/eos ids, sources,
-  counts) and the tokenizer (save_pretrained), so trainers can check they use the same one.
+  counts; pretrain: "bytes" {train, val}, the UTF-8 bytes of the cleaned text behind each split's tokens, for
+  bits per byte = loss * tokens / (bytes * ln 2), which compares across tokenizers) and the tokenizer
+  (save_pretrained), so trainers can check they use the same one.
 Chat templates (`template`, sft and dpo): auto renders with the tokenizer's own chat template (ChatML for ours and
 for one without a template, SmolLM2's for it); chatml with "<|im_start|>{role}\n{content}<|im_end|>\n" and the
 generation prompt "<|im_start|>assistant\n"; qa with "##Question:\n{q}\n" then "##Answer:\n{a}" + EOS for each turn
@@ -175,9 +177,10 @@ def _clean_and_encode(docs):
     flat, lens = _encode(tok, kept, cfg["bos"])
     if not flat.size or 0 <= flat.min() <= flat.max() < tok.vocab_size:  # else left for data.check_ids to report
         flat = flat.astype(data.choose_dtype(tok.vocab_size, cfg["dtype"]))  # 2 bytes a token to send, not 8
-    hashes = [hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in kept]
+    encoded = [t.encode("utf-8") for t in kept]
+    hashes = [hashlib.blake2b(b, digest_size=8).digest() for b in encoded]
     sigs = minhash(kept, cfg["shingle"], cfg["minhash_perms"]) if cfg["near_dedup"] and kept else None
-    return counts, flat, lens, hashes, sigs
+    return counts, flat, lens, hashes, sigs, [len(b) for b in encoded]
 
 
 def _usage():
@@ -198,10 +201,11 @@ def prepare_pretrain(cfg, tok, tok_source, docs, sources, issues):
     os.makedirs(out, exist_ok=True)
     dt, counts, seen = data.choose_dtype(tok.vocab_size, cfg["dtype"]), collections.Counter(), set()
     near = NearDedup(cfg["near_dup_threshold"], cfg["minhash_perms"]) if cfg["near_dedup"] else None
-    tokens, ndocs, bar = {"train": 0, "val": 0}, {"train": 0, "val": 0}, None
+    tokens, ndocs, n_bytes, bar = {"train": 0, "val": 0}, {"train": 0, "val": 0}, {"train": 0, "val": 0}, None
     with data.SplitWriter(out, ["train.bin", "val.bin"]) as writer:
-        for c, flat, lens, hashes, sigs in workers.parallel_map(_clean_and_encode, workers.batches(docs),
-                                                                workers.count(cfg["num_workers"]), (tok_source, cfg)):
+        for c, flat, lens, hashes, sigs, doc_bytes in workers.parallel_map(_clean_and_encode, workers.batches(docs),
+                                                                       workers.count(cfg["num_workers"]),
+                                                                       (tok_source, cfg)):
             bar = tqdm(desc="documents", unit="doc") if bar is None else bar  # after the fork: no tqdm thread there
             counts.update(c)
             data.check_ids(flat, tok.vocab_size)
@@ -219,6 +223,7 @@ def prepare_pretrain(cfg, tok, tok_source, docs, sources, issues):
                 split = "val" if tokens["val"] < cfg["val_fraction"] * (tokens["train"] + tokens["val"]) else "train"
                 dest[i] = 1 + (split == "val")
                 tokens[split], ndocs[split] = tokens[split] + n, ndocs[split] + 1
+                n_bytes[split] += doc_bytes[i]
             per_token = np.repeat(dest, lens)
             for code, split in ((1, "train"), (2, "val")):
                 part = flat[per_token == code]
@@ -240,7 +245,7 @@ def prepare_pretrain(cfg, tok, tok_source, docs, sources, issues):
                  "cpu_seconds": cpu, "workers": workers.count(cfg["num_workers"]), "peak_rss_main_mb": rss_main,
                  "peak_rss_worker_mb": rss_workers}
     return data.write_meta(out, tok, dt, cfg, {
-        "train_tokens": tokens["train"], "val_tokens": tokens["val"], "train_docs": ndocs["train"],
+        "train_tokens": tokens["train"], "val_tokens": tokens["val"], "bytes": n_bytes, "train_docs": ndocs["train"],
         "val_docs": ndocs["val"], "sources": list(sources), "source_documents": dict(sources),
         "counts": dict(sorted(counts.items())), "skipped_examples": issues.examples, "run": run_stats})
 

@@ -47,11 +47,11 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from data import read_meta
+from data import bits_per_byte, read_meta, split_bytes
 from distributed import barrier, deepspeed_engine, setup_distributed, teardown_distributed
 from inference import resolve_dtype
 from model_kernels import use_kernels
-from optimizers import OPTIMIZERS, check_optimizer, make_optimizer
+from optimizers import OPTIMIZERS, check_optimizer, check_same_optimizer, make_optimizer, set_hyperparameters
 from metrics import default_peak_flops, log, plot_losses, read_metrics, start_wandb
 
 
@@ -69,8 +69,7 @@ class TrainConfig:
     weight_decay: float = 0.1        # on matrices (dim >= 2) only; norms and biases are not decayed
     beta1: float = 0.9               # AdamW's betas (with optimizer=muon: for embeddings, lm_head, norms, biases)
     beta2: float = 0.95
-    optimizer: str = "adamw"         # adamw | muon: Muon for the blocks' matrices at the same learning_rate
-                                     # (optimizers.py; torch >= 2.9, parallel=ddp)
+    optimizer: str = "adamw"         # adamw | muon: Muon for the blocks' matrices, same learning_rate (optimizers.py)
     grad_clip: float = 1.0           # 0: no clipping (the norm is still logged)
     dtype: str = "auto"              # auto (bf16 where the hardware runs it fast: inference.resolve_dtype) | float32
                                      # | bfloat16 | float16
@@ -176,7 +175,10 @@ class Trainer:
         # what the run trains on, recorded in its checkpoints; its kind is the data's format, as pretrain.py,
         # fine_tuning.py and dpo.py each open only their own
         data_dir = cfg.get("data_dir")
-        self.kind = read_meta(data_dir)["format"] if data_dir else None
+        meta = read_meta(data_dir) if data_dir else {}
+        self.kind, self.val_text = meta.get("format"), split_bytes(meta, "val")  # val (tokens, bytes): bits per byte
+        if self.kind == "pretrain" and not self.val_text:
+            log(f"{data_dir}/meta.json records no bytes per split (data made before they were): no val bpb")
         self.data = checkpoint.data_fingerprint(data_dir) if data_dir else None
         self.resume_from = checkpoint.resume_checkpoint(c.out_dir) if c.init_from == "resume" else None
         if self.resume_from:
@@ -270,12 +272,7 @@ class Trainer:
     def set_hyperparameters(self):
         """This step's learning rate, and the config's betas and weight decay (matrices only): an optimizer state
         loaded on resume carries the old run's values, and the config of the run being resumed wins."""
-        c = self.c
-        # make_optimizer's order: AdamW's decayed and not decayed groups, then Muon's (matrices: decayed, no betas)
-        for group, decay in zip(self.optimizer.param_groups, (c.weight_decay, 0.0, c.weight_decay)):
-            group.update(lr=lr_at(self.step, c), weight_decay=decay)
-            if "betas" in group:
-                group["betas"] = (c.beta1, c.beta2)
+        set_hyperparameters(self.optimizer, lr_at(self.step, self.c), self.c)
 
     def _to_device(self, batch):
         pin = self.device.type == "cuda"
@@ -463,10 +460,7 @@ class Trainer:
         saved_by = state["parallel"] if state["parallel"] != "single" else "ddp"  # the same files
         if saved_by != (self.mode if self.mode != "single" else "ddp"):
             raise SystemExit(f"{path}: saved with parallel={saved_by}; resume it with --parallel={saved_by}")
-        saved_optimizer = state["config"].get("optimizer", "adamw")
-        if saved_optimizer != self.c.optimizer:
-            raise SystemExit(f"{path}: saved with optimizer={saved_optimizer}; resume it with "
-                             f"--optimizer={saved_optimizer}")
+        check_same_optimizer(state["config"], self.c, path)
         if self.mode in ("single", "ddp"):
             missing, unexpected = self.raw_model.load_state_dict(state["model"], strict=False)
             not_frozen = [k for k in missing if not self._frozen(k)]
@@ -633,7 +627,9 @@ class Trainer:
                     if val_loss < self.best_val_loss and self.step > 0:  # step 0 saves no checkpoint to name
                         self.best_val_loss, self.best_step = val_loss, self.step
                     best = f" (best {self.best_val_loss:.4f} at step {self.best_step})" if self.best_step > 0 else ""
-                    extra = "".join(f" | {k} {v:.4f}" for k, v in val_metrics.items())
+                    if self.val_text:  # bits per byte compare across tokenizers
+                        val_metrics = {"bpb": bits_per_byte(val_loss, *self.val_text), **val_metrics}
+                    extra = "".join(f" | val {k} {v:.4f}" for k, v in val_metrics.items())
                     log(f"step {self.step}: val loss {val_loss:.4f}{extra}{best}")
                     self._record({"step": self.step, "val_loss": val_loss, "lr": lr_at(self.step, c),
                                   **{f"val_{k}": v for k, v in val_metrics.items()}, **self._clocks()})

@@ -22,9 +22,6 @@ Tasks
              tokens the previous one did not (the "perplexity of fixed-length models" method of the transformers
              docs), so every token is scored once, with up to block_size - stride tokens of context carried over.
              --lengths=256,512,1024: one row per window length (perplexity against context length).
-             bpb: bits per byte, loss * tokens / (bytes * ln 2) with the UTF-8 bytes of the text (a data folder's
-             meta.json records them per split; text files are counted as read), which compares across tokenizers;
-             not with --limit.
   passkey    retrieval of a random number (1..50000) hidden in filler text (the prompt of LongLoRA's
              passkey_retrivial.py, after Landmark Attention), --trials prompts per --lengths (prompt tokens) and
              --depths (where the key's line sits: 0 = first, 1 = last); a hit is a greedy continuation that starts
@@ -41,12 +38,9 @@ Tasks
              target_delimiter (use "" for Chinese, where words are not separated by spaces).
   generate   one completion per prompt: a .txt file (one prompt per line) or jsonl {"prompt"}; --chat=True wraps
              each prompt in the checkpoint's chat template. A completion stops at the model's context.
-  gsm8k      generative math (math_tasks.py): the model answers each question in its chat template, asked to end
-             with "#### <number>"; the final number is extracted ("####", \boxed{}, "the answer is", else the last
-             number) and compared with the gold answer. GSM8K jsonl, SVAMP's json, any {question, answer} JSON
-             Lines, or "addition" (the embedded task: "addition:digits=3,n=500"). pass@1 is greedy; --k=8 samples
-             --samples (default k) completions per problem at --temperature/--top_p/--top_k and adds maj@k and
-             pass@k (unbiased, Chen et al. 2021). --out holds every completion and extracted answer.
+  gsm8k      generative math (math_tasks.py: data layouts, the prompt, answer extraction): GSM8K jsonl, SVAMP's
+             json, {question, answer} JSON Lines or "addition[:digits=3,n=500]". pass@1 is greedy; --k=8 samples
+             --samples (default k) completions per problem and adds maj@k and pass@k; --out keeps every completion.
 
 --rope_scaling=linear|dynamic|yarn with --extend_to=N stretches the checkpoint's context before evaluating (no
 fine-tuning; checkpoint.extend_context); a checkpoint extended and fine-tuned already carries its scaling.
@@ -636,10 +630,7 @@ def check_settings():
     if task in ("generate", "gsm8k"):
         inference.check_sampling(max_new_tokens, temperature, top_k, top_p, 1.0)
     if task == "gsm8k":
-        if k < 1 or samples < 0 or 0 < samples < k:
-            raise SystemExit(f"--k={k} --samples={samples}: need k >= 1 and samples 0 (= k) or >= k")
-        if k > 1 and temperature == 0:
-            raise SystemExit(f"--k={k} samples completions: it needs --temperature > 0 (k=1 is greedy)")
+        math_tasks.check_settings(k, samples, temperature)
     if out and (os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out)))):
         raise SystemExit(f"--out={out}: not a file in an existing folder")
 
@@ -673,13 +664,7 @@ def main():
         if len(tokens) < 2:
             raise SystemExit(f"{data}: {len(tokens)} token(s); perplexity needs at least 2")
         summary = {str(w) if lengths else "ppl": perplexity(model, tokens, w, stride or w, batch_size) for w in windows}
-        n_bytes = None if limit else datalayer.stream_bytes(data, split or "val")
-        for row in summary.values() if n_bytes else ():
-            row["bpb"] = datalayer.bits_per_byte(row["loss"], row["tokens"], n_bytes)
-        if not n_bytes:
-            print("no bits per byte: " + ("--limit scores a part of the text whose bytes are not counted" if limit else
-                                          f"{data}: its meta.json records no bytes (data made before they were)"))
-        print_table(summary, ["tokens", "loss", "ppl"] + ["bpb"] * bool(n_bytes))
+        print_table(summary, ["tokens", "loss", "ppl"])
     elif task == "passkey":
         check_passkey_memory(model, lengths, min(batch_size, trials))
         summary = passkey(model, tok, lengths, depths, trials, batch_size, seed, bos)
@@ -701,10 +686,9 @@ def main():
         try:
             summary = math_tasks.evaluate(model, tok, problems, k, temperature if k > 1 else 0.0, top_p,
                                           max_new_tokens, batch_size, seed, samples, top_k)
-        except ValueError as e:
+        except ValueError as e:  # a prompt that leaves no room in the model's context
             raise SystemExit(f"{data}: {e}")
-        print(f"gsm8k: {len(problems)} problems, {summary['tokens']} tokens generated in {summary['seconds']:.1f}s")
-        print_table({data: summary}, [c for c in summary if "@" in c] + ["format"])
+        print_table({data: summary}, ["problems", *(c for c in summary if "@" in c), "format", "tokens", "seconds"])
     else:
         summary = run_mc(model, tok, items, task, method, batch_size, bos)
         elapsed = time.time() - t0

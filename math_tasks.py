@@ -28,12 +28,14 @@ import math
 import os
 import random
 import re
+import sys
 import time
 import zlib
 from collections import Counter
 from fractions import Fraction
 
 import torch
+from tqdm import tqdm
 
 import inference
 import readers
@@ -341,6 +343,14 @@ def score(records, k):
     return metrics
 
 
+def check_settings(k, samples, temperature):
+    """Stop, naming the keys, on eval.py --task=gsm8k settings that cannot work (before a model is loaded)."""
+    if k < 1 or samples < 0 or 0 < samples < k:
+        raise SystemExit(f"--k={k} --samples={samples}: need k >= 1 and samples 0 (= k) or >= k")
+    if k > 1 and temperature == 0:
+        raise SystemExit(f"--k={k} samples completions: it needs --temperature > 0 (k=1 is greedy)")
+
+
 @torch.inference_mode()
 def evaluate(model, tok, problems, k=1, temperature=0.0, top_p=1.0, max_new_tokens=256, batch_size=16, seed=0,
              n=0, top_k=0):
@@ -364,13 +374,16 @@ def evaluate(model, tok, problems, k=1, temperature=0.0, top_p=1.0, max_new_toke
     if room < 1:
         raise ValueError(f"problem {longest + 1}: its prompt has {len(prompts[longest])} tokens, the model's whole "
                          f"context is {model.config.max_seq_len}")
-    max_new_tokens = min(max_new_tokens, room)
+    if max_new_tokens > room:
+        print(f"(completions limited to {room} tokens: problem {longest + 1}'s prompt has {len(prompts[longest])} of "
+              f"the model's context of {model.config.max_seq_len})", file=sys.stderr)
+        max_new_tokens = room
     rows = sorted(((i, s) for i in range(len(problems)) for s in range(n)), key=lambda r: len(prompts[r[0]]))
     generator = torch.Generator(inference.device_of(model)).manual_seed(seed)
     stop = set(tok.stop_ids)
     completions = [[None] * n for _ in problems]
     tokens, t0 = 0, time.time()
-    for b in range(0, len(rows), batch_size):
+    for b in tqdm(range(0, len(rows), batch_size), desc="gsm8k", unit="batch", disable=len(rows) <= batch_size):
         batch = rows[b:b + batch_size]
         ids = [prompts[i] for i, _ in batch]
         out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k or None,

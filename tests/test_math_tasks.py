@@ -360,8 +360,13 @@ def test_evaluate_sampling(tiny_math):
     assert other["records"] != result["records"]
 
 
-def test_evaluate_refusals(tiny_math):
+def test_evaluate_refusals_and_the_context(tiny_math, capsys):
     model, tok, _ = tiny_math
+    long = [{"question": "x" * 150, "answer": "1"}]
+    n_prompt = len(tok.encode(inference.render_chat(tok, mt.prompt_messages(long[0]["question"]))))
+    result = mt.evaluate(model, tok, long, max_new_tokens=200)
+    assert f"completions limited to {256 - n_prompt} tokens" in capsys.readouterr().err
+    assert result["tokens"] <= 256 - n_prompt
     problem = [{"question": "What is 1 + 1?", "answer": "2"}]
     with pytest.raises(ValueError, match="need temperature > 0"):
         mt.evaluate(model, tok, problem, k=4)
@@ -408,7 +413,8 @@ def test_eval_py_gsm8k_sampling(tiny_math, tmp_path, monkeypatch, capsys):
                                       "--samples=3", "--max_new_tokens=8", "--dtype=float32", f"--out={out}"])
     ev.main()
     printed = capsys.readouterr().out
-    assert "gsm8k: 3 problems" in printed and "maj@2" in printed and "pass@2" in printed
+    header = next(line for line in printed.splitlines() if "pass@1" in line).split()
+    assert header == ["problems", "pass@1", "maj@2", "pass@2", "format", "tokens", "seconds"]
     with open(out) as f:
         results = json.load(f)["results"]
     assert [len(x["completions"]) for x in results["records"]] == [3, 3, 3]

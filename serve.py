@@ -270,11 +270,9 @@ def create_app(load, name, api_key="", cors="", max_messages=256, max_chars=100_
 
     @asynccontextmanager
     async def lifespan(app):
-        loader = threading.Thread(target=load_in_background, name="load", daemon=True)
-        loader.start()
+        threading.Thread(target=load_in_background, name="load", daemon=True).start()
         yield
-        loader.join()
-        if state["loaded"] is not None:
+        if state["loaded"] is not None:  # (a load still under way is not waited for: Ctrl-C stops at once)
             state["loaded"].engine.close()
 
     app = FastAPI(title="tinyllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -364,6 +362,9 @@ def create_app(load, name, api_key="", cors="", max_messages=256, max_chars=100_
             history = [m for m in messages[:-1] if m["role"] != "system"]
             question, context = messages[-1]["content"], loaded.engine.max_len
             max_new = body.max_completion_tokens or body.max_tokens or context // 2  # as chat.py: half the context
+            if max_new >= context:
+                raise ApiError(400, f"max_tokens={max_new} leaves no room for the question in the model's context of "
+                                    f"{context}", "max_tokens", "context_length_exceeded")
             chunks = retrieve(loaded.index, None, tok, question, rag_top_k, 0)  # BM25 only: the model is the engine's
             try:
                 messages, used = rag_messages(tok, question, chunks, max(context - max_new, 0), system, history)

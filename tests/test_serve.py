@@ -292,7 +292,8 @@ def test_invalid_requests_get_an_openai_error_body(url, path, body, param):
 
 
 def test_bad_json_and_the_client_sees_400(url):
-    r = httpx.post(url + "/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    r = httpx.post(url + "/v1/chat/completions", content=b'{"messages": [',
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="context"):
         client(url).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "why " * 70}])
@@ -307,6 +308,8 @@ def test_models_health_metrics_and_no_cors_by_default(url):
     assert {"active", "queued", "tokens_per_s", "ttft_p50_s", "ttft_p95_s"} <= set(metrics)
     r = httpx.get(url + "/v1/models", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers
+    page = httpx.get(url + "/")  # the chat page, from the file beside serve.py
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html") and "<html" in page.text
 
 
 # ----------------------------------------------------------------------------- servers of their own

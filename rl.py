@@ -353,11 +353,11 @@ def tokens_in(loss_norm):
 
 
 def heldout_pass(tok, problems_, limit_tokens, batch):
-    """on_eval: greedy exact match on the held-out problems (math_tasks.evaluate), logged and in metrics.jsonl."""
+    """on_eval: greedy exact match on eval_problems (math_tasks.evaluate), logged and in metrics.jsonl."""
     def run(t):
         result = math_tasks.evaluate(t.raw_model, tok, problems_, k=1, temperature=0.0,
                                      max_new_tokens=limit_tokens, batch_size=batch)
-        log(f"step {t.step}: held-out pass@1 {result['pass@1']:.4f} ({len(problems_)} problems)")
+        log(f"step {t.step}: eval pass@1 {result['pass@1']:.4f} (greedy, {len(problems_)} eval_problems)")
         t._record({"step": t.step, "eval_pass@1": result["pass@1"], **t._clocks()})
     return run
 
@@ -376,34 +376,37 @@ def full_export(tok):
 # ------------------------------------------------------------------------------------------------ the script
 
 def check_settings(cfg):
+    """GRPO's keys (and the adapter ones) of a resolved config, before any work, each refusal naming the key."""
     tuning.check_adapter_settings({**cfg, "rope_scaling": "", "extend_to": 0, "s2_attn_groups": 0})
-    if not cfg["init_from"]:
+    c = types.SimpleNamespace(**cfg)
+    if not c.init_from:
         raise SystemExit("--init_from=MODEL is required: a folder (e.g. out/run/sft/hf) or a .gguf, or resume")
-    if group_size < 2:
-        raise SystemExit(f"group_size={group_size}: must be at least 2 (advantages compare completions of a group)")
-    if batch_size % group_size:
-        raise SystemExit(f"batch_size={batch_size} must be a multiple of group_size={group_size} (whole groups per "
-                         f"micro-batch)")
+    if c.group_size < 2:
+        raise SystemExit(f"group_size={c.group_size}: must be at least 2 (advantages compare the completions of a "
+                         f"group)")
+    if c.batch_size % c.group_size:
+        raise SystemExit(f"batch_size={c.batch_size} must be a multiple of group_size={c.group_size} (whole groups "
+                         f"per micro-batch)")
     for key in ("num_iterations", "max_new_tokens", "eval_max_new_tokens", "eval_batch_size"):
         if cfg[key] < 1:
             raise SystemExit(f"{key}={cfg[key]}: must be at least 1")
     for key in ("problems_limit", "eval_limit", "max_len"):
         if cfg[key] < 0:
             raise SystemExit(f"{key}={cfg[key]}: must not be negative")
-    if loss_norm not in ("token", "sequence"):
-        raise SystemExit(f"loss_norm={loss_norm!r}: expected token or sequence")
-    if reference not in ("copy", "adapter_off"):
-        raise SystemExit(f"reference={reference!r}: expected copy or adapter_off")
-    if beta and reference == "adapter_off" and method == "full":
+    if c.loss_norm not in ("token", "sequence"):
+        raise SystemExit(f"loss_norm={c.loss_norm!r}: expected token or sequence")
+    if c.reference not in ("copy", "adapter_off"):
+        raise SystemExit(f"reference={c.reference!r}: expected copy or adapter_off")
+    if c.beta and c.reference == "adapter_off" and c.method == "full":
         raise SystemExit("reference=adapter_off needs method=lora or qlora (a full run has no adapter to switch off)")
-    if beta < 0 or epsilon <= 0:
-        raise SystemExit(f"beta={beta}, epsilon={epsilon}: need beta >= 0 and epsilon > 0")
-    if temperature <= 0:
-        raise SystemExit(f"temperature={temperature}: must be positive (rollouts sample; 0 would give every "
+    if c.beta < 0 or c.epsilon <= 0:
+        raise SystemExit(f"beta={c.beta}, epsilon={c.epsilon}: need beta >= 0 and epsilon > 0")
+    if c.temperature <= 0:
+        raise SystemExit(f"temperature={c.temperature}: must be positive (rollouts sample; 0 would give every "
                          f"completion of a group alike)")
-    inference.check_sampling(max_new_tokens, temperature, 0, top_p, 1.0)
-    if parallel != "ddp":
-        raise SystemExit(f"parallel={parallel}: rl.py samples from the whole model on each process; use ddp "
+    inference.check_sampling(c.max_new_tokens, c.temperature, 0, c.top_p, 1.0)
+    if c.parallel != "ddp":
+        raise SystemExit(f"parallel={c.parallel}: rl.py samples from the whole model on each process; use ddp "
                          f"(torchrun) or one process")
 
 

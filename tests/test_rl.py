@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import inference
+import math_tasks
 import rl
 from conftest import kill_then_resume, run_script, tiny_transformer
 from test_pretrain import ROOT
@@ -126,23 +128,33 @@ def rl_run(args):
                           timeout=120)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random model with a character tokenizer that spells the prompts (#, +, quotes) and ChatML."""
+def word_tokenizer(path):
+    """A tokenizer.Tokenizer of characters (the prompts' #, + and quotes too) and ChatML, with the prompt's fixed
+    words (math_tasks.prompt_messages' instruction, "What is ") as single tokens: a prompt is ~14 tokens."""
     from tokenizers import AddedToken, decoders, models
     from tokenizers import Tokenizer as HFTokenizer
-    import convert
-    path = str(tmp_path_factory.mktemp("rl") / "model")
+    from tokenizer import Tokenizer
     chars = sorted(set(" abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?!'\n0123456789#+\"<>"))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = ["user\n", "assistant\n", "What is ", "#### ", math_tasks.prompt_messages("")[0]["content"]]
     hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[]))
     hf.decoder = decoders.Fuse()
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    os.makedirs(path)
+    hf.add_tokens([AddedToken(w, normalized=False) for w in words])
+    os.makedirs(path, exist_ok=True)
     hf.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|im_start|>"}, f)
-    convert.save_pretrained(tiny_transformer(len(specials) + len(chars), max_seq_len=192), path)
+    return Tokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model with word_tokenizer."""
+    import convert
+    path = str(tmp_path_factory.mktemp("rl") / "model")
+    tok = word_tokenizer(path)
+    convert.save_pretrained(tiny_transformer(tok.vocab_size, max_seq_len=64), path)
     return path
 
 
@@ -160,15 +172,45 @@ def digit_reward(tmp_path_factory):
 SMALL = ["--max_new_tokens=8", "--eval_problems=", "--group_size=4", "--batch_size=8", "--log_interval=1"]
 
 
-def test_settings_that_cannot_work_are_refused(model_dir, tmp_path):
-    for args, says in [(["--group_size=1", "--batch_size=4"], "group_size=1: must be at least 2"),
-                       (["--batch_size=6"], "batch_size=6 must be a multiple of group_size=4"),
-                       (["--max_len=40"], "addition:split=train,n=2000:1: the prompt has"),
-                       (["--rewards=('gsm8k_answer', 'nope')"], "reward 'nope'"),
-                       (["--reward_weights=(1.0, 2.0)"], "gives 2 weights for 1 rewards")]:
-        r = rl_run([f"--init_from={model_dir}", f"--out_dir={tmp_path / 'out'}", "--group_size=4", *args])
-        assert r.returncode != 0 and says in r.stderr + r.stdout, (args, r.stderr[-2000:])
-        assert "Traceback" not in r.stderr
+def settings(**changes):
+    """rl.py's resolved config with some keys changed."""
+    import configurator
+    return {**{k: getattr(rl, k) for k in configurator.config_keys(vars(rl))}, "init_from": "m", **changes}
+
+
+@pytest.mark.parametrize("changes,says", [
+    (dict(group_size=1, batch_size=4), "group_size=1: must be at least 2"),
+    (dict(batch_size=6, group_size=4), "batch_size=6 must be a multiple of group_size=4"),
+    (dict(temperature=0.0), "temperature=0.0: must be positive"),
+    (dict(loss_norm="mean"), "loss_norm='mean'"),
+    (dict(beta=0.1, reference="adapter_off"), "reference=adapter_off needs method=lora"),
+    (dict(num_iterations=0), "num_iterations=0: must be at least 1"),
+    (dict(parallel="fsdp"), "parallel=fsdp"),
+])
+def test_settings_that_cannot_work_are_refused(changes, says):
+    rl.check_settings(settings())  # the defaults pass
+    with pytest.raises(SystemExit, match=says.replace("(", r"\(").replace(")", r"\)")):
+        rl.check_settings(settings(**changes))
+
+
+def test_unknown_rewards_and_wrong_weights_are_refused():
+    assert [(n, w) for n, _, w in rl.load_rewards(("gsm8k_answer", "format"), (1.0, 0.5))] == [
+        ("gsm8k_answer", 1.0), ("format", 0.5)]
+    for names, weights, says in [(("gsm8k_answer", "nope"), (), "reward 'nope'"),
+                                 (("gsm8k_answer",), (1.0, 2.0), "gives 2 weights for 1 rewards"),
+                                 (("gsm8k_answer",), (float("nan"),), "each must be a finite number"),
+                                 ((), (), "name at least one")]:
+        with pytest.raises(SystemExit, match=says):
+            rl.load_rewards(names, weights)
+
+
+def test_a_prompt_longer_than_max_len_is_refused_with_its_record(model_dir):
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(model_dir)
+    prompts, questions, answers = rl.encode_problems(tok, "addition:split=train,n=5", 0, 64)
+    assert questions[0].startswith("What is") and len(prompts) == 5 and answers[0].isdigit()
+    with pytest.raises(SystemExit, match=r"addition:split=train,n=5:1: the prompt has \d+ tokens"):
+        rl.encode_problems(tok, "addition:split=train,n=5", 0, 12)
 
 
 def test_a_reward_that_gives_nan_stops_the_step(model_dir, digit_reward, tmp_path):
@@ -188,3 +230,55 @@ def test_resume_after_kill_inside_a_round_is_exact(model_dir, digit_reward, tmp_
     with open(os.path.join(reference, "metrics.jsonl")) as f:
         losses = [r["train_loss"] for r in map(json.loads, f) if "train_loss" in r]
     assert any(loss != 0 for loss in losses)  # rewards varied: the objective did move the model
+
+
+# ---------------------------------------------------------------------------------------------- it learns
+
+ADDITION = "addition:split=train,n=86,digits=1"  # every one-digit sum of the train split
+
+
+def warm_up(model_dir, steps=90):
+    """A tiny model (dim 64) SFT'd for a few seconds on the one-digit sums answered "#### <sum>" (rl.py's
+    write_sft records): right on about a third of them, so the rewards of its samples vary."""
+    import convert
+    from model import ModelConfig, Transformer
+    tok = word_tokenizer(model_dir)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    max_seq_len=64))
+    rows = [(tok.encode(inference.render_chat(tok, math_tasks.prompt_messages(p["question"]))),
+             tok.encode(f"#### {p['answer']}") + [tok.special_tokens["<|im_end|>"]])
+            for p in math_tasks.load_problems(ADDITION)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(rows), (32,), generator=g).tolist()
+        width = max(len(rows[i][0]) + len(rows[i][1]) for i in idx) - 1
+        x, y = torch.zeros(32, width, dtype=torch.long), torch.full((32, width), -100)
+        for r, i in enumerate(idx):
+            prompt, answer = rows[i]
+            seq = prompt + answer
+            x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+            y[r, len(prompt) - 1:len(seq) - 1] = torch.tensor(answer)
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    convert.save_pretrained(model, model_dir)
+
+
+def test_a_tiny_model_learns_the_addition_task(tmp_path):
+    """40 GRPO steps (8 prompts x 8 samples) raise greedy exact match on the sums by at least 10 points (36% ->
+    51% when written). The figure is over the training questions: held out, the sums of unseen pairs are not
+    learnt by a model this small in a minute (2-digit held-out stayed under 10% after 1200 SFT steps)."""
+    model_dir = str(tmp_path / "model")
+    warm_up(model_dir)
+    out = tmp_path / "out"
+    run_script("rl.py", [f"--init_from={model_dir}", f"--out_dir={out}", f"--problems={ADDITION}",
+                         f"--eval_problems={ADDITION}", "--max_new_tokens=6", "--eval_max_new_tokens=6",
+                         "--eval_batch_size=86", "--group_size=8", "--batch_size=64", "--learning_rate=1e-3",
+                         "--max_iters=40", "--eval_interval=40"], timeout=120)
+    with open(out / "metrics.jsonl") as f:
+        exact = {r["step"]: r["eval_pass@1"] for r in map(json.loads, f) if "eval_pass@1" in r}
+    assert exact[0] > 0.2  # the warm-up's start: rewards to learn from
+    assert exact[40] >= exact[0] + 0.10, exact

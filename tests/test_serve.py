@@ -144,6 +144,36 @@ def test_text_stream_ends_a_cut_character_as_a_replacement():
     assert stream.add("é".encode()[0]) == "" and stream.finish() == "\ufffd"  # max_tokens cut it: said, not lost
 
 
+def test_chinese_streams_in_whole_characters_as_the_full_decode(tmp_path):
+    """A byte-level BPE (a Chinese character is 3 bytes, often cut between tokens), a Chinese prompt: every piece
+    streamed is whole characters, and together they are the full decode of what model.generate makes."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator(["北京是中国的首都，上海是中国最大的城市。自然语言处理很有趣。 The list is mutable."] * 3,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                               "<|im_end|>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = str(tmp_path / "model")
+    os.makedirs(folder)
+    hf.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|endoftext|>"}, f)
+    convert.save_pretrained(tiny_transformer(hf.get_vocab_size(), max_seq_len=128, seed=3), folder)
+    prompt = "北京是中国的首都，上海是"
+    ids, new, text = reference(folder, prompt=prompt, max_new_tokens=60)
+    # the random model's bytes include 3-byte characters put together from byte tokens: cut between tokens
+    assert any(ord(ch) > 0x7FF and ch != "\ufffd" for ch in text)
+    with running(loader(folder)) as base:
+        c = client(base)
+        done = c.completions.create(model=NAME, prompt=prompt, max_tokens=60, temperature=0)
+        pieces = [ch.choices[0].text for ch in c.completions.create(model=NAME, prompt=prompt, max_tokens=60,
+                                                                    temperature=0, stream=True)]
+    assert done.choices[0].text == "".join(pieces) == text and done.usage.prompt_tokens == len(ids)
+    assert sum(len(p) > 0 for p in pieces) > 10  # it streamed, piece by piece
+
+
 # ----------------------------------------------------------------------------- the API through the openai client
 
 def test_streamed_equals_non_streamed_with_exact_usage_one_id_and_the_role_first(url, folder):

@@ -372,7 +372,7 @@ def create_app(load, name, api_key="", cors="", max_messages=256, max_chars=100_
                 raise ApiError(400, f"the question is too long: {e}", "messages", "context_length_exceeded") from None
             messages = ([{"role": "system", "content": system}] if system else []) + messages
             sources = [{k: c[k] for k in ("source", "line", "start", "end", "text")} for c in used]
-        try:
+        try:  # as inference.render_chat, but a template's refusal is this request's 400, not the server's exit
             text = tok.apply_chat_template(messages, add_generation_prompt=True)
         except ChatTemplateError as e:  # e.g. a template that wants user and assistant turns to alternate
             raise ApiError(400, str(e), "messages", "chat_template_error") from None

@@ -93,15 +93,19 @@ def figures(run, stage):
         val = [r for r in records(at("dpo", "metrics.jsonl")) if "val_rewards/accuracies" in r]
         return {"held-out reward accuracy": round(val[-1]["val_rewards/accuracies"], 3),
                 "margin": round(val[-1]["val_rewards/margins"], 4),
-                "pairs": load("dpo_pairs", "meta.json")["train_docs"] + load("dpo_pairs", "meta.json")["val_docs"]}
+                "held-out pairs": load("dpo_pairs", "meta.json")["val_records"]}
     if stage == "ceval":
         r = load("ceval.json")["results"]["all"]
         return {"C-Eval accuracy": round(r["acc"], 4), "chance": 0.25, "questions": r["n"]}
     if stage == "rag":
         r = load("rag_eval.json")
-        return {"recall@5 BM25": round(r["bm25/recall@5"], 3), "re-ranked": round(r["rerank/recall@5"], 3),
-                "answer NLL gap closed": None if r.get("gap_closed") is None else round(r["gap_closed"], 3),
-                "questions": r["questions"]}
+        out = {"recall@5 BM25": round(r["bm25/recall@5"], 3)}
+        if "rerank/recall@5" in r:
+            out["re-ranked by the model"] = round(r["rerank/recall@5"], 3)
+        # gap closed: (NLL without a passage - with the retrieved) / (without - with the gold one); None where the
+        # gold passage does not lower the answer's NLL at all
+        out["answer NLL gap closed"] = None if r.get("gap_closed") is None else round(r["gap_closed"], 3)
+        return {**out, "questions": r["questions"]}
     if stage in ("sample", "answer", "dpo_answer"):
         r = load(f"{stage}.json")["results"][0]
         return {"text": short(r["prompt"] + " -> " + r["completion"] if stage != "sample" else
@@ -145,7 +149,8 @@ def table(run, pipeline, stages, run_start):
 
 
 def markdown(res):
-    cell = lambda figs: "; ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in figs.items())
+    cell = lambda figs: "; ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {'n/a' if v is None else v}"
+                                  for k, v in figs.items())
     time = lambda r: "-" if r["seconds"] is None else f"{r['seconds']}s" + (" (done before)" if r["done_before"] else "")
     lines = [f"Run {res['run_dir']} ({res['pipeline']}), {res['date']}: {res['machine']}; torch {res['torch']}; "
              f"commit {res['commit']}", "", "| stage | time | figures |", "|---|---|---|"]

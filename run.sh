@@ -179,10 +179,10 @@ elif stage == "ceval":
     line = f"C-Eval val accuracy {r['acc']:.3f} over {r['n']:,} questions (chance: 0.25)"
 elif stage == "rag":
     r = load("rag_eval.json")
-    line = (f"recall@1 BM25 {r['bm25/recall@1']:.2f}, re-ranked by the model {r['rerank/recall@1']:.2f} "
-            f"({r['questions']} questions); answer NLL without a passage {r['nll/none']:.3f}, retrieved "
-            f"{r['nll/retrieved']:.3f}, gold {r['nll/gold']:.3f}")
-    if r["rerank/recall@1"] < r["bm25/recall@1"]:
+    rerank = f", re-ranked by the model {r['rerank/recall@1']:.2f}" if "rerank/recall@1" in r else ""
+    line = (f"recall@1 BM25 {r['bm25/recall@1']:.2f}{rerank} ({r['questions']} questions); answer NLL without a "
+            f"passage {r['nll/none']:.3f}, retrieved {r['nll/retrieved']:.3f}, gold {r['nll/gold']:.3f}")
+    if rerank and r["rerank/recall@1"] < r["bm25/recall@1"]:
         notes.append("the model's re-ranking is worse than BM25's order: a model this small is a poor judge of "
                      "relevance (rag.py's --rerank=0 keeps BM25's order)")
     if r["nll/none"] - r["nll/gold"] < 0.05:
@@ -334,7 +334,10 @@ zh_pretrain() {
   $LAUNCH pretrain.py "$ZH_CONFIG" --data_dir="$RUN_DIR/data" --out_dir="$RUN_DIR/pretrain" "${init[@]}" $TRAIN_ARGS
 }
 
-zh_perplexity() { run_perplexity; }
+zh_perplexity() {  # the first 64k held-out tokens, in float32 so that the int8 model's figure compares with it
+  python eval.py --ckpt="$RUN_DIR/pretrain/hf" --task=ppl --data="$RUN_DIR/data/val.bin" --dtype=float32 \
+    --limit=65536 --out="$RUN_DIR/eval_pretrain.json"
+}
 
 zh_sft() {  # the qa template: "##Question:\n{q}\n##Answer:\n{a}" + EOS, the loss on the answers only
   [ -f "$RUN_DIR/sft_data/meta.json" ] || python data_process.py --format=sft --template=qa --input="$ZH_SFT" \
@@ -373,14 +376,16 @@ zh_dpo_answer() {
     --max_new_tokens=64 --data="$RUN_DIR/question.txt" --out="$RUN_DIR/dpo_answer.json"
 }
 
-zh_ceval() {  # 0-shot, every subject of the val split; 4 choices: chance is 0.25
-  python eval.py --ckpt="$RUN_DIR/dpo/hf" --task=ceval --data="$ZH_CEVAL" --dtype=float32 --out="$RUN_DIR/ceval.json"
+zh_ceval() {  # 0-shot, every subject of the val split, by C-Eval's own method (the logits of A/B/C/D after "答案："),
+  # one forward per question; chance is 0.25
+  python eval.py --ckpt="$RUN_DIR/dpo/hf" --task=ceval --data="$ZH_CEVAL" --method=first_token --dtype=float32 \
+    --out="$RUN_DIR/ceval.json"
 }
 
 zh_quantize() {  # int8 and its perplexity (GGUF export is LLaMA-only: gguf_export.py writes no Phi graph)
   python quant_model.py --ckpt="$RUN_DIR/pretrain/hf" --mode=int8 --out="$RUN_DIR/int8"
   python eval.py --ckpt="$RUN_DIR/int8" --task=ppl --data="$RUN_DIR/data/val.bin" --dtype=float32 \
-    --out="$RUN_DIR/eval_int8.json"
+    --limit=65536 --out="$RUN_DIR/eval_int8.json"
 }
 
 zh_rag() {  # ZH_RAG's answers are the documents, each question asks for its own answer's record; the reference
@@ -408,7 +413,7 @@ PY
   python rag.py index --docs="$RUN_DIR/rag_set/docs.jsonl" --tokenizer="$RUN_DIR/dpo/hf" --index="$RUN_DIR/rag" \
     --chunk_tokens=64 --overlap_tokens=8
   python rag.py eval --index="$RUN_DIR/rag" --ckpt="$RUN_DIR/dpo/hf" --questions="$RUN_DIR/rag_set/questions.jsonl" \
-    --rerank=10 --top_k=1 --max_questions=100 --out="$RUN_DIR/rag_eval.json"
+    --rerank=0 --top_k=1 --max_questions=100 --out="$RUN_DIR/rag_eval.json"  # no re-ranking: see the English run
 }
 
 zh_rag_answer() {  # the first question of the set, answered from its retrieved passage
@@ -438,19 +443,28 @@ done
 echo
 python results.py "$RUN_DIR" "$PIPELINE" "${STAGES[@]}"
 
+if [ "$PIPELINE" = zh ]; then
+  export_line="int8/ (the int8 model; no GGUF: gguf_export.py writes LLaMA-family models only)"
+  rag_docs="ZH_RAG's answers (rag_set/)"
+  evals="ceval.json (C-Eval), "
+else
+  export_line="model-q8_0.gguf (llama.cpp / ollama; its perplexity: eval_q8_0.json), int8/ (eval_int8.json)"
+  rag_docs="the embedded documents"
+  evals=""
+fi
 cat <<EOT
 
 Done in $((SECONDS / 60))m$((SECONDS % 60))s. Where everything went:
-  $RUN_DIR/logs/               each stage's full output (<stage>.log)
+  $RUN_DIR/results.md, .json   the table above
+  $RUN_DIR/logs/               each stage's full output (<stage>.log) and time (<stage>.seconds)
   $RUN_DIR/tokenizer/          tokenizer.model + tokenizer.json (transformers-loadable), sentencepiece.log
   $RUN_DIR/data/               train.bin, val.bin, meta.json (cleaning and dedup counts)
   $RUN_DIR/pretrain/           ckpt/, metrics.jsonl, loss.png, hf/ (the model, transformers format)
-  $RUN_DIR/eval_pretrain.json  held-out perplexity (eval_int8.json: the same for the int8 model in int8/)
-  $RUN_DIR/model-q8_0.gguf     for llama.cpp / ollama
+  $RUN_DIR/eval_pretrain.json  held-out perplexity; ${evals}$export_line
   $RUN_DIR/sft/                the fine-tuned model (hf/), its checkpoints and held-out answers (metrics.jsonl)
-  $RUN_DIR/*answer*            the held-out question (question.txt) and the answers (answer, dpo_answer, rag_answer)
+  $RUN_DIR/*answer*            the questions (question.txt) and the answers (answer, dpo_answer, rag_answer)
   $RUN_DIR/dpo_pairs/, dpo/    preference pairs (pairs.jsonl) and the DPO-tuned model (hf/, rewards in metrics.jsonl)
-  $RUN_DIR/rag/, rag_eval.json the RAG index of the embedded documents and its retrieval / answer figures
+  $RUN_DIR/rag/, rag_eval.json the RAG index of $rag_docs and its retrieval / answer figures
 Chat with it:  .venv/bin/python chat.py --ckpt=$RUN_DIR/sft/hf
 From the documents:  .venv/bin/python chat.py --ckpt=$RUN_DIR/dpo/hf --rag=$RUN_DIR/rag --rag_top_k=1
 EOT

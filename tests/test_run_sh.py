@@ -122,7 +122,7 @@ def write_stage_files(run):
     put("sft/metrics.jsonl", [{"step": 0, "val_loss": 4.75}, {"step": 5, "train_loss": 4.0}, {"step": 9, "val_loss": 3.25}])
     put("dpo/metrics.jsonl", [{"step": 0, "val_rewards/accuracies": 0.0, "val_rewards/margins": 0.0},
                               {"step": 8, "val_rewards/accuracies": 0.8125, "val_rewards/margins": 0.0421}])
-    put("dpo_pairs/meta.json", {"train_docs": 200, "val_docs": 23})
+    put("dpo_pairs/meta.json", {"train_records": 200, "val_records": 23})
     put("ceval.json", {"results": {"all": {"n": 1346, "acc": 0.2712}}})
     put("rag_eval.json", {"questions": 100, "bm25/recall@5": 0.61, "rerank/recall@5": 0.64, "gap_closed": 0.375})
     put("answer.json", {"results": [{"prompt": "中国的首都是哪里？", "completion": "北京。"}]})
@@ -152,9 +152,9 @@ def test_the_results_table_reads_every_figure_from_the_stages_files(tmp_path):
     assert figs["perplexity"] == {"held-out perplexity": 200.0, "tokens": 4096}
     assert figs["quantize"] == {"int8 perplexity change": "+0.50%", "q8_0 perplexity change": "-0.25%"}
     assert figs["sft"] == {"held-out answer loss": "4.750 -> 3.250"}
-    assert figs["dpo"] == {"held-out reward accuracy": 0.812, "margin": 0.0421, "pairs": 223}
+    assert figs["dpo"] == {"held-out reward accuracy": 0.812, "margin": 0.0421, "held-out pairs": 23}
     assert figs["ceval"] == {"C-Eval accuracy": 0.2712, "chance": 0.25, "questions": 1346}
-    assert figs["rag"] == {"recall@5 BM25": 0.61, "re-ranked": 0.64, "answer NLL gap closed": 0.375, "questions": 100}
+    assert figs["rag"] == {"recall@5 BM25": 0.61, "re-ranked by the model": 0.64, "answer NLL gap closed": 0.375, "questions": 100}
     assert figs["answer"]["text"] == "中国的首都是哪里？ -> 北京。"
     assert figs["rag_answer"] == {"text": "回答", "source": "1. docs.jsonl:7 [0:64]"}
     times = {r["stage"]: (r["seconds"], r["done_before"]) for r in res["stages"]}

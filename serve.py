@@ -299,6 +299,10 @@ def create_app(load, name, api_key="", cors="", max_messages=256, max_chars=100_
         return ApiError(e.status_code, str(e.detail), kind="not_found_error" if e.status_code == 404
                         else "invalid_request_error").response()
 
+    @app.exception_handler(Exception)
+    async def failed(request, e):  # a bug, or a request while the server stops: still OpenAI's body (traceback logged)
+        return ApiError(500, f"internal error: {e!r}", kind="server_error").response()
+
     async def authorized(request: Request):
         if api_key:
             given = request.headers.get("authorization", "")

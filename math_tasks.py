@@ -34,11 +34,11 @@ import zlib
 from collections import Counter
 from fractions import Fraction
 
-import torch
 from tqdm import tqdm
 
 import inference
 import readers
+from engine import Engine, SamplingParams
 
 # ---------------------------------------------------------------------------------------------------- problems
 
@@ -351,16 +351,16 @@ def check_settings(k, samples, temperature):
         raise SystemExit(f"--k={k} samples completions: it needs --temperature > 0 (k=1 is greedy)")
 
 
-@torch.inference_mode()
 def evaluate(model, tok, problems, k=1, temperature=0.0, top_p=1.0, max_new_tokens=256, batch_size=16, seed=0,
              n=0, top_k=0):
     """Answer each problem in the model's chat template (prompt_messages) and score the extracted answers.
     k=1 with temperature 0 is greedy pass@1; k > 1 samples n (default k) completions per problem at temperature /
-    top_p / top_k (0 = off) from a generator seeded by `seed` and adds maj@k and pass@k (score). Rows go through
-    model.generate in batches of batch_size (sorted by prompt length, left-padded), stopping at the tokenizer's
-    stop ids. Returns the metrics with "format" (the share of completions whose last line is "#### <n>"),
-    "seconds", "tokens" (generated), and "records": per problem its question, gold answer, completions and
-    extracted answers, in the problems' order."""
+    top_p / top_k (0 = off) and adds maj@k and pass@k (score). The completions run through engine.Engine,
+    batch_size at a time (a finished one frees its slot for the next), stopping at the tokenizer's stop ids; each
+    sample has its own generator seeded from (seed, problem, sample), so the samples do not depend on batch_size.
+    Returns the metrics with "format" (the share of completions whose last line is "#### <n>"), "seconds", "tokens"
+    (generated), and "records": per problem its question, gold answer, completions and extracted answers, in the
+    problems' order."""
     n = n or k
     if k < 1 or n < k:
         raise ValueError(f"need k >= 1 and n >= k samples per problem, got k={k} n={n}")
@@ -378,21 +378,24 @@ def evaluate(model, tok, problems, k=1, temperature=0.0, top_p=1.0, max_new_toke
         print(f"(completions limited to {room} tokens: problem {longest + 1}'s prompt has {len(prompts[longest])} of "
               f"the model's context of {model.config.max_seq_len})", file=sys.stderr)
         max_new_tokens = room
-    rows = sorted(((i, s) for i in range(len(problems)) for s in range(n)), key=lambda r: len(prompts[r[0]]))
-    generator = torch.Generator(inference.device_of(model)).manual_seed(seed)
-    stop = set(tok.stop_ids)
-    completions = [[None] * n for _ in problems]
-    tokens, t0 = 0, time.time()
-    for b in tqdm(range(0, len(rows), batch_size), desc="gsm8k", unit="batch", disable=len(rows) <= batch_size):
-        batch = rows[b:b + batch_size]
-        ids = [prompts[i] for i, _ in batch]
-        out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                             top_p=top_p if top_p < 1 else None, stop_ids=tok.stop_ids, generator=generator)
-        width = max(len(x) for x in ids)
-        for (i, s), row in zip(batch, out[:, width:].tolist()):
-            end = next((j for j, t in enumerate(row) if t in stop), len(row))
-            tokens += end
-            completions[i][s] = tok.decode(row[:end], skip_special=True)
+    rows = [(i, s) for i in range(len(problems)) for s in range(n)]
+    t0 = time.time()
+    with Engine(model, parallel=batch_size, max_queue=len(rows), stop_ids=tok.stop_ids,
+                max_len=len(prompts[longest]) + max_new_tokens) as engine, \
+            tqdm(total=len(rows), desc="gsm8k", unit="answer", disable=len(rows) <= batch_size) as bar:
+        requests = [engine.submit(prompts[i], SamplingParams(
+            max_new_tokens, temperature, top_k, top_p, seed=random.Random(f"{seed}:{i}:{s}").getrandbits(63)),
+            on_event=lambda request, token, *_: token is None and bar.update()) for i, s in rows]
+        for request in requests:
+            request.wait()
+    failed = next((r for r in requests if r.finish_reason == "error"), None)
+    if failed is not None:
+        raise failed.error
+    stop, completions, tokens = set(tok.stop_ids), [[None] * n for _ in problems], 0
+    for (i, s), request in zip(rows, requests):
+        ids = request.tokens[:-1] if request.tokens and request.tokens[-1] in stop else request.tokens
+        tokens += len(ids)
+        completions[i][s] = tok.decode(ids, skip_special=True)
     records = [{"question": p["question"], "gold": p["answer"], "completions": c,
                 "extracted": [extract_answer(x) for x in c]} for p, c in zip(problems, completions)]
     metrics = score(records, k)

@@ -356,6 +356,8 @@ def test_evaluate_sampling(tiny_math):
     assert set(result) >= {"pass@1", "maj@2", "pass@2", "format", "records", "seconds", "tokens"}
     again = mt.evaluate(model, tok, problems, k=2, n=5, temperature=1.0, max_new_tokens=12, batch_size=8, seed=7)
     assert again["records"] == result["records"]                       # the seed fixes the samples
+    smaller = mt.evaluate(model, tok, problems, k=2, n=5, temperature=1.0, max_new_tokens=12, batch_size=2, seed=7)
+    assert smaller["records"] == result["records"]                     # whatever the batch size
     other = mt.evaluate(model, tok, problems, k=2, n=5, temperature=1.0, max_new_tokens=12, batch_size=8, seed=8)
     assert other["records"] != result["records"]
 

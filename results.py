@@ -63,7 +63,7 @@ def figures(run, stage):
         c = m["counts"]
         return {"train tokens": m["train_tokens"], "val tokens": m["val_tokens"],
                 "documents kept": f"{c['kept']} of {c['docs_read']}",
-                "duplicates": c["removed_exact_dup"] + c["removed_near_dup"]}
+                "duplicates": c.get("removed_exact_dup", 0) + c.get("removed_near_dup", 0)}  # counts omit zeros
     if stage == "pretrain":
         recs = records(at("pretrain", "metrics.jsonl"))
         val = [r for r in recs if "val_loss" in r]

@@ -141,7 +141,7 @@ elif stage == "data":
     m = load("data", "meta.json")
     c = m["counts"]
     line = (f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens; {c['kept']:,} of {c['docs_read']:,} "
-            f"documents kept ({c['removed_exact_dup'] + c['removed_near_dup']} duplicates)")
+            f"documents kept ({c.get('removed_exact_dup', 0) + c.get('removed_near_dup', 0)} duplicates)")
 elif stage in ("pretrain", "sft"):
     line = training(stage)
 elif stage == "sample":

@@ -162,3 +162,49 @@ def test_the_results_table_reads_every_figure_from_the_stages_files(tmp_path):
     assert "| tokenizer | 10s (done before) | vocab 777; chars/token (held out) 1.432;" in proc.stdout
     assert "| total | 0m46s | |" in proc.stdout  # 10 + 11 + 12 + 13
     assert res["torch"] and res["machine"] and res["commit"]
+
+
+def test_the_chinese_preset_at_a_toy_size_and_its_table(tmp_path, shared_data):
+    """run.sh zh's first three stages (held-out split, tokenizer, cleaning, config/phi_zh.py's Phi model shrunk by
+    TRAIN_ARGS) on 300 THUCNews articles; the table's figures are those of the files, recomputed here."""
+    import collections
+    import math
+    import numpy as np
+    from tokenizer import Tokenizer
+    import gzip
+    lines = gzip.open(os.path.join(shared_data, "pretrain_zh", "thucnews", "cnews.val.txt.gz"), "rt",
+                      encoding="utf-8").readlines()
+    (tmp_path / "news.txt").write_text("".join(lines[:300]), encoding="utf-8")
+    run = tmp_path / "run"
+    functions = RUN_SH[RUN_SH.index("\nstage() {"):RUN_SH.index("\nrun_tokenizer()")]
+    start = RUN_SH[RUN_SH.index("\nstart() {"):RUN_SH.index("\nrun_pretrain()")]
+    zh = RUN_SH[RUN_SH.index("\nzh_tokenizer()"):RUN_SH.index("\n# The stages in order")]
+    script = (f"set -euo pipefail\nRUN_DIR={run}\nmkdir -p $RUN_DIR/logs\nSTAGE_PREFIX=zh_ ZH_PRETRAIN={tmp_path}/news.txt"
+              f" ZH_TEXT_FIELD=text ZH_TXT_SPLIT=line ZH_VOCAB=4000 ZH_CONFIG=config/phi_zh.py LAUNCH=python\n"
+              f"TRAIN_ARGS='--max_iters=4 --eval_interval=2 --eval_iters=1 --batch_size=2 --block_size=64 --dim=32 "
+              f"--n_layers=1 --n_heads=2 --log_interval=1'\n{functions}\n{start}\n{zh}\n"
+              "stage 1/3 tokenizer; stage 2/3 data; stage 3/3 pretrain\n")
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", TQDM_DISABLE="1")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^1/3   tokenizer  4000 ids \(BPE, byte fallback\): [\d.]+ characters per token on 30 held-out",
+                     proc.stdout, re.M), proc.stdout
+    proc = subprocess.run([sys.executable, "results.py", str(run), "zh", "tokenizer", "data", "pretrain"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    figs = {r["stage"]: r["figures"] for r in json.loads((run / "results.json").read_text())["stages"]}
+
+    held = [json.loads(line)["text"] for line in open(run / "corpus" / "heldout.jsonl", encoding="utf-8")]
+    assert held == [line.rstrip("\n") for line in lines[9:300:10]]  # every 10th article, never trained on
+    tok = Tokenizer.from_pretrained(str(run / "tokenizer"))
+    chars_per_token = sum(map(len, held)) / sum(len(tok.encode(t)) for t in held)
+    assert figs["tokenizer"]["vocab"] == 4000 and figs["tokenizer"]["chars/token (held out)"] == round(chars_per_token, 3)
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert figs["data"]["train tokens"] == meta["train_tokens"] == os.path.getsize(run / "data" / "train.bin") // 2
+    counts = collections.Counter(np.fromfile(run / "data" / "train.bin", dtype=np.uint16).tolist())
+    n = sum(counts.values())
+    entropy = -sum(c / n * math.log(c / n) for c in counts.values())
+    val = [r["val_loss"] for r in map(json.loads, open(run / "pretrain" / "metrics.jsonl")) if "val_loss" in r]
+    assert figs["pretrain"]["val loss"] == round(min(val), 4) and len(val) == 3  # steps 0, 2, 4
+    assert figs["pretrain"]["unigram entropy"] == round(entropy, 4)
+    assert json.loads((run / "pretrain" / "hf" / "config.json").read_text())["architectures"] == ["PhiForCausalLM"]

@@ -6,8 +6,8 @@ trainer.py's loop.
     python rl.py ... --init_from=resume                                          # continue the newest checkpoint
 
 Each round, every prompt of the round (problems: math_tasks.load_problems, asked in the model's chat template) is
-answered group_size times by the current policy (batched generate with the KV cache: temperature, top_p,
-max_new_tokens, stopping at the tokenizer's stop ids). Each completion is scored by the reward functions (rewards,
+answered group_size times by the current policy through engine.py's continuous batching (one KV-cache row per
+completion; temperature, top_p, max_new_tokens, stopping at the tokenizer's stop ids; a seed per completion). Each completion is scored by the reward functions (rewards,
 reward_weights: math_tasks.REWARDS names or module:function), and its advantage is its total reward minus its
 group's mean, divided by the group's std (+1e-4) unless scale_rewards=False (Dr. GRPO). The round's samples are
 then trained on for num_iterations optimizer steps with the clipped objective, per completion token t:
@@ -55,6 +55,7 @@ import math_tasks
 import trainer
 import tuning
 from dpo import adapters_off, disable_dropout
+from engine import Engine, SamplingParams
 from metrics import log
 
 # -- the training loop's settings (every field of trainer.TrainConfig) and the model/adapter ones shared with
@@ -226,6 +227,7 @@ class Rollouts:
         self.prompts, self.questions, self.answers = prompts, questions, answers
         self.group, self.per_micro = cfg["group_size"], cfg["batch_size"] // cfg["group_size"]
         self.trainer = None  # set once the Trainer exists: its model, device, autocast, rank
+        self.engine = None  # engine.Engine over the trainer's model, from the first rollout on
         self.round, self.batches, self.stats, self.order = -1, [], {}, {}
 
     # the round's prompts: a seeded order per epoch over the problems, the same however many processes sample them
@@ -245,48 +247,52 @@ class Rollouts:
 
     @torch.no_grad()
     def rollout(self, rnd):
+        """Sample, score and batch this process's share of round rnd: every row of every micro-batch through the
+        engine at once, each row with a seed of its own (seed, round, its place in the round), so the samples do
+        not depend on how rows are batched or how many processes share them."""
         t, cfg, G = self.trainer, self.cfg, self.group
-        model = t.raw_model
         started = time.time()
-        per_round = cfg["grad_accum"] * self.per_micro
-        gen = torch.Generator(device=t.device)
-        gen.manual_seed(int(np.random.default_rng([cfg["seed"], 6, rnd, t.rank]).integers(2 ** 62)))
-        stop, pad = self.tok.stop_ids, tuning.pad_id(self.tok)
-        batches, all_rewards, lengths, truncated, zero_std, generated = [], [], [], 0, [], 0
-        for k in range(t.accum):
-            micro = t.rank * t.accum + k
-            index = [self.prompt_index(rnd * per_round + micro * self.per_micro + j) for j in range(self.per_micro)]
-            rows = [self.prompts[i] for i in index for _ in range(G)]
-            room = min(cfg["max_new_tokens"], cfg["max_len"] + 1 - max(len(r) for r in rows))
-            out = model.generate(rows, room, temperature=cfg["temperature"], top_p=cfg["top_p"], stop_ids=stop,
-                                 generator=gen)[:, max(len(r) for r in rows):].tolist()
-            completions = []
-            for ids in out:  # up to and including the stop id (trained on: the model learns to stop)
-                end = next((p + 1 for p, i in enumerate(ids) if i in stop), len(ids))
-                completions.append(ids[:end])
-                truncated += end == len(ids) and (not ids or ids[-1] not in stop)
-            generated += sum(len(c) for c in completions)
-            texts = [self.tok.decode([i for i in c if i not in stop], skip_special=True) for c in completions]
-            questions = [self.questions[i] for i in index for _ in range(G)]
-            rewards = score(self.reward_fns, questions, texts, [self.answers[i] for i in index for _ in range(G)],
-                            f"round {rnd}, micro-batch {micro}")
+        per_round, first = cfg["grad_accum"] * self.per_micro, t.rank * t.accum
+        index = [[self.prompt_index(rnd * per_round + (first + k) * self.per_micro + j) for j in range(self.per_micro)]
+                 for k in range(t.accum)]
+        rows = [self.prompts[i] for micro in index for i in micro for _ in range(G)]
+        seeds = np.random.SeedSequence([cfg["seed"], 6, rnd]).generate_state(per_round * G)[first * cfg["batch_size"]:]
+        stop = tuple(self.tok.stop_ids)
+        params = [SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
+                                 top_p=cfg["top_p"], seed=int(seed), stop_ids=stop) for seed in seeds[:len(rows)]]
+        if self.engine is None:  # the KV cache's rows: the whole share at once
+            self.engine = Engine(t.raw_model, parallel=len(rows), max_queue=len(rows), max_len=cfg["max_len"]).start()
+        requests = self.engine.generate(rows, params)
+        failed = next((r for r in requests if r.finish_reason == "error"), None)
+        if failed is not None:
+            raise failed.error
+        gen_time = time.time() - started
+        completions = [r.tokens for r in requests]  # ending with the stop id: the model learns to stop
+        pad = tuning.pad_id(self.tok)
+        batches, all_rewards, zero_std = [], [], []
+        for k, micro in enumerate(index):
+            part = slice(k * cfg["batch_size"], (k + 1) * cfg["batch_size"])
+            texts = [self.tok.decode([i for i in c if i not in stop], skip_special=True) for c in completions[part]]
+            questions = [self.questions[i] for i in micro for _ in range(G)]
+            rewards = score(self.reward_fns, questions, texts, [self.answers[i] for i in micro for _ in range(G)],
+                            f"round {rnd}, micro-batch {first + k}")
             total = sum(w * rewards[i] for i, (_, _, w) in enumerate(self.reward_fns))
             adv, zero = group_advantages(total, G, cfg["scale_rewards"])
             zero_std.append(zero)
             all_rewards.append(torch.cat([total[None], rewards]))
-            lengths += [len(c) for c in completions]
-            batches.append(self.rows(rows, completions, adv, pad))
-        gen_time = time.time() - started
+            batches.append(self.rows(rows[part], completions[part], adv, pad))
         if cfg["num_iterations"] > 1:  # the rollout policy's log-probs, for the ratio of the later iterations
-            model.eval()
+            model = t.raw_model.eval()
             for b in batches:
                 x, y = (v.to(t.device) for v in b[:2])
                 with t.autocast:
                     b.append(completion_logps(model, x, y)[0].float().cpu())
             model.train()
         self.round, self.batches = rnd, [tuple(b) for b in batches]
+        lengths = [len(c) for c in completions]
+        truncated = sum(r.finish_reason == "length" for r in requests)
         self.stats = self.round_stats(torch.cat(all_rewards, 1), torch.stack(zero_std).mean(), lengths, truncated,
-                                      generated, gen_time, time.time() - started)
+                                      sum(lengths), gen_time, time.time() - started)
 
     def rows(self, prompts, completions, adv, pad):
         """[x, y, advantages]: prompt + completion rows right-padded, labels on the completion tokens only."""
@@ -467,7 +473,11 @@ def main():
                         on_eval=heldout_pass(tok, held_out, eval_max_new_tokens, eval_batch_size) if held_out else None,
                         export=tuning.lora_export(tok, merge_dtype) if method != "full" else full_export(tok))
     source.trainer = t
-    t.fit()
+    try:
+        t.fit()
+    finally:
+        if source.engine is not None:
+            source.engine.close()
 
 
 if __name__ == "__main__":

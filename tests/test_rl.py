@@ -269,14 +269,14 @@ def warm_up(model_dir, steps=90):
 
 def test_a_tiny_model_learns_the_addition_task(tmp_path):
     """40 GRPO steps (8 prompts x 8 samples) raise greedy exact match on the sums by at least 10 points (36% ->
-    51% when written). The figure is over the training questions: held out, the sums of unseen pairs are not
+    66% when written; at learning_rate=2e-3 the policy collapses instead). The figure is over the training questions: held out, the sums of unseen pairs are not
     learnt by a model this small in a minute (2-digit held-out stayed under 10% after 1200 SFT steps)."""
     model_dir = str(tmp_path / "model")
     warm_up(model_dir)
     out = tmp_path / "out"
     run_script("rl.py", [f"--init_from={model_dir}", f"--out_dir={out}", f"--problems={ADDITION}",
                          f"--eval_problems={ADDITION}", "--max_new_tokens=6", "--eval_max_new_tokens=6",
-                         "--eval_batch_size=86", "--group_size=8", "--batch_size=64", "--learning_rate=1e-3",
+                         "--eval_batch_size=86", "--group_size=8", "--batch_size=64", "--learning_rate=5e-4",
                          "--max_iters=40", "--eval_interval=40"], timeout=120)
     with open(out / "metrics.jsonl") as f:
         exact = {r["step"]: r["eval_pass@1"] for r in map(json.loads, f) if "eval_pass@1" in r}

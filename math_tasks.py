@@ -107,16 +107,21 @@ def load_problems(path, limit=0):
         raise SystemExit(f"{path}: no .json or .jsonl files of problems")
     opts = {"text_field": "question", "txt_split": "line", "encoding": "utf-8"}
     problems = []
-    for rec, where_file, line in readers.iter_records(files, opts, readers.Issues(lenient=False), {}):
+    for rec, where, line in readers.iter_records(files, opts, _stop, {}):
         try:
             problems.append(_problem(rec))
         except ValueError as e:
-            raise SystemExit(f"{where_file}:{line}: {e}") from None
+            _stop(where, line, str(e))
         if len(problems) == limit:
             break
     if not problems:
         raise SystemExit(f"{path}: no problems")
     return problems
+
+
+def _stop(path, line, message):
+    """A bad place in a problems file (readers' malformed JSON, broken .gz, or _problem's complaint) stops the run."""
+    raise SystemExit(f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
 
 
 def _problem(rec):

@@ -2,6 +2,7 @@
 matching, the rewards, load_reward, load_problems on each layout and its refusals, the embedded addition task's
 held-out split, the pass@k estimator against its formula, and evaluate() against greedy completions computed one
 problem at a time with model.generate."""
+import gzip
 import json
 import math
 import os
@@ -148,6 +149,9 @@ def test_load_problems_gsm8k_jsonl(tmp_path):
         {"question": "A farm sells 1,200 eggs at $2. Revenue?", "answer": "2400"},
         {"question": "What is half of 7?", "answer": "3.5"}]
     assert len(mt.load_problems(path, limit=2)) == 2
+    with open(path, "rb") as f, gzip.open(tmp_path / "test.jsonl.gz", "wb") as g:
+        g.write(f.read())
+    assert mt.load_problems(str(tmp_path / "test.jsonl.gz")) == mt.load_problems(path)
 
 
 def test_load_problems_svamp_and_lists(tmp_path):
@@ -190,8 +194,9 @@ def test_load_problems_real_svamp(shared_data):
 ])
 def test_load_problems_names_bad_records(tmp_path, lines, message):
     path = write(tmp_path / "bad.jsonl", "\n".join(lines) + "\n")
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=message) as stop:
         mt.load_problems(path)
+    assert "lenient" not in str(stop.value)  # eval.py has no --lenient to offer
 
 
 def test_load_problems_refuses_missing_and_empty(tmp_path):

@@ -65,7 +65,8 @@ globals().update({k: getattr(tuning.TuningConfig(), k) for k in ("init_from", "m
 out_dir = "out/rl"
 problems = "addition:split=train,n=2000"  # training problems: math_tasks.load_problems (GSM8K/SVAMP/{question,
                                          # answer} JSON, a folder, or the embedded addition[:key=value,...])
-problems_limit = 0           # > 0: the first this many
+problems_skip = 0            # leave out the first this many problems (e.g. those eval_problems holds out)
+problems_limit = 0           # > 0: at most this many (after the skipped ones)
 eval_problems = "addition:split=eval,n=200"  # held-out problems for eval_pass@1 at each evaluation ("": none)
 eval_limit = 200             # > 0: the first this many
 eval_batch_size = 16
@@ -396,7 +397,7 @@ def check_settings(cfg):
     for key in ("num_iterations", "max_new_tokens", "eval_max_new_tokens", "eval_batch_size"):
         if cfg[key] < 1:
             raise SystemExit(f"{key}={cfg[key]}: must be at least 1")
-    for key in ("problems_limit", "eval_limit", "max_len"):
+    for key in ("problems_skip", "problems_limit", "eval_limit", "max_len"):
         if cfg[key] < 0:
             raise SystemExit(f"{key}={cfg[key]}: must not be negative")
     if c.loss_norm not in ("token", "sequence"):
@@ -416,20 +417,20 @@ def check_settings(cfg):
                          f"(torchrun) or one process")
 
 
-def encode_problems(tok, path, limit, max_len):
-    """(prompt ids, questions, answers) of the problems at `path`; a prompt that leaves no room for one completion
-    token in max_len is refused, naming its record."""
+def encode_problems(tok, path, limit, max_len, skip=0):
+    """(prompt ids, questions, answers) of the problems at `path` after the first `skip`; a prompt that leaves no
+    room for one completion token in max_len is refused, naming its record."""
     try:
-        records = math_tasks.load_problems(path, limit=limit)
+        records = math_tasks.load_problems(path, limit=limit and skip + limit)[skip:]
     except (OSError, ValueError) as e:
         raise SystemExit(f"problems={path!r}: {e}") from None
     if not records:
-        raise SystemExit(f"problems={path!r}: no problems")
+        raise SystemExit(f"problems={path!r}: no problems" + (f" after the first {skip}" if skip else ""))
     texts = [inference.render_chat(tok, math_tasks.prompt_messages(r["question"])) for r in records]
     prompts = tok.encode_batch(texts)
-    for line, ids in enumerate(prompts, 1):
+    for n, ids in enumerate(prompts, skip + 1):  # a JSON Lines file's record n is its line n
         if len(ids) >= max_len:
-            raise SystemExit(f"{path}:{line}: the prompt has {len(ids)} tokens, which leaves no room for an answer in "
+            raise SystemExit(f"{path}: problem {n}: the prompt has {len(ids)} tokens, which leaves no room for an answer in "
                              f"max_len={max_len}")
     return prompts, [r["question"] for r in records], [r["answer"] for r in records]
 
@@ -437,7 +438,7 @@ def encode_problems(tok, path, limit, max_len):
 def write_warmup(path):
     """write_sft: the problems as SFT records in data_process.py's messages layout, the question asked as rl.py
     asks it and answered with the final line alone."""
-    records = math_tasks.load_problems(problems, limit=problems_limit)
+    records = math_tasks.load_problems(problems, limit=problems_limit and problems_skip + problems_limit)[problems_skip:]
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             messages = math_tasks.prompt_messages(r["question"]) + [
@@ -459,7 +460,7 @@ def main():
     cfg["max_len"] = max_len or model.config.max_seq_len
     if cfg["max_len"] > model.config.max_seq_len:
         raise SystemExit(f"max_len={cfg['max_len']} exceeds the model's context of {model.config.max_seq_len}")
-    prompts, questions, answers = encode_problems(tok, problems, problems_limit, cfg["max_len"])
+    prompts, questions, answers = encode_problems(tok, problems, problems_limit, cfg["max_len"], problems_skip)
     held_out = math_tasks.load_problems(eval_problems, limit=eval_limit) if eval_problems else []
     log(f"problems: {len(prompts)} for training ({problems}), {len(held_out)} held out"
         + (f" ({eval_problems})" if held_out else ""))

@@ -204,13 +204,18 @@ def test_unknown_rewards_and_wrong_weights_are_refused():
             rl.load_rewards(names, weights)
 
 
-def test_a_prompt_longer_than_max_len_is_refused_with_its_record(model_dir):
+def test_a_prompt_longer_than_max_len_is_refused_with_its_record(model_dir, tmp_path):
     from tokenizer import Tokenizer
     tok = Tokenizer.from_pretrained(model_dir)
     prompts, questions, answers = rl.encode_problems(tok, "addition:split=train,n=5", 0, 64)
     assert questions[0].startswith("What is") and len(prompts) == 5 and answers[0].isdigit()
-    with pytest.raises(SystemExit, match=r"addition:split=train,n=5:1: the prompt has \d+ tokens"):
+    with pytest.raises(SystemExit, match=r"addition:split=train,n=5: problem 1: the prompt has \d+ tokens"):
         rl.encode_problems(tok, "addition:split=train,n=5", 0, 12)
+    long = tmp_path / "p.jsonl"
+    long.write_text("".join(json.dumps({"question": q, "answer": 1}) + "\n" for q in ["1 + 0?", "1 + 0?", "x" * 80]))
+    assert len(rl.encode_problems(tok, str(long), 2, 64)[0]) == 2
+    with pytest.raises(SystemExit, match=f"{long}: problem 3: the prompt has"):
+        rl.encode_problems(tok, str(long), 0, 64, skip=1)
 
 
 def test_a_reward_that_gives_nan_stops_the_step(model_dir, digit_reward, tmp_path):

@@ -153,22 +153,26 @@ def test_seeded_sampling_is_independent_of_the_batch(model):
 
 
 def test_cancel_frees_the_slot(model):
-    """One slot: a request cancelled from its own event stops after that token and the queued one runs; a queued
-    request cancelled before it got a slot ends with nothing, and on_event hears of it."""
+    """One slot: a request cancelled from its own event stops after that token and the one queued behind it runs; a
+    queued request cancelled before it got a slot ends with nothing, and on_event hears of it. (All are queued before
+    the engine starts, so the order of events does not depend on thread timing.)"""
     prompt = [4, 5, 6]
     ended = []
-    with Engine(model, parallel=1) as engine:
-        def cancel_at_two(req, token, *_):
-            if token is not None and len(req.tokens) == 2:
-                req.cancel()
-        long = engine.submit(prompt, greedy(50), on_event=cancel_at_two)
-        queued = engine.submit(prompt, greedy(50), on_event=lambda req, token, *_: token is None and ended.append(req))
-        queued.cancel()
-        after = engine.submit(prompt, greedy(5))
-        assert after.wait(30) and long.wait(30) and queued.wait(30)
+
+    def cancel_at_two(req, token, *_):
+        if token is not None and len(req.tokens) == 2:
+            req.cancel()
+    engine = Engine(model, parallel=1)
+    long = engine.submit(prompt, greedy(50), on_event=cancel_at_two)
+    queued = engine.submit(prompt, greedy(50), on_event=lambda req, token, *_: token is None and ended.append(req))
+    queued.cancel()
+    after = engine.submit(prompt, greedy(5))
+    engine.start()
+    assert after.wait(30) and long.wait(30) and queued.wait(30)
+    engine.close()
     assert long.finish_reason == "cancelled" and long.tokens == reference(model, prompt, 2)
     assert queued.finish_reason == "cancelled" and queued.tokens == [] and ended == [queued]
-    assert after.tokens == reference(model, prompt, 5)
+    assert after.tokens == reference(model, prompt, 5) and after.finish_reason == "length"
 
 
 def test_failing_callback_cancels_only_its_request(model):

@@ -34,9 +34,11 @@ ZH_CEVAL=${ZH_CEVAL:-$ZH_DATA/eval_zh/ceval}           # C-Eval's folder: val/<s
 ZH_RAG=${ZH_RAG:-$ZH_DATA/sft_zh/medical_sft}          # chat records: their answers become the documents to retrieve
 ZH_CONFIG=${ZH_CONFIG:-config/phi_zh.py}               # config/phi_zh_gpu.py: the same recipe at a GPU's size
 ZH_VOCAB=${ZH_VOCAB:-8000}
-LAUNCH=${LAUNCH:-python}   # how the training scripts start, e.g. "torchrun --standalone --nproc_per_node=8"
-TRAIN_ARGS=${TRAIN_ARGS:-} # more --key=value for every training stage, e.g. --parallel=deepspeed
-                           # --deepspeed_config=config/ds_zero2.json
+LAUNCH=${LAUNCH:-python}        # how the training scripts start, e.g. "torchrun --standalone --nproc_per_node=8"
+TRAIN_ARGS=${TRAIN_ARGS:-}      # --key=value for every training stage (pretraining, SFT, the early SFT, DPO), before
+                                # the stage's own settings: the backend, e.g. --parallel=deepspeed
+                                # --deepspeed_config=config/ds_zero2.json
+PRETRAIN_ARGS=${PRETRAIN_ARGS:-} # --key=value for pretraining, after everything else: e.g. --max_iters=5000
 if [ "$PIPELINE" = zh ]; then  # every input checked before anything is written
   missing=()
   IFS=, read -ra inputs <<< "$ZH_PRETRAIN,$ZH_SFT,$ZH_CEVAL/val,$ZH_RAG"
@@ -331,7 +333,8 @@ zh_data() {  # Chinese cleaning (NFKC, full-width punctuation beside Han charact
 
 zh_pretrain() {
   start "$RUN_DIR/pretrain" scratch
-  $LAUNCH pretrain.py "$ZH_CONFIG" --data_dir="$RUN_DIR/data" --out_dir="$RUN_DIR/pretrain" "${init[@]}" $TRAIN_ARGS
+  $LAUNCH pretrain.py "$ZH_CONFIG" $TRAIN_ARGS --data_dir="$RUN_DIR/data" --out_dir="$RUN_DIR/pretrain" "${init[@]}" \
+    $PRETRAIN_ARGS
 }
 
 zh_perplexity() {  # the first 64k held-out tokens, in float32 so that the int8 model's figure compares with it
@@ -343,8 +346,8 @@ zh_sft() {  # the qa template: "##Question:\n{q}\n##Answer:\n{a}" + EOS, the los
   [ -f "$RUN_DIR/sft_data/meta.json" ] || python data_process.py --format=sft --template=qa --input="$ZH_SFT" \
     --tokenizer="$RUN_DIR/tokenizer" --out_dir="$RUN_DIR/sft_data" --max_len=256
   start "$RUN_DIR/sft" "$RUN_DIR/pretrain/hf"
-  $LAUNCH fine_tuning.py "${init[@]}" --data_dir="$RUN_DIR/sft_data" --out_dir="$RUN_DIR/sft" \
-    --epochs=1 --learning_rate=1e-3 --min_lr=1e-4 --batch_size=16 --log_interval=10 $TRAIN_ARGS
+  $LAUNCH fine_tuning.py $TRAIN_ARGS "${init[@]}" --data_dir="$RUN_DIR/sft_data" --out_dir="$RUN_DIR/sft" \
+    --epochs=1 --learning_rate=1e-3 --min_lr=1e-4 --batch_size=16 --log_interval=10
 }
 
 zh_answer() {  # greedy answers that never repeat a 4-gram (a small model loops without it)
@@ -356,8 +359,8 @@ zh_answer() {  # greedy answers that never repeat a 4-gram (a small model loops 
 zh_dpo() {  # pairs: ZH_SFT's first 240 prompts answered by an SFT checkpoint a quarter of an epoch in (rejected)
   if [ ! -f "$RUN_DIR/sft_early/hf/config.json" ]; then
     start "$RUN_DIR/sft_early" "$RUN_DIR/pretrain/hf"
-    $LAUNCH fine_tuning.py "${init[@]}" --data_dir="$RUN_DIR/sft_data" --out_dir="$RUN_DIR/sft_early" \
-      --max_iters=15 --learning_rate=1e-3 --min_lr=1e-4 --batch_size=16 --sample_prompts=0 $TRAIN_ARGS
+    $LAUNCH fine_tuning.py $TRAIN_ARGS "${init[@]}" --data_dir="$RUN_DIR/sft_data" --out_dir="$RUN_DIR/sft_early" \
+      --max_iters=15 --learning_rate=1e-3 --min_lr=1e-4 --batch_size=16 --sample_prompts=0
   fi
   if [ ! -f "$RUN_DIR/dpo_pairs/meta.json" ]; then
     python -c 'import json, sys, itertools, dpo
@@ -368,7 +371,8 @@ with open(sys.argv[2], "w", encoding="utf-8") as f:
       --out_dir="$RUN_DIR/dpo_pairs" --rejected_tokens=32
   fi
   start "$RUN_DIR/dpo" "$RUN_DIR/sft/hf"
-  $LAUNCH dpo.py "${init[@]}" --data_dir="$RUN_DIR/dpo_pairs" --out_dir="$RUN_DIR/dpo" --epochs=1 --batch_size=8 --learning_rate=1e-4 --min_lr=1e-5 --warmup_iters=5 --log_interval=10 $TRAIN_ARGS
+  $LAUNCH dpo.py $TRAIN_ARGS "${init[@]}" --data_dir="$RUN_DIR/dpo_pairs" --out_dir="$RUN_DIR/dpo" --epochs=1 \
+    --batch_size=8 --learning_rate=1e-4 --min_lr=1e-5 --warmup_iters=5 --log_interval=10
 }
 
 zh_dpo_answer() {

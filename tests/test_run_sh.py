@@ -166,7 +166,7 @@ def test_the_results_table_reads_every_figure_from_the_stages_files(tmp_path):
 
 def test_the_chinese_preset_at_a_toy_size_and_its_table(tmp_path, shared_data):
     """run.sh zh's first three stages (held-out split, tokenizer, cleaning, config/phi_zh.py's Phi model shrunk by
-    TRAIN_ARGS) on 300 THUCNews articles; the table's figures are those of the files, recomputed here."""
+    PRETRAIN_ARGS) on 300 THUCNews articles; the table's figures are those of the files, recomputed here."""
     import collections
     import math
     import numpy as np
@@ -181,7 +181,7 @@ def test_the_chinese_preset_at_a_toy_size_and_its_table(tmp_path, shared_data):
     zh = RUN_SH[RUN_SH.index("\nzh_tokenizer()"):RUN_SH.index("\n# The stages in order")]
     script = (f"set -euo pipefail\nRUN_DIR={run}\nmkdir -p $RUN_DIR/logs\nSTAGE_PREFIX=zh_ ZH_PRETRAIN={tmp_path}/news.txt"
               f" ZH_TEXT_FIELD=text ZH_TXT_SPLIT=line ZH_VOCAB=4000 ZH_CONFIG=config/phi_zh.py LAUNCH=python\n"
-              f"TRAIN_ARGS='--max_iters=4 --eval_interval=2 --eval_iters=1 --batch_size=2 --block_size=64 --dim=32 "
+              f"PRETRAIN_ARGS='--max_iters=4 --eval_interval=2 --eval_iters=1 --batch_size=2 --block_size=64 --dim=32 "
               f"--n_layers=1 --n_heads=2 --log_interval=1'\n{functions}\n{start}\n{zh}\n"
               "stage 1/3 tokenizer; stage 2/3 data; stage 3/3 pretrain\n")
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", TQDM_DISABLE="1")

@@ -149,6 +149,10 @@ def test_seeded_sampling_is_independent_of_the_batch(model):
         again = engine.generate([prompts[2]], SamplingParams(max_new_tokens=20, temperature=1.0, seed=8))[0].tokens
         top1 = engine.generate([prompts[2]], SamplingParams(max_new_tokens=20, temperature=1.0, top_k=1))[0].tokens
     assert done[2].tokens == alone and again != alone
+    # the draws of model.generate with a generator of that seed (its sampler, one row)
+    g = torch.Generator().manual_seed(7)
+    sampled = model.generate([prompts[2]], 20, temperature=1.0, top_k=20, top_p=0.9, generator=g)
+    assert alone == sampled[0, len(prompts[2]):].tolist()
     assert top1 == reference(model, prompts[2], 20)  # top_k=1 samples the argmax
 
 

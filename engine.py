@@ -10,14 +10,16 @@
 The model's static KV cache (Transformer.setup_cache(parallel, max_len)) has one row per slot, as llama.cpp's server
 slots: a slot holds one request, which writes its own cache row at its own positions and attends only to what it
 wrote there, so a request's greedy tokens are the same whether it runs alone or beside others (a reused row needs no
-clearing: a request never sees the slots past its own position). Each engine step
+clearing: a request never sees the slots past its own position). Exactly the same in fp32; in bf16 a batch goes
+through other matmul kernels than a lone row, whose rounding can part two greedy answers at a near-tie (SmolLM2-135M:
+after 8 to 90 tokens for half of 8 requests), as in any batching server. Each engine step
 1. ends cancelled requests and puts queued ones into free slots;
 2. prefills: reads up to prefill_chunk prompt tokens, first come first served, into the rows of the slots still
    reading their prompts (a long prompt is read over several steps, so decoding slots wait at most one chunk); a slot
    that has read its whole prompt samples its first token from the prompt's last logits;
 3. decodes: one forward of one token per row for every slot that has a token to feed, each at its own position.
-A request ends after one of its stop ids ("stop"), at max_new_tokens or the end of the context ("length"), or when
-cancelled ("cancelled"). Text (detokenizing, stop strings) is the caller's business (serve.py): the engine deals in
+A request ends after one of its stop ids ("stop"), at max_new_tokens or the end of the context ("length"), when
+cancelled ("cancelled"), or when a forward failed ("error", with request.error; the engine goes on). Text (detokenizing, stop strings) is the caller's business (serve.py): the engine deals in
 token ids. The engine owns the model's KV cache while it has work: do not call model.generate meanwhile.
 """
 import collections
@@ -257,9 +259,9 @@ class Engine:
         weight layout (cpu_decoding); undone when the engine falls idle, so the model can be trained or saved in
         between (RL)."""
         model = self.model
+        model.setup_cache(self.parallel, self.max_len)
         was_training = model.training
         model.eval()
-        model.setup_cache(self.parallel, self.max_len)
         cpu = self.device.type == "cpu"
         try:
             with torch.inference_mode(), cpu_decoding(model) if cpu else contextlib.nullcontext():

@@ -19,8 +19,9 @@ after 8 to 90 tokens for half of 8 requests), as in any batching server. Each en
    that has read its whole prompt samples its first token from the prompt's last logits;
 3. decodes: one forward of one token per row for every slot that has a token to feed, each at its own position.
 A request ends after one of its stop ids ("stop"), at max_new_tokens or the end of the context ("length"), when
-cancelled ("cancelled"), or when a forward failed ("error", with request.error; the engine goes on). Text (detokenizing, stop strings) is the caller's business (serve.py): the engine deals in
-token ids. The engine owns the model's KV cache while it has work: do not call model.generate meanwhile.
+cancelled ("cancelled"), or when a forward failed ("error", with request.error; the engine goes on). Text
+(detokenizing, stop strings) is the caller's business (serve.py): the engine deals in token ids. The engine owns
+the model's KV cache while it has work: do not call model.generate meanwhile.
 """
 import collections
 import contextlib
@@ -324,36 +325,36 @@ class Engine:
         return sampled
 
     def _decode(self):
-        """One token for every slot that has one to feed: a forward of rows 0..the last such slot, each row at its
-        own position. Rows without a token in that range (free, or still reading a prompt) compute a throwaway
-        token at a slot their next write overwrites. Returns the tokens sampled."""
+        """One token for every slot that has one to feed: a forward of the cache rows from the first such slot to the
+        last, each row at its own position. Rows in that range without a token (free, or still reading a prompt)
+        compute a throwaway one at a slot their next write overwrites. Returns the tokens sampled."""
         decoding = [s for s, r in enumerate(self._slots) if r is not None and r._next is not None]
         if not decoding:
             return 0
-        rows = decoding[-1] + 1
-        ids, pos = [0] * rows, [0] * rows
-        for slot in range(rows):
+        rows = range(decoding[0], decoding[-1] + 1)
+        ids, pos = [0] * len(rows), [0] * len(rows)
+        for i, slot in enumerate(rows):
             request = self._slots[slot]
             if request is None:
                 continue
             if request._next is None:  # still reading: its next chunk overwrites this slot
-                pos[slot] = request._read
+                pos[i] = request._read
             else:
-                ids[slot], pos[slot] = request._next, len(request.prompt_ids) + len(request.tokens) - 1
+                ids[i], pos[i] = request._next, len(request.prompt_ids) + len(request.tokens) - 1
         idx = torch.tensor(ids, device=self.device)[:, None]
         input_pos = torch.tensor(pos, device=self.device)[:, None]
         # CPU decoding in bf16/fp16 of one or two rows: ATen's matrix-vector kernel beats oneDNN's (model.generate)
         onednn = torch.backends.mkldnn.enabled
-        if self.device.type == "cpu" and self.model.embed.weight.dtype != torch.float32 and rows <= 2:
+        if self.device.type == "cpu" and self.model.embed.weight.dtype != torch.float32 and len(rows) <= 2:
             torch.backends.mkldnn.enabled = False
         try:
-            h = self.model.hidden_states(idx, input_pos, cache_rows=slice(0, rows))
+            h = self.model.hidden_states(idx, input_pos, cache_rows=slice(rows.start, rows.stop))
             logits = self.model.lm_head(h[:, -1]).float()
         finally:
             torch.backends.mkldnn.enabled = onednn
         greedy = logits.argmax(-1).tolist()
         for slot in decoding:
-            self._take(slot, logits[slot], greedy[slot])
+            self._take(slot, logits[slot - rows.start], greedy[slot - rows.start])
         return len(decoding)
 
     def _take(self, slot, logits, greedy=None):

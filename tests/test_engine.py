@@ -56,7 +56,8 @@ def test_per_row_cache_slots_match_the_full_forward(model):
         got_b = [model(b[:, :5], input_pos=torch.arange(5)[None], cache_rows=slice(2, 3))[0][0]]
         for t in range(8, 12):  # row 0 is idle, row 1 decodes a at t, row 2 decodes b two slots behind
             tb = t - 3
-            logits, _ = model(torch.tensor([[0], [a[0, t]], [b[0, min(tb, 6)]]]), input_pos=torch.tensor([[0], [t], [tb]]))
+            idx = torch.tensor([[0], [a[0, t]], [b[0, min(tb, 6)]]])
+            logits, _ = model(idx, input_pos=torch.tensor([[0], [t], [tb]]))
             got_a.append(logits[1])
             if tb <= 6:
                 got_b.append(logits[2])
@@ -121,7 +122,8 @@ def test_stop_ids_logprobs_and_events(model):
     stop = free[5]
     events = []
     with Engine(model, parallel=2, stop_ids=[stop]) as engine:
-        r = engine.submit(prompt, greedy(12, logprobs=3), on_event=lambda req, *e: events.append((req.finish_reason, e)))
+        r = engine.submit(prompt, greedy(12, logprobs=3),
+                          on_event=lambda req, *e: events.append((req.finish_reason, e)))
         assert r.wait(30)
         other = engine.generate([prompt], greedy(12, stop_ids=(free[1],), logprobs=0))[0]
     assert r.tokens == free[:free.index(stop) + 1] and r.finish_reason == "stop"

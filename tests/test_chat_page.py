@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +55,8 @@ def server(tmp_path_factory):
                 break
         else:
             pytest.fail("serve.py ended before listening:\n" + "".join(output))
+        # read on, or a full pipe would block the server
+        threading.Thread(target=output.extend, args=(process.stdout,), daemon=True).start()
         deadline = time.time() + 60
         while True:  # /health answers 503 until the model is loaded
             try:
@@ -61,7 +64,8 @@ def server(tmp_path_factory):
                     break
             except (urllib.error.URLError, ConnectionError):
                 pass
-            assert time.time() < deadline and process.poll() is None, "serve.py never became healthy"
+            assert time.time() < deadline and process.poll() is None, \
+                "serve.py never became healthy:\n" + "".join(output)
             time.sleep(0.1)
         yield url
     finally:

@@ -180,7 +180,7 @@ def test_the_chinese_preset_at_a_toy_size_and_its_table(tmp_path, shared_data):
     start = RUN_SH[RUN_SH.index("\nstart() {"):RUN_SH.index("\nrun_pretrain()")]
     zh = RUN_SH[RUN_SH.index("\nzh_tokenizer()"):RUN_SH.index("\n# The stages in order")]
     script = (f"set -euo pipefail\nRUN_DIR={run}\nmkdir -p $RUN_DIR/logs\nSTAGE_PREFIX=zh_ ZH_PRETRAIN={tmp_path}/news.txt"
-              f" ZH_TEXT_FIELD=text ZH_TXT_SPLIT=line ZH_VOCAB=4000 ZH_CONFIG=config/phi_zh.py LAUNCH=python\n"
+              f" ZH_TEXT_FIELD=text ZH_TXT_SPLIT=line ZH_VOCAB=4000 ZH_CONFIG=config/phi_zh.py LAUNCH=python TRAIN_ARGS=\n"
               f"PRETRAIN_ARGS='--max_iters=4 --eval_interval=2 --eval_iters=1 --batch_size=2 --block_size=64 --dim=32 "
               f"--n_layers=1 --n_heads=2 --log_interval=1'\n{functions}\n{start}\n{zh}\n"
               "stage 1/3 tokenizer; stage 2/3 data; stage 3/3 pretrain\n")

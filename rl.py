@@ -261,8 +261,9 @@ class Rollouts:
         stop = tuple(self.tok.stop_ids)
         params = [SamplingParams(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"],
                                  top_p=cfg["top_p"], seed=int(seed), stop_ids=stop) for seed in seeds[:len(rows)]]
-        if self.engine is None:  # the KV cache's rows: the whole share at once
-            self.engine = Engine(t.raw_model, parallel=len(rows), max_queue=len(rows), max_len=cfg["max_len"]).start()
+        if self.engine is None:  # the KV cache: a row for each completion of the share, as long as the longest needs
+            length = min(cfg["max_len"], max(map(len, self.prompts)) + cfg["max_new_tokens"])
+            self.engine = Engine(t.raw_model, parallel=len(rows), max_queue=len(rows), max_len=length).start()
         requests = self.engine.generate(rows, params)
         failed = next((r for r in requests if r.finish_reason == "error"), None)
         if failed is not None:

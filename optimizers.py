@@ -3,8 +3,9 @@ matrices, AdamW for the rest), built by make_optimizer and stepped, checkpointed
 
 Muon (Keller Jordan, 2024; torch >= 2.9) replaces each hidden matrix's momentum by its nearest semi-orthogonal
 matrix (5 Newton-Schulz iterations in bf16), so every direction of the update moves at the same rate. It is meant
-for the 2-D weights inside the blocks: the attention and MLP projections. Embeddings and lm_head (one token's row
-at a time, tied or not), norms and biases stay with AdamW. LoRA's A and B stay with AdamW too: the update that
+for the 2-D weights inside the blocks: the attention and MLP projections. Embeddings and lm_head (tied or not:
+tables of token rows, not maps between hidden states), norms and biases stay with AdamW, as in Keller's and
+Moonshot's recipes. LoRA's A and B stay with AdamW too: the update that
 matters is their product B @ A, which orthogonalising each thin factor does not orthogonalise (and B starts at
 zero); a LoRA run uses Muon only for hidden matrices trained in full (`trainable`), and is refused without any.
 
@@ -26,10 +27,12 @@ def check_optimizer(c):
     if not hasattr(torch.optim, "Muon"):
         raise SystemExit(f"optimizer=muon needs torch.optim.Muon (torch 2.9 or newer); this is torch "
                          f"{torch.__version__}: upgrade torch or use optimizer=adamw")
-    if c.parallel != "ddp":
-        raise SystemExit(f"optimizer=muon does not run under parallel={c.parallel}: each process holds a shard of "
-                         f"every matrix ({'FSDP2 shards rows' if c.parallel == 'fsdp' else 'ZeRO flattens them'}), "
-                         f"and Muon orthogonalises whole matrices; use parallel=ddp or optimizer=adamw")
+    why = {"fsdp": "FSDP2 makes every matrix a sharded DTensor, which Muon's Newton-Schulz would gather each step, "
+                   "and its sharded checkpoints take one torch optimizer, not AdamW + Muon",
+           "deepspeed": "ZeRO flattens the matrices into 1-D partitions, and Muon orthogonalises whole matrices"}
+    if c.parallel in why:
+        raise SystemExit(f"optimizer=muon does not run under parallel={c.parallel}: {why[c.parallel]}; use "
+                         f"parallel=ddp or optimizer=adamw")
 
 
 def hidden_matrices(model):
@@ -75,6 +78,23 @@ class MuonWithAdamW:
     def load_state_dict(self, state):
         self.adamw.load_state_dict(state["adamw"])
         self.muon.load_state_dict(state["muon"])
+
+
+def set_hyperparameters(optimizer, lr, c):
+    """This step's learning rate and the config's weight decay and betas on every group, in make_optimizer's order:
+    AdamW's decayed and not decayed groups, then Muon's (matrices: decayed; no betas). DeepSpeed's ZeRO wrapper
+    exposes AdamW's two groups the same way."""
+    for group, decay in zip(optimizer.param_groups, (c.weight_decay, 0.0, c.weight_decay)):
+        group.update(lr=lr, weight_decay=decay)
+        if "betas" in group:
+            group["betas"] = (c.beta1, c.beta2)
+
+
+def check_same_optimizer(saved_config, c, path):
+    """A checkpoint's optimizer state fits only the optimizer that wrote it (runs from before the key: AdamW)."""
+    saved = saved_config.get("optimizer", "adamw")
+    if saved != c.optimizer:
+        raise SystemExit(f"{path}: saved with optimizer={saved}; resume it with --optimizer={saved}")
 
 
 def make_optimizer(model, c, device):

@@ -138,7 +138,7 @@ def test_set_hyperparameters_reaches_both_optimizers(tmp_path):
 # ---------------------------------------------------------------------------------------------- refusals
 
 def test_refusals_name_the_reason(monkeypatch, tmp_path):
-    for parallel, why in (("fsdp", "FSDP2 shards rows"), ("deepspeed", "ZeRO flattens")):
+    for parallel, why in (("fsdp", "sharded DTensor"), ("deepspeed", "ZeRO flattens")):
         with pytest.raises(SystemExit, match=f"optimizer=muon does not run under parallel={parallel}.*{why}"):
             check_optimizer(TrainConfig(optimizer="muon", parallel=parallel))
     with pytest.raises(SystemExit, match="optimizer='sgd': expected one of adamw, muon"):

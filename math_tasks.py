@@ -164,10 +164,11 @@ def prompt_messages(question):
                                         f"last line as \"#### <number>\"."}]
 
 
-# a minus (not one between two numbers: "5-3"), "$", a number with thousands commas or none, a decimal part, "/b";
-# a comma not followed by three digits separates numbers ("1,2,3", "12,34").
+# a minus right before the number or its "$" (not one between two numbers: "5-3", "5 - 3"), "$" (SVAMP writes
+# "$ 4"), a number with thousands commas or none, a decimal part, "/b"; a comma not followed by three digits
+# separates numbers ("1,2,3", "12,34").
 # The lookbehind is ASCII only: a number right after Chinese text ("答案是42") is still a number.
-NUMBER = re.compile(r"(?<![A-Za-z0-9_./])(?P<sign>[-−])?\s?\$?\s?"
+NUMBER = re.compile(r"(?<![A-Za-z0-9_./])(?P<sign>[-−])?(?:\$\s?)?"
                     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:\s?/\s?(?P<den>\d+))?(?!\d)")
 ANSWER_IS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|答案(?:是|为|：|:))\s*:?", re.IGNORECASE)
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")

@@ -64,6 +64,7 @@ def test_extract_answer_on_real_model_outputs(text, answer):
     ("#### 1,234.\n", "1234"), ("the answer is 12.5 kg, not 3", "12.5"), ("####\n42", "42"),
     ("#### 9\nsome more text with 3 numbers 4", "9"), ("The answer is 16. Then 5 = 5", "16"),
     ("THE ANSWER IS 8", "8"), ("it is 1.5.", "1.5"), ("1234567", "1234567"), ("12,34", "34"), ("1,2345", "2345"),
+    ("so 12 - 3", "3"), ("10 - 7 = 3 left, 45 - 5", "5"), ("-$3.50 each", "-3.50"), ("a loss of −4", "-4"),
 ])
 def test_extract_answer_tricky_strings(text, answer):
     assert mt.extract_answer(text) == answer

@@ -16,7 +16,9 @@ the length asked and each system generates the same tokens' worth.
 
 Load: at each number of concurrent clients, each client sends requests_per_client requests one after another, the
 prompts (short questions to a long passage) and answer lengths (max_tokens) drawn with `seed`, the same for every
-system. Figures: aggregate tokens/s (generated tokens over the wall time of the level), time to first token (first
+system; each prompt begins with its own request number, so that no server answers from its cache of an earlier
+identical prompt (transformers' continuous batching shares cached prefixes; a chat's own system prompt still may).
+Figures: aggregate tokens/s (generated tokens over the wall time of the level), time to first token (first
 text of the stream) p50/p95. Then TTFT of a lone request against the same request arriving while 7 others decode.
 """
 import asyncio
@@ -162,8 +164,8 @@ def percentile(values, q):
 
 async def load(client, server, n_clients):
     rng = random.Random(seed * 1000 + n_clients)  # the same draws for every system
-    work = [[(rng.choice(PROMPTS), rng.choice(max_tokens)) for _ in range(requests_per_client)]
-            for _ in range(n_clients)]
+    work = [[(f"Request {n_clients}-{c}-{j}: {rng.choice(PROMPTS)}", rng.choice(max_tokens))
+             for j in range(requests_per_client)] for c in range(n_clients)]
 
     async def one_client(jobs):
         return [await request(client, server, prompt, n) for prompt, n in jobs]
@@ -179,12 +181,12 @@ async def load(client, server, n_clients):
 
 async def ttft_under_load(client, server):
     """TTFT p50 of the probe alone, and while 7 requests of load_tokens tokens decode."""
-    lone = [(await request(client, server, PROBE, 1))["ttft"] for _ in range(ttft_probes)]
+    lone = [(await request(client, server, f"Probe {i}: {PROBE}", 1))["ttft"] for i in range(ttft_probes)]
     started = [asyncio.Event() for _ in range(7)]
     background = [asyncio.create_task(request(client, server, PROMPTS[i % 4], load_tokens, started[i]))
                   for i in range(7)]
     await asyncio.gather(*(e.wait() for e in started))
-    loaded = [(await request(client, server, PROBE, 1)) for _ in range(ttft_probes)]
+    loaded = [(await request(client, server, f"Loaded probe {i}: {PROBE}", 1)) for i in range(ttft_probes)]
     ends = [r["end"] for r in await asyncio.gather(*background)]
     if min(ends) < loaded[-1]["end"]:
         print(f"{server.name}: a background request ended before the last probe: raise --load_tokens", flush=True)

@@ -26,6 +26,7 @@ the model's KV cache while it has work: do not call model.generate meanwhile.
 import collections
 import contextlib
 import dataclasses
+import numbers
 import threading
 import time
 
@@ -66,7 +67,7 @@ class SamplingParams:
 
 
 def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)  # numpy's integers too
 
 
 def _is_number(x):
@@ -207,12 +208,11 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
         params.check()
-        if torch.is_tensor(prompt_ids):
+        if hasattr(prompt_ids, "tolist"):  # a tensor or a numpy array
             prompt_ids = prompt_ids.tolist()
-        prompt = list(prompt_ids) if isinstance(prompt_ids, (list, tuple)) else None
-        vocab = self.model.config.vocab_size
-        if prompt is None or not all(_is_int(t) for t in prompt):
+        if not isinstance(prompt_ids, (list, tuple)) or not all(_is_int(t) for t in prompt_ids):
             raise ValueError(f"prompt_ids: expected a list of token ids, got {type(prompt_ids).__name__}")
+        prompt, vocab = [int(t) for t in prompt_ids], self.model.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_ids: {bad[0]} is not a token id of this model (0..{vocab - 1})")

@@ -2,6 +2,7 @@
 and model.generate (the one-request-at-a-time path, itself tested against transformers in test_model.py)."""
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,11 +226,13 @@ def test_queue_bound_and_bad_requests(model):
         Engine(model, parallel=0)
     engine.start()
     assert all(r.wait(30) and len(r.tokens) == 4 for r in waiting)
+    as_array = engine.generate([np.array([1, 2], dtype=np.int64)], greedy(3))[0]  # numpy ids, as RL code may pass
+    assert as_array.tokens == reference(model, [1, 2], 3)
     # the answer is capped to the context: 14 prompt tokens leave room for 2 in max_len=16
     capped = engine.generate([list(range(14))], greedy(100))[0]
     assert capped.finish_reason == "length" and capped.tokens == reference(model, list(range(14)), 2)
     engine.close()
-    assert engine.stats()["active"] == 0 and engine.stats()["requests_done"] == 4
+    assert engine.stats()["active"] == 0 and engine.stats()["requests_done"] == 5
 
 
 def test_generate_waits_for_room_instead_of_failing(model):

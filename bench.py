@@ -1,7 +1,7 @@
 """Training and decoding speed side by side in one run: our model on each kernel path against transformers.
 
     python bench.py                                   # CPU: the columns that run there, a small LLaMA + SmolLM2
-    python bench.py --device=cuda --model=config/llama_124m.py --batch_size=8      # GPU: every column
+    python bench.py --device=cuda --model=config/llama_124m_muon.py --seq_len=1024 --batch_size=8   # GPU: every column
     python bench.py --train=False --threads=1         # decode only
     python bench.py --train=False --decode_compile=True --decode_batches=1,   # + our torch.compile'd decode step
 

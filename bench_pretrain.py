@@ -1,154 +1,94 @@
 """Pretraining benchmarks (figures for BENCHMARKS.md).
 
-    python bench_pretrain.py                 # CPU: time to val loss 1.88 on tinyshakespeare (char level),
-                                             #   nanoGPT's CPU recipe vs config/shakespeare_char.py, in one run
-    python bench_pretrain.py --gpu=True      # GPU: tokens/s and MFU of config/llama_124m.py (seq 1024, bf16, compiled)
+    python bench_pretrain.py --nanogpt=../nanoGPT    # CPU: config/shakespeare_char.py against nanoGPT's own train.py
+                                                     #   and CPU recipe on tinyshakespeare (char level), one run
+    python bench_pretrain.py                         # the same without nanoGPT: ours, Muon vs AdamW
+    python bench_pretrain.py --gpu=True              # GPU: tokens/s and MFU of config/llama_124m_muon.py
     python bench_pretrain.py --attention=True --threads=1   # CPU: SDPA forward+backward, fp32 vs bf16, by length
 
-tinyshakespeare: ids come from a plain char -> id map built here (nanoGPT's data/shakespeare_char/prepare.py does
-the same; the pipeline's own char tokenizer is train_tokenizer.py --model_type=char), the last 10% of the text is
-val. The baseline is a compact GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings, nanoGPT's init,
-AdamW betas (0.9, 0.99), warmup 100, cosine to 1e-4, clip 1.0, fp32) trained with nanoGPT's CPU command:
-4 layers, 4 heads, 128 dim, block 64, batch 12, lr 1e-3, 2000 iters. Ours runs pretrain.py with the named config.
-Both models are evaluated on the same fixed val windows (eval_iters x batch_size windows of block 64, drawn by
-pretrain.PretrainData.val_batch). "train" time-to-target counts training steps only (evaluation and our
-checkpointing excluded from both); "wall" is everything up to the evaluation that reached the target: for ours
-from launching pretrain.py (Python and torch imports included), for the reference from building its model.
+nanoGPT (`git clone https://github.com/karpathy/nanoGPT`, never part of this repository) runs as its README says for
+a CPU: `python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
+--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
+--lr_decay_iters=2000 --dropout=0.0` (plus --out_dir under ours), on its data/shakespeare_char made by its own
+prepare.py from the same tinyshakespeare text (../shared/data; written there as the input.txt prepare.py would
+download). Our char-level data is made here the same way and checked to be the same token ids.
+
+Like terms: nanoGPT's val loss is an estimate over 20 random batches (15k tokens, a fresh draw each time, about
++-0.02); ours is measured on fixed windows (eval_iters x batch_size windows of 64 tokens, PretrainData.val_batch).
+nanoGPT's final checkpoint (its best estimate, normally step 2000) is scored here on those same fixed windows, and
+that is "its final val loss". Times are wall clock from process launch (Python and torch imports included): for
+nanoGPT to its exit, for ours to the evaluation that reached the level (evaluations and checkpoints on the way
+included). Two lanes run side by side, each with `threads` torch threads: nanoGPT then ours with optimizer=adamw,
+and ours then ours with max_iters=long_iters, so each run shares the machine with one other (other work on the
+machine slows all of them alike: the load average is printed, and the CPU seconds each process used).
 """
 import gzip
+import importlib.util
 import json
-import math
 import os
+import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import configurator
 import inference
 
 text_path = "../shared/data/pretrain_en/tinyshakespeare/input.txt.gz"
+nanogpt = ""                            # a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT); "": none
+nanogpt_args = ""                       # more nanoGPT settings after its recipe's (a short run to check the path)
 config = "config/shakespeare_char.py"   # ours
-target = 1.88                           # val loss
+long_iters = 1300                       # ours again with this max_iters: the best val within nanoGPT's wall time
 out_dir = "out/bench_pretrain"
-ref_iters = 2000                        # nanoGPT's CPU recipe
-ref_eval_interval = 50
-threads = 0                             # torch threads for both runs; 0: torch's default (all cores)
+threads = 1                             # torch threads of every run (OMP_NUM_THREADS); 0: torch's default (all cores)
 gpu = False
-gpu_config = "config/llama_124m.py"
+gpu_config = "config/llama_124m_muon.py"
 gpu_iters = 60                          # the first log interval (compilation) is left out of the figure
+gpu_args = ""                           # more pretrain.py settings for --gpu (a tiny shape checks the path on CPU)
 attention = False
 
-
-# ------------------------------------------------------------------------------------- nanoGPT-style reference
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d, n_head):
-        super().__init__()
-        self.n_head = n_head
-        self.c_attn = nn.Linear(d, 3 * d, bias=False)
-        self.c_proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+NANOGPT_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                  "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                  "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 
 
-class GPTBlock(nn.Module):
-    def __init__(self, d, n_head):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
-        self.attn = CausalSelfAttention(d, n_head)
-        self.c_fc, self.c_proj = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+def child_env():
+    env = dict(os.environ)
+    if threads:  # one thread is the fair setting when other work holds some of the cores
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
-class GPT(nn.Module):
-    """GPT-2 as nanoGPT's model.py builds it (bias=False, dropout 0)."""
-
-    def __init__(self, vocab, block, n_layer=4, n_head=4, d=128):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
-        self.h = nn.ModuleList(GPTBlock(d, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d, bias=False)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.wte.weight = self.lm_head.weight
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
-                nn.init.normal_(p, 0.0, std)
-
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for block in self.h:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+def timed_run(cmd, cwd, log_path):
+    """Run cmd to its end with output to log_path; (launch time, wall seconds, CPU seconds of that process)."""
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        _, status, usage = os.wait4(proc.pid, 0)  # its own CPU time, while another run goes on beside it
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - t0
+    if proc.returncode:
+        with open(log_path) as f:
+            raise SystemExit(f"{' '.join(cmd)} (in {cwd}) failed; the end of {log_path}:\n{f.read()[-3000:]}")
+    return t0, wall, usage.ru_utime + usage.ru_stime
 
 
-def train_reference(data_dir, vocab, val_batches):
-    """nanoGPT's train.py loop with its CPU shakespeare_char settings. Returns the eval records."""
-    torch.manual_seed(1337)
-    block, batch, lr, min_lr, warmup = 64, 12, 1e-3, 1e-4, 100
-    model = GPT(vocab, block)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.99))
-    train = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
+# ------------------------------------------------------------------------------------- data
 
-    def get_lr(it):
-        if it < warmup:
-            return lr * (it + 1) / (warmup + 1)
-        ratio = (it - warmup) / (ref_iters - warmup)
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-    @torch.no_grad()
-    def val_loss():
-        model.eval()
-        losses = [model(x, y).item() for x, y in val_batches]
-        model.train()
-        return sum(losses) / len(losses)
-
-    records, train_time, t_start = [], 0.0, time.time()
-    for it in range(ref_iters + 1):
-        if it % ref_eval_interval == 0 or it == ref_iters:
-            records.append({"step": it, "val_loss": val_loss(), "train_time_s": train_time,
-                            "elapsed_s": time.time() - t_start})
-            print(f"  reference step {it}: val {records[-1]['val_loss']:.4f} after {train_time:.1f}s of training",
-                  flush=True)
-        if it == ref_iters:
-            break
-        t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = get_lr(it)
-        ix = torch.randint(len(train) - block, (batch,))
-        x = torch.stack([torch.from_numpy(train[i:i + block].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(train[i + 1:i + 1 + block].astype(np.int64)) for i in ix])
-        loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        train_time += time.time() - t0
-    return records
+def read_text():
+    if not os.path.isfile(text_path):
+        raise SystemExit(f"{text_path}: not found (the shared data directory beside the checkout)")
+    with gzip.open(text_path, "rt", encoding="utf-8") as f:
+        return f.read()
 
 
-# ------------------------------------------------------------------------------------- the benchmarks
-
-def prepare_char_data(path, data_dir):
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+def prepare_char_data(text, data_dir):
+    """nanoGPT's data/shakespeare_char/prepare.py: ids of the sorted characters, the last 10% val; plus the UTF-8
+    bytes behind each split (bits per byte)."""
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
@@ -156,105 +96,165 @@ def prepare_char_data(path, data_dir):
     os.makedirs(data_dir, exist_ok=True)
     ids[:n].tofile(os.path.join(data_dir, "train.bin"))
     ids[n:].tofile(os.path.join(data_dir, "val.bin"))
-    meta = {"dtype": "uint16", "vocab_size": len(chars), "train_tokens": n, "val_tokens": len(ids) - n,
-            "bos_id": None, "eos_id": None, "sources": [path], "chars": "".join(chars)}
+    meta = {"format": "pretrain", "dtype": "uint16", "vocab_size": len(chars), "train_tokens": n,
+            "val_tokens": len(ids) - n, "bytes": {"train": len(text[:n].encode()), "val": len(text[n:].encode())},
+            "bos_id": None, "eos_id": None, "sources": [text_path], "chars": "".join(chars)}
     with open(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump(meta, f)
-    return len(chars)
 
 
-def run_dtype(config_file, device):
-    """The dtype pretrain.py runs config_file in on `device`, and why: "dtype=float32 (auto: ...)"."""
-    name, why = inference.resolve_dtype(configurator.load_config_file(config_file).get("dtype", "auto"), device)
-    return f"dtype={name} ({why})"
+def prepare_nanogpt_data(text, data_dir):
+    """nanoGPT's own prepare.py on our text; its ids must be ours."""
+    folder = os.path.join(nanogpt, "data", "shakespeare_char")
+    input_txt = os.path.join(folder, "input.txt")
+    if os.path.isfile(input_txt):
+        with open(input_txt, encoding="utf-8") as f:
+            if f.read() != text:
+                raise SystemExit(f"{input_txt}: not the text of {text_path}; move it away and run again")
+    else:
+        with open(input_txt, "w", encoding="utf-8") as f:
+            f.write(text)
+    timed_run([sys.executable, "prepare.py"], folder, os.path.join(out_dir, "nanogpt_prepare.log"))
+    for split in ("train", "val"):
+        with open(os.path.join(folder, f"{split}.bin"), "rb") as a, open(os.path.join(data_dir, f"{split}.bin"),
+                                                                          "rb") as b:
+            if a.read() != b.read():
+                raise SystemExit(f"{folder}/{split}.bin differs from {data_dir}/{split}.bin: not the same ids")
 
 
-def first_below(records, level):
-    hit = next((r for r in records if r["val_loss"] <= level), None)
-    return f"step {hit['step']:>5}  train {hit['train_time_s']:6.1f}s  wall {hit['elapsed_s']:6.1f}s" if hit \
-        else "not reached"
+# ------------------------------------------------------------------------------------- the runs
+
+def run_ours(name, data_dir, *overrides):
+    """pretrain.py with `config` as a user runs it: its eval records (elapsed_s from the launch), wall, CPU."""
+    run_dir = os.path.join(out_dir, name)
+    cmd = [sys.executable, "pretrain.py", config, f"--data_dir={data_dir}", f"--out_dir={run_dir}",
+           "--overwrite=True", *overrides]
+    print(f"{name}: {' '.join(cmd[1:])}", flush=True)
+    t0, wall, cpu = timed_run(cmd, ".", os.path.join(out_dir, f"{name}.log"))
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "val_loss" in r]
+    for r in evals:
+        r["elapsed_s"] = r["time"] - t0
+    return {"evals": evals, "wall": wall, "cpu": cpu}
+
+
+def run_nanogpt():
+    """nanoGPT's README command; its val estimates from its log, its wall and CPU seconds."""
+    run_dir = os.path.abspath(os.path.join(out_dir, "nanogpt"))
+    cmd = [sys.executable, "train.py", *NANOGPT_RECIPE, f"--out_dir={run_dir}", *nanogpt_args.split()]
+    print(f"nanoGPT: (in {nanogpt}) {' '.join(cmd[1:])}", flush=True)
+    log_path = os.path.join(out_dir, "nanogpt.log")
+    _, wall, cpu = timed_run(cmd, nanogpt, log_path)
+    with open(log_path) as f:
+        estimates = [(int(s), float(v)) for s, v in re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)",
+                                                                  f.read())]
+    return {"estimates": estimates, "wall": wall, "cpu": cpu, "ckpt": os.path.join(run_dir, "ckpt.pt")}
+
+
+@torch.no_grad()
+def score_nanogpt(ckpt_path, val_batches):
+    """nanoGPT's checkpoint (its model.py, imported under another name: ours is model.py too) on our val windows."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(nanogpt, "model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = torch.load(ckpt_path, map_location="cpu")
+    net = module.GPT(module.GPTConfig(**ckpt["model_args"]))
+    net.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    net.eval()
+    losses = [net(x.contiguous(), y.contiguous())[1].item() for x, y in val_batches]  # its loss views the targets
+    return sum(losses) / len(losses), ckpt["iter_num"]
+
+
+def first_at(evals, level):
+    return next((r for r in evals if r["val_loss"] <= level), None)
 
 
 def bench_shakespeare():
-    if not os.path.isfile(text_path):
-        raise SystemExit(f"{text_path}: not found (the shared data directory)")
+    if nanogpt and not os.path.isfile(os.path.join(nanogpt, "train.py")):
+        raise SystemExit(f"--nanogpt={nanogpt}: no train.py there; get nanoGPT with "
+                         f"git clone https://github.com/karpathy/nanoGPT")
+    text = read_text()
+    os.makedirs(out_dir, exist_ok=True)
     data_dir = os.path.join(out_dir, "data")
-    vocab = prepare_char_data(text_path, data_dir)
-    env = dict(os.environ)
-    if threads:  # one thread is the fair setting when other work holds some of the cores
-        torch.set_num_threads(threads)
-        env["OMP_NUM_THREADS"] = str(threads)
-    load = os.getloadavg()[0]
+    prepare_char_data(text, data_dir)
+    if nanogpt:
+        prepare_nanogpt_data(text, data_dir)
+    cfg = configurator.load_config_file(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # pretrain.py's device=auto
-    print(f"tinyshakespeare char-level: vocab {vocab}; ours in {run_dtype(config, device)}; "
-          f"{torch.get_num_threads()} threads; load average {load:.2f} at start (other work on this machine slows "
-          f"both runs)")
+    name, why = inference.resolve_dtype(cfg.get("dtype", "auto"), device)
+    print(f"tinyshakespeare char-level; ours in dtype={name} ({why}); {threads or 'default'} torch thread(s) per "
+          f"run; load average {os.getloadavg()[0]:.2f} at start (other work on this machine slows every run)")
+    if not nanogpt:
+        print("nanoGPT: skipped (--nanogpt=PATH to a checkout: git clone https://github.com/karpathy/nanoGPT)")
 
-    # ours, through pretrain.py exactly as a user runs it
-    ours_dir = os.path.join(out_dir, "ours")
-    cmd = [sys.executable, "pretrain.py", config, f"--data_dir={data_dir}", f"--out_dir={ours_dir}"]
-    print("ours:", " ".join(cmd), flush=True)
-    if os.path.isfile(os.path.join(ours_dir, "metrics.jsonl")):
-        os.remove(os.path.join(ours_dir, "metrics.jsonl"))
-    t0 = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
-    ours_wall = time.time() - t0
-    with open(os.path.join(ours_dir, "metrics.jsonl")) as f:
-        ours = [json.loads(line) for line in f]
-    for r in ours:
-        r["elapsed_s"] = r["time"] - t0  # from the launch, not from the trainer's start
-    with open(os.path.join(ours_dir, "config.json")) as f:
-        cfg = json.load(f)
+    # two lanes side by side, so that every run shares the machine with one other run of this benchmark
+    with ThreadPoolExecutor(2) as pool:
+        lane = pool.submit(lambda: (run_nanogpt() if nanogpt else None,
+                                    run_ours("ours_adamw", data_dir, "--optimizer=adamw")))
+        ours = run_ours("ours", data_dir)
+        long = run_ours("ours_long", data_dir, f"--max_iters={long_iters}",
+                        f"--eval_interval={max(long_iters // 20, 1)}")
+        ng, adamw = lane.result()
 
-    # the reference, on the same val windows as ours
-    from data import open_data_dir
-    from pretrain import PretrainData
-    if cfg["block_size"] != 64:
-        raise SystemExit(f"{config}: block_size must be 64, nanoGPT's, for both to be scored on the same windows")
-    val = PretrainData(open_data_dir(data_dir), 64, cfg["batch_size"], cfg["seed"])
-    val_batches = [val.val_batch(i) for i in range(cfg["eval_iters"])]
-    print(f"reference: nanoGPT CPU recipe, {ref_iters} iters", flush=True)
-    t0 = time.time()
-    ref = train_reference(data_dir, vocab, val_batches)
-    ref_wall = time.time() - t0
-
-    evals = [r for r in ours if "val_loss" in r]
-    end = ref[-1]["val_loss"]
-    print(f"\nval windows: {cfg['eval_iters']} x {cfg['batch_size']} x 64 tokens; times exclude evaluation")
-    print(f"nanoGPT CPU recipe (GPT-2, fp32, 4x128, batch 12, {ref_iters} it): final val {end:.4f} after "
-          f"{ref[-1]['train_time_s']:.1f}s of training ({ref_wall:.1f}s wall)")
-    print(f"tinyllm {config}: final val {evals[-1]['val_loss']:.4f} after {evals[-1]['train_time_s']:.1f}s of "
-          f"training ({ours_wall:.1f}s wall, process start to exit)")
-    for level, name in ((target, f"val <= {target}"), (end, f"val <= {end:.4f} (the recipe's final)")):
-        print(f"time to {name}:\n  nanoGPT recipe {first_below(ref, level)}\n  tinyllm        {first_below(evals, level)}")
-    print(f"load average now {os.getloadavg()[0]:.2f}")
+    print(f"\nload average now {os.getloadavg()[0]:.2f}; val loss on {cfg.get('eval_iters')} x "
+          f"{cfg.get('batch_size')} fixed windows of 64 tokens (PretrainData.val_batch)")
+    if ng:
+        from data import open_data_dir
+        from pretrain import PretrainData
+        if cfg.get("block_size") != 64:
+            raise SystemExit(f"{config}: block_size must be 64, nanoGPT's, for both to be scored on the same windows")
+        windows = PretrainData(open_data_dir(data_dir), 64, cfg["batch_size"], cfg.get("seed", 1337))
+        end, at_iter = score_nanogpt(ng["ckpt"], [windows.val_batch(i) for i in range(cfg["eval_iters"])])
+        print(f"nanoGPT CPU recipe: {ng['wall']:.1f}s wall, {ng['cpu']:.1f}s CPU; its own final estimate "
+              f"{ng['estimates'][-1][1]:.4f} (step {ng['estimates'][-1][0]}); its checkpoint (step {at_iter}) on "
+              f"our windows: {end:.4f}")
+        hit = first_at(ours["evals"], end)
+        print(f"time to nanoGPT's final val loss {end:.4f}: " + (
+            f"ours step {hit['step']}, {hit['elapsed_s']:.1f}s wall = {hit['elapsed_s'] / ng['wall']:.3f}x nanoGPT's "
+            f"(val {hit['val_loss']:.4f})" if hit else "not reached by ours"))
+        within = [r for r in long["evals"] if r["elapsed_s"] <= ng["wall"]]
+        best = min(within, key=lambda r: r["val_loss"]) if within else None
+        print(f"best val within nanoGPT's wall time ({ng['wall']:.1f}s), {config} --max_iters={long_iters}: " + (
+            f"{best['val_loss']:.4f} at step {best['step']}, {best['elapsed_s']:.1f}s" if best else "no evaluation"))
+    print(f"\n{'run':<34}{'steps':>6}{'final val':>10}{'val bpb':>9}{'best val':>9}{'wall s':>8}{'CPU s':>8}")
+    for label, run in ((f"ours ({cfg.get('optimizer', 'adamw')})", ours), ("ours, optimizer=adamw", adamw),
+                       (f"ours, max_iters={long_iters}", long)):
+        last = run["evals"][-1]
+        print(f"{label:<34}{last['step']:>6}{last['val_loss']:>10.4f}{last.get('val_bpb', float('nan')):>9.4f}"
+              f"{min(r['val_loss'] for r in run['evals']):>9.4f}{run['wall']:>8.1f}{run['cpu']:>8.1f}")
 
 
 def bench_gpu():
+    """config/llama_124m_muon.py through pretrain.py on random tokens: the trainer's tokens/s and MFU. Without CUDA
+    (a check of the command path, with gpu_args shrinking the model) the figures say nothing about a GPU."""
     if not torch.cuda.is_available():
-        raise SystemExit("--gpu=True needs CUDA")
+        print("no CUDA: this checks the command path only; its figures are not GPU figures")
     data_dir = os.path.join(out_dir, "random_tokens")
     os.makedirs(data_dir, exist_ok=True)
-    n = 50_000_000  # throughput does not care what the tokens say
+    n = 20_000_000  # throughput does not care what the tokens say
     rng = np.random.default_rng(0)
     for split, size in (("train", n), ("val", n // 100)):
         rng.integers(0, 32000, size=size, dtype=np.uint16).tofile(os.path.join(data_dir, f"{split}.bin"))
     with open(os.path.join(data_dir, "meta.json"), "w") as f:
-        json.dump({"dtype": "uint16", "vocab_size": 32000, "train_tokens": n, "val_tokens": n // 100}, f)
+        json.dump({"format": "pretrain", "dtype": "uint16", "vocab_size": 32000, "train_tokens": n,
+                   "val_tokens": n // 100}, f)
     run_dir = os.path.join(out_dir, "gpu")
-    print(f"{gpu_config}: {run_dtype(gpu_config, 'cuda')}", flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name, why = inference.resolve_dtype(configurator.load_config_file(gpu_config).get("dtype", "auto"), device)
+    print(f"{gpu_config}: dtype={name} ({why})", flush=True)
     cmd = [sys.executable, "pretrain.py", gpu_config, f"--data_dir={data_dir}", f"--out_dir={run_dir}",
            f"--max_iters={gpu_iters}", "--eval_interval=100000", "--eval_iters=1", "--log_interval=10",
-           "--grad_accum=1", "--keep_last=1"]
+           "--grad_accum=1", "--keep_last=1", "--overwrite=True", *gpu_args.split()]
     print(" ".join(cmd), flush=True)
-    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-        os.remove(os.path.join(run_dir, "metrics.jsonl"))
     subprocess.run(cmd, check=True)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         logs = [r for r in map(json.loads, f) if "tokens_per_s" in r][1:]  # the first interval compiles
+    if not logs:
+        raise SystemExit(f"--gpu_iters={gpu_iters}: no log interval after the first; use at least 20")
     tok_s = sum(r["tokens_per_s"] for r in logs) / len(logs)
     mfu = sum(r["mfu"] for r in logs) / len(logs)
-    print(f"{gpu_config} on {torch.cuda.get_device_name()}: {tok_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% "
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{gpu_config} on {where}: {tok_s:,.0f} tokens/s, MFU {100 * mfu:.1f}% "
           f"(steps {logs[0]['step']}..{logs[-1]['step']})")
 
 

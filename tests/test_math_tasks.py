@@ -392,6 +392,7 @@ def run_eval(*args):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_eval_py_gsm8k_end_to_end(tiny_math, tmp_path):
     model, tok, ckpt = tiny_math
     questions = ["What is 2 + 2?", "Tom has 3 pens and buys 4. How many?"]

@@ -28,7 +28,8 @@ Logged (console, metrics.jsonl, wandb): reward and reward_std (total), reward/<n
 each function, zero_std_groups (the share of groups whose rewards are all equal: they teach nothing), kl,
 clip_fraction (tokens whose ratio was clipped), entropy (of the policy at the completion tokens), completion_len,
 truncated (completions that hit max_new_tokens), rollout_tokens_per_s and update_tokens_per_s; at each evaluation
-eval_pass@1, greedy exact match on the held-out eval_problems (math_tasks.evaluate).
+eval_pass@1, greedy exact match on the held-out eval_problems (math_tasks.evaluate). out_dir/reward.png plots the
+reward and eval_pass@1 against the step (loss.png the loss).
 
 Resume (even after kill -9) is exact: the round's samples, advantages and old log-probs are saved with every
 checkpoint (batches_rank<r>.pt), and the sampling generator is a pure function of (seed, round, rank). A reward
@@ -370,6 +371,26 @@ def heldout_pass(tok, problems_, limit_tokens, batch):
     return run
 
 
+def plot_rewards(metrics_path, path):
+    """The reward (mean over each step's completions) and eval_pass@1 against the step, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from metrics import read_metrics
+    recs = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("reward", "eval_pass@1"):
+        pts = [(r["step"], r[key]) for r in recs if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key, marker="o" if key == "eval_pass@1" else None)
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    log(f"reward curve: {path}")
+
+
 def full_export(tok):
     """export for a full run: the model and its tokenizer in out_dir/hf (one process holds the whole model)."""
     def run(t):
@@ -480,6 +501,8 @@ def main():
     finally:
         if source.engine is not None:
             source.engine.close()
+    if t.master:
+        plot_rewards(t.metrics_path, os.path.join(out_dir, "reward.png"))
 
 
 if __name__ == "__main__":

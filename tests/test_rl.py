@@ -287,3 +287,4 @@ def test_a_tiny_model_learns_the_addition_task(tmp_path):
         exact = {r["step"]: r["eval_pass@1"] for r in map(json.loads, f) if "eval_pass@1" in r}
     assert exact[0] > 0.2  # the warm-up's start: rewards to learn from
     assert exact[40] >= exact[0] + 0.10, exact
+    assert os.path.getsize(out / "reward.png") > 0

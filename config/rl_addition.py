@@ -5,8 +5,8 @@
 #   python fine_tuning.py --init_from=out/run/sft/hf --data_dir=out/run/addition_data --out_dir=out/run/addition_sft \
 #       --max_iters=100 --learning_rate=1e-3 --batch_size=16
 #   python rl.py config/rl_addition.py --init_from=out/run/addition_sft/hf --out_dir=out/run/rl
-# eval_pass@1 in metrics.jsonl (steps 0 and 40; out_dir/reward.png) is greedy exact match on the sums trained on: a model this small
-# memorises sums and does not work out those of unseen pairs (addition:split=eval) in minutes.
+# eval_pass@1 in metrics.jsonl (steps 0 and 40; the curve in out_dir/reward.png) is greedy exact match on the sums
+# trained on: a model this small memorises sums and does not work out those of unseen pairs (addition:split=eval).
 out_dir = "out/rl_addition"
 problems = "addition:split=train,n=86,digits=1"
 eval_problems = "addition:split=train,n=86,digits=1"

@@ -7,8 +7,9 @@ trainer.py's loop.
 
 Each round, every prompt of the round (problems: math_tasks.load_problems, asked in the model's chat template) is
 answered group_size times by the current policy through engine.py's continuous batching (one KV-cache row per
-completion; temperature, top_p, max_new_tokens, stopping at the tokenizer's stop ids; a seed per completion). Each completion is scored by the reward functions (rewards,
-reward_weights: math_tasks.REWARDS names or module:function), and its advantage is its total reward minus its
+completion; temperature, top_p, max_new_tokens, stopping at the tokenizer's stop ids; a seed per completion). Each
+completion is scored by the reward functions (rewards, reward_weights: math_tasks.REWARDS names or module:function),
+and its advantage is its total reward minus its
 group's mean, divided by the group's std (+1e-4) unless scale_rewards=False (Dr. GRPO). The round's samples are
 then trained on for num_iterations optimizer steps with the clipped objective, per completion token t:
 
@@ -452,15 +453,16 @@ def encode_problems(tok, path, limit, max_len, skip=0):
     prompts = tok.encode_batch(texts)
     for n, ids in enumerate(prompts, skip + 1):  # a JSON Lines file's record n is its line n
         if len(ids) >= max_len:
-            raise SystemExit(f"{path}: problem {n}: the prompt has {len(ids)} tokens, which leaves no room for an answer in "
-                             f"max_len={max_len}")
+            raise SystemExit(f"{path}: problem {n}: the prompt has {len(ids)} tokens, which leaves no room for an "
+                             f"answer in max_len={max_len}")
     return prompts, [r["question"] for r in records], [r["answer"] for r in records]
 
 
 def write_warmup(path):
     """write_sft: the problems as SFT records in data_process.py's messages layout, the question asked as rl.py
     asks it and answered with the final line alone."""
-    records = math_tasks.load_problems(problems, limit=problems_limit and problems_skip + problems_limit)[problems_skip:]
+    limit = problems_limit and problems_skip + problems_limit
+    records = math_tasks.load_problems(problems, limit=limit)[problems_skip:]
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             messages = math_tasks.prompt_messages(r["question"]) + [

@@ -274,8 +274,9 @@ def warm_up(model_dir, steps=90):
 
 def test_a_tiny_model_learns_the_addition_task(tmp_path):
     """40 GRPO steps (8 prompts x 8 samples) raise greedy exact match on the sums by at least 10 points (36% ->
-    66% when written; at learning_rate=2e-3 the policy collapses instead). The figure is over the training questions: held out, the sums of unseen pairs are not
-    learnt by a model this small in a minute (2-digit held-out stayed under 10% after 1200 SFT steps)."""
+    66% when written; at learning_rate=2e-3 the policy collapses instead). The figure is over the training
+    questions: held out, the sums of unseen pairs are not learnt by a model this small in a minute (2-digit held-out
+    stayed under 10% after 1200 SFT steps)."""
     model_dir = str(tmp_path / "model")
     warm_up(model_dir)
     out = tmp_path / "out"

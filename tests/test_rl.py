@@ -289,3 +289,18 @@ def test_a_tiny_model_learns_the_addition_task(tmp_path):
     assert exact[0] > 0.2  # the warm-up's start: rewards to learn from
     assert exact[40] >= exact[0] + 0.10, exact
     assert os.path.getsize(out / "reward.png") > 0
+
+
+def test_lora_with_kl_to_the_adapter_off_policy_and_two_iterations(model_dir, digit_reward, tmp_path):
+    """LoRA, beta > 0 against the policy with its adapters off, num_iterations=2 over 2 micro-batches, sequence
+    normalisation: the KL is 0 at the first step (LoRA's B starts at 0, so the policy is its reference) and grows;
+    the second step of a round is clipped somewhere (its ratio is no longer 1); adapter/ is exported."""
+    out = tmp_path / "out"
+    run_script("rl.py", [f"--init_from={model_dir}", f"--out_dir={out}", *SMALL, "--method=lora", "--beta=0.04",
+                         "--reference=adapter_off", "--num_iterations=2", "--loss_norm=sequence", "--grad_accum=2",
+                         "--max_iters=4", "--learning_rate=3e-2", f"--rewards=('{digit_reward}:share',)"])
+    with open(out / "metrics.jsonl") as f:
+        recs = {r["step"]: r for r in map(json.loads, f) if "train_loss" in r}
+    assert recs[1]["kl"] == 0 and recs[4]["kl"] > 0
+    assert max(recs[s]["clip_fraction"] for s in (2, 4)) > 0 and recs[1]["clip_fraction"] == 0
+    assert os.path.isfile(out / "adapter" / "adapter_config.json")

@@ -108,7 +108,7 @@ def ours(gguf):
     if code:
         raise SystemExit(f"rl.py failed ({code}): see {out_dir}/ours.log")
     recs = read_metrics(os.path.join(out, "metrics.jsonl"))
-    train = [r for r in recs if "train_loss" in r]
+    train = list({r["step"]: r for r in recs if "train_loss" in r}.values())  # one per step: the last written
     clock = [0.0] + [r["train_time_s"] for r in train]
     step_s = [b - a for a, b in zip(clock, clock[1:])]
     tokens = [r["completion_len"] * 8 for r in train]

@@ -6,7 +6,7 @@
 #   python pretrain.py config/llama_124m_muon.py                        # one GPU
 #   torchrun --standalone --nproc_per_node=8 pretrain.py config/llama_124m_muon.py    # DDP (Muon needs parallel=ddp)
 #   python bench_pretrain.py --gpu=True                                 # tokens/s and MFU of this preset, one command
-# ../shared/data/pretrain_en is ~2M tokens: enough to see the loss fall and to time the GPU; for a model worth keeping
+# ../shared/data/pretrain_en is ~2.7M tokens: enough to see the loss fall and to time the GPU; for a model worth keeping
 # point data_dir at billions of tokens (FineWeb-Edu, data_process.py's output) and raise max_iters.
 # Muon (optimizers.py) for the blocks' matrices, AdamW for embeddings and norms, one learning_rate for both
 # (match_rms_adamw); modded-nanogpt's records and Moonshot's Moonlight train with Muon at about 1.5x AdamW's sample

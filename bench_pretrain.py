@@ -216,6 +216,12 @@ def bench_shakespeare():
         best = min(within, key=lambda r: r["val_loss"]) if within else None
         print(f"best val within nanoGPT's wall time ({ng['wall']:.1f}s), {config} --max_iters={long_iters}: " + (
             f"{best['val_loss']:.4f} at step {best['step']}, {best['elapsed_s']:.1f}s" if best else "no evaluation"))
+    fast, slow = sorted((ours, adamw), key=lambda run: run["evals"][-1]["elapsed_s"])
+    fast_name = f"optimizer={cfg.get('optimizer', 'adamw') if fast is ours else 'adamw'}"
+    done = fast["evals"][-1]
+    seen = [r for r in slow["evals"] if r["elapsed_s"] <= done["elapsed_s"]]
+    print(f"equal wall time: the {fast_name} run ended at {done['elapsed_s']:.1f}s with val {done['val_loss']:.4f}; the "
+          f"other's last val by then: " + (f"{seen[-1]['val_loss']:.4f} (step {seen[-1]['step']})" if seen else "none"))
     print(f"\n{'run':<34}{'steps':>6}{'final val':>10}{'val bpb':>9}{'best val':>9}{'wall s':>8}{'CPU s':>8}")
     for label, run in ((f"ours ({cfg.get('optimizer', 'adamw')})", ours), ("ours, optimizer=adamw", adamw),
                        (f"ours, max_iters={long_iters}", long)):

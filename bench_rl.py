@@ -11,7 +11,8 @@ TRL lives only in a throwaway venv (never in our lock): e.g. `python -m venv /tm
 GGUF's weights (TRL gets them as a transformers folder written by convert.save_pretrained), one thread per process
 unless OMP_NUM_THREADS says otherwise, and bf16 autocast where the CPU runs it fast (dtype=auto), as ours does.
 Same settings: LoRA r=16 alpha=32 on every projection, G=4, 8 completions a step, max 192 new tokens, temperature 1,
-lr 2e-5 constant, beta=0, epsilon=0.2, DAPO token normalisation, rewards gsm8k_answer + 0.2 format. Their samples
+lr 2e-5 constant, beta=0, epsilon=0.2, DAPO token normalisation, rewards gsm8k_answer + 0.2 format, no activation
+checkpointing (TRL's default turns it on). Their samples
 differ, so their completion lengths do too: the table gives tokens per step beside the step time.
 Writes out_dir/results.json, out_dir/reward.png and prints a Markdown table.
 """
@@ -70,7 +71,8 @@ cfg = GRPOConfig(output_dir=args["out"], per_device_train_batch_size=8, num_gene
                  temperature=1.0, top_p=1.0, learning_rate=2e-5, lr_scheduler_type="constant", warmup_steps=0,
                  weight_decay=0.0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, num_iterations=1, loss_type="dapo",
                  reward_weights=[1.0, 0.2], max_steps=args["steps"], logging_steps=1, save_strategy="no",
-                 report_to="none", use_cpu=True, bf16=args["bf16"], seed=1337, shuffle_dataset=True)
+                 report_to="none", use_cpu=True, bf16=args["bf16"], seed=1337, shuffle_dataset=True,
+                 gradient_checkpointing=False)  # TRL's default is True; rl.py's activation_checkpointing is off
 peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 trainer = GRPOTrainer(model=model, reward_funcs=[gsm8k_answer, format_reward], args=cfg, train_dataset=ds,
                       processing_class=tok, peft_config=peft, callbacks=[Clock()])

@@ -84,7 +84,8 @@ def figures(run, stage):
         out = {}
         for name, path in (("int8", "eval_int8.json"), ("q8_0", "eval_q8_0.json")):
             if os.path.exists(at(path)):
-                out[f"{name} perplexity change"] = f"{(load(path)['results']['ppl']['ppl'] / base - 1) * 100 + 0.0:+.2f}%"
+                change = round((load(path)["results"]["ppl"]["ppl"] / base - 1) * 100, 2) + 0.0  # + 0.0: no "-0.00"
+                out[f"{name} perplexity change"] = f"{change:+.2f}%"
         return out
     if stage == "sft":
         val = [r for r in records(at("sft", "metrics.jsonl")) if "val_loss" in r]
@@ -108,8 +109,8 @@ def figures(run, stage):
         return {**out, "questions": r["questions"]}
     if stage in ("sample", "answer", "dpo_answer"):
         r = load(f"{stage}.json")["results"][0]
-        return {"text": short(r["prompt"] + " -> " + r["completion"] if stage != "sample" else
-                              r["prompt"] + r["completion"])}
+        return {"text": short(r["prompt"] + r["completion"]) if stage == "sample" else
+                f"{short(r['prompt'], 20)} -> {short(r['completion'])}"}
     if stage == "rag_answer":
         text = open(at("rag_answer.txt"), encoding="utf-8").read()
         answer, _, sources = text.partition("\nSources:")
@@ -151,7 +152,8 @@ def table(run, pipeline, stages, run_start):
 def markdown(res):
     cell = lambda figs: "; ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {'n/a' if v is None else v}"
                                   for k, v in figs.items())
-    time = lambda r: "-" if r["seconds"] is None else f"{r['seconds']}s" + (" (done before)" if r["done_before"] else "")
+    time = lambda r: ("-" if r["seconds"] is None else
+                      f"{r['seconds']}s" + (" (done before)" if r["done_before"] else ""))
     lines = [f"Run {res['run_dir']} ({res['pipeline']}), {res['date']}: {res['machine']}; torch {res['torch']}; "
              f"commit {res['commit']}", "", "| stage | time | figures |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {time(r)} | {cell(r['figures']).replace('|', '/')} |" for r in res["stages"]]

@@ -179,6 +179,8 @@ elif stage == "dpo":
 elif stage == "ceval":
     r = load("ceval.json")["results"]["all"]
     line = f"C-Eval val accuracy {r['acc']:.3f} over {r['n']:,} questions (chance: 0.25)"
+    if abs(r["acc"] - 0.25) < 2 * (0.25 * 0.75 / r["n"]) ** 0.5:  # within two standard errors of guessing
+        notes.append("within two standard errors of chance: a model this small does not know the answers yet")
 elif stage == "rag":
     r = load("rag_eval.json")
     rerank = f", re-ranked by the model {r['rerank/recall@1']:.2f}" if "rerank/recall@1" in r else ""
@@ -306,9 +308,11 @@ with open(os.path.join(out, "train.jsonl"), "w", encoding="utf-8") as train, \
     for part, every in ((first, 10), (",".join(rest), 0)):
         texts = readers.iter_texts(part, text_field=field, txt_split=split) if part else ()
         for i, text in enumerate(texts):
-            (held if every and i % every == every - 1 else train).write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+            (held if every and i % every == every - 1 else train).write(line)
 PY
-  python train_tokenizer.py --input="$RUN_DIR/corpus/train.jsonl" --vocab_size="$ZH_VOCAB" --out_dir="$RUN_DIR/tokenizer"
+  python train_tokenizer.py --input="$RUN_DIR/corpus/train.jsonl" --vocab_size="$ZH_VOCAB" \
+    --out_dir="$RUN_DIR/tokenizer"
   python - "$RUN_DIR" <<'PY'
 import importlib.util, json, os, sys
 from tokenizer import Tokenizer
@@ -328,7 +332,8 @@ PY
 }
 
 zh_data() {  # Chinese cleaning (NFKC, full-width punctuation beside Han characters) and exact + MinHash dedup
-  python data_process.py --input="$RUN_DIR/corpus/train.jsonl" --tokenizer="$RUN_DIR/tokenizer" --out_dir="$RUN_DIR/data"
+  python data_process.py --input="$RUN_DIR/corpus/train.jsonl" --tokenizer="$RUN_DIR/tokenizer" \
+    --out_dir="$RUN_DIR/data"
 }
 
 zh_pretrain() {
@@ -356,16 +361,17 @@ zh_answer() {  # greedy answers that never repeat a 4-gram (a small model loops 
     --max_new_tokens=64 --data="$RUN_DIR/question.txt" --out="$RUN_DIR/answer.json"
 }
 
-zh_dpo() {  # pairs: ZH_SFT's first 240 prompts answered by an SFT checkpoint a quarter of an epoch in (rejected)
+zh_dpo() {  # pairs: ZH_SFT's first 400 prompts answered by an SFT checkpoint half an epoch in (rejected; an empty
+  # answer, which the early model often gives, makes no pair)
   if [ ! -f "$RUN_DIR/sft_early/hf/config.json" ]; then
     start "$RUN_DIR/sft_early" "$RUN_DIR/pretrain/hf"
     $LAUNCH fine_tuning.py $TRAIN_ARGS "${init[@]}" --data_dir="$RUN_DIR/sft_data" --out_dir="$RUN_DIR/sft_early" \
-      --max_iters=15 --learning_rate=1e-3 --min_lr=1e-4 --batch_size=16 --sample_prompts=0
+      --max_iters=28 --learning_rate=1e-3 --min_lr=1e-4 --batch_size=16 --sample_prompts=0
   fi
   if [ ! -f "$RUN_DIR/dpo_pairs/meta.json" ]; then
     python -c 'import json, sys, itertools, dpo
 with open(sys.argv[2], "w", encoding="utf-8") as f:
-    for msgs, split in itertools.islice(dpo.sft_conversations(sys.argv[1]), 240):
+    for msgs, split in itertools.islice(dpo.sft_conversations(sys.argv[1]), 400):
         f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")' "$ZH_SFT" "$RUN_DIR/pair_prompts.jsonl"
     python dpo.py --make_pairs=True --init_from="$RUN_DIR/sft_early/hf" --pairs_input="$RUN_DIR/pair_prompts.jsonl" \
       --out_dir="$RUN_DIR/dpo_pairs" --rejected_tokens=32

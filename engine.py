@@ -11,8 +11,8 @@ The model's static KV cache (Transformer.setup_cache(parallel, max_len)) has one
 slots: a slot holds one request, which writes its own cache row at its own positions and attends only to what it
 wrote there, so a request's greedy tokens are the same whether it runs alone or beside others (a reused row needs no
 clearing: a request never sees the slots past its own position). Exactly the same in fp32; in bf16 a batch goes
-through other matmul kernels than a lone row, whose rounding can part two greedy answers at a near-tie (SmolLM2-135M:
-after 8 to 90 tokens for half of 8 requests), as in any batching server. Each engine step
+through other matmul kernels than a lone row, whose rounding can part two greedy answers at a near-tie (SmolLM2-135M
+on CPU: 5 of 8 answers, after 8 to 90 tokens), as in any batching server. Each engine step
 1. ends cancelled requests and puts queued ones into free slots;
 2. prefills: reads up to prefill_chunk prompt tokens, first come first served, into the rows of the slots still
    reading their prompts (a long prompt is read over several steps, so decoding slots wait at most one chunk); a slot

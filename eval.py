@@ -22,6 +22,9 @@ Tasks
              tokens the previous one did not (the "perplexity of fixed-length models" method of the transformers
              docs), so every token is scored once, with up to block_size - stride tokens of context carried over.
              --lengths=256,512,1024: one row per window length (perplexity against context length).
+             bpb: bits per byte, loss * tokens / (bytes * ln 2) with the UTF-8 bytes of the text (a data folder's
+             meta.json records them per split; text files are counted as read), which compares across tokenizers;
+             not with --limit.
   passkey    retrieval of a random number (1..50000) hidden in filler text (the prompt of LongLoRA's
              passkey_retrivial.py, after Landmark Attention), --trials prompts per --lengths (prompt tokens) and
              --depths (where the key's line sits: 0 = first, 1 = last); a hit is a greedy continuation that starts
@@ -664,7 +667,13 @@ def main():
         if len(tokens) < 2:
             raise SystemExit(f"{data}: {len(tokens)} token(s); perplexity needs at least 2")
         summary = {str(w) if lengths else "ppl": perplexity(model, tokens, w, stride or w, batch_size) for w in windows}
-        print_table(summary, ["tokens", "loss", "ppl"])
+        n_bytes = None if limit else datalayer.stream_bytes(data, split or "val")
+        for row in summary.values() if n_bytes else ():
+            row["bpb"] = datalayer.bits_per_byte(row["loss"], row["tokens"], n_bytes)
+        if not n_bytes:
+            print("no bits per byte: " + ("--limit scores a part of the text whose bytes are not counted" if limit else
+                                          f"{data}: its meta.json records no bytes (data made before they were)"))
+        print_table(summary, ["tokens", "loss", "ppl"] + ["bpb"] * bool(n_bytes))
     elif task == "passkey":
         check_passkey_memory(model, lengths, min(batch_size, trials))
         summary = passkey(model, tok, lengths, depths, trials, batch_size, seed, bos)

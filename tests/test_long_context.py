@@ -16,6 +16,7 @@ import checkpoint
 import configurator
 import convert
 import eval as evaluate
+import passkey
 from conftest import ROOT, char_tokenizer_folder, run_script, tiny_transformer
 from model import ModelConfig, Transformer, rope_cos_sin, shifted_sparse_attention
 from test_pretrain import make_data_dir
@@ -261,37 +262,37 @@ class KeyReader:
 def test_passkey_prompts_fit_their_length_and_place_the_key_at_its_depth(tmp_path):
     tok = char_tokenizer_folder(str(tmp_path / "tok"))
     for depth in (0.0, 0.5, 1.0):
-        ids = evaluate.passkey_prompt(tok, 31415, 1000, depth)
+        ids = passkey.prompt(tok, 31415, 1000, depth)
         text = tok.decode(ids)
         assert 1000 - 90 < len(ids) <= 1000  # one filler sentence (~90 characters) of slack at most
         info = "The pass key is 31415. Remember it. 31415 is the pass key."
-        start, end = len(evaluate.PASSKEY_INTRO) + 1, len(text) - len(evaluate.PASSKEY_QUESTION) - 1 - len(info)
+        start, end = len(passkey.INTRO) + 1, len(text) - len(passkey.QUESTION) - 1 - len(info)
         where = (text.index(info) - start) / (end - start)  # the fraction of the filler before the key
         assert abs(where - depth) < 0.1 and text.endswith("What is the pass key? The pass key is")
     with pytest.raises(SystemExit, match="too short"):
-        evaluate.passkey_prompt(tok, 1, 100, 0.5)
-    right = evaluate.passkey(KeyReader(tok), tok, [400, 800], [0, 1], 3, 2, seed=0)
+        passkey.prompt(tok, 1, 100, 0.5)
+    right = passkey.run(KeyReader(tok), tok, [400, 800], [0, 1], 3, 2, seed=0)
     assert right == {"400": {"acc@0": 1.0, "acc@1": 1.0, "acc_mean": 1.0},
                      "800": {"acc@0": 1.0, "acc@1": 1.0, "acc_mean": 1.0}}
-    wrong = evaluate.passkey(KeyReader(tok, right=False), tok, [400], [0.5], 3, 2, seed=0)
+    wrong = passkey.run(KeyReader(tok, right=False), tok, [400], [0.5], 3, 2, seed=0)
     assert wrong["400"]["acc_mean"] == 0.0
 
 
 def test_passkey_lengths_beyond_memory_are_refused_with_the_figure(monkeypatch, ckpt_folder):
     model = tiny_transformer(100, max_seq_len=64)
-    monkeypatch.setattr(evaluate, "free_memory", lambda device: 2**30, raising=False)
-    evaluate.check_passkey_memory(model, [300, 2000], 16)  # 16 x 2016^2 x 6 bytes of masks: 0.4 GiB, fits
+    monkeypatch.setattr(passkey, "free_memory", lambda device: 2**30, raising=False)
+    passkey.check_memory(model, [300, 2000], 16)  # 16 x 2016^2 x 6 bytes of masks: 0.4 GiB, fits
     with pytest.raises(SystemExit) as e:
-        evaluate.check_passkey_memory(model, [300, 8000], 16)
+        passkey.check_memory(model, [300, 8000], 16)
     msg = str(e.value)
     assert msg.startswith("--lengths=8000: a passkey batch of 16 prompt(s) of 8,000 tokens needs about 6.0 GiB on cpu")
     fit = re.search(r"lengths up to ([\d,]+) fit at --batch_size=16, 8,000 at --batch_size=1", msg)[1]
     fit = int(fit.replace(",", ""))
-    need = [sum(evaluate.passkey_memory(model, 16, n).values()) for n in (fit, fit + 1)]
+    need = [sum(passkey.memory(model, 16, n).values()) for n in (fit, fit + 1)]
     assert need[0] <= 0.9 * 2**30 < need[1] and 2900 < fit < 3100  # the masks grow with rows x length^2
     for key in configurator.config_keys(vars(evaluate)):  # main() sets them: put back after the test
         monkeypatch.setattr(evaluate, key, getattr(evaluate, key))
-    monkeypatch.setattr(evaluate, "passkey", lambda *args: pytest.fail("generating before the memory check"))
+    monkeypatch.setattr(passkey, "run", lambda *args: pytest.fail("generating before the memory check"))
     monkeypatch.setattr(sys, "argv", ["eval.py", "--task=passkey", f"--ckpt={ckpt_folder}", "--lengths=300,8000",
                                       "--trials=20", "--batch_size=16"])
     with pytest.raises(SystemExit, match="--lengths=8000: a passkey batch of 16 prompt"):
@@ -300,7 +301,7 @@ def test_passkey_lengths_beyond_memory_are_refused_with_the_figure(monkeypatch, 
 
 PEAK_PROBE = r"""import re
 from conftest import tiny_transformer
-import eval as evaluate
+import passkey
 
 def vm(field):
     return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read())[1]) * 1024
@@ -309,7 +310,7 @@ model = tiny_transformer(100)
 open("/proc/self/clear_refs", "w").write("5")  # the peak RSS (VmHWM) starts again from here
 base = vm("VmRSS")
 model.generate([[5] * 3000, [5] * 2999], max_new_tokens=4, temperature=0)
-print(vm("VmHWM") - base, sum(evaluate.passkey_memory(model, 2, 3000).values()))
+print(vm("VmHWM") - base, sum(passkey.memory(model, 2, 3000).values()))
 """
 
 

@@ -18,6 +18,7 @@ engine.py's continuous batching, where each cache row is a request at its own po
 On CPU, eager generate() runs inside cpu_decoding(), which lays the weights out for chains of matrix-vector products.
 """
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -239,14 +240,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=bias)
         self.dropout = config.dropout
         self.kv_cache = None  # a KVCache while generating (Transformer.setup_cache)
-        self.qkv = None  # (weight, bias) of q/k/v as one layer while cpu_decoding() holds them packed
+        self.qkv = None  # (weight, bias, oneDNN layout) of q/k/v as one layer while cpu_decoding() packs them
         self.rotate = apply_rope  # model_kernels.use_kernels may put a fused kernel here
         self.s2_groups = 0  # > 1: S²-Attn in training mode (set through Transformer.s2_groups)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None, cache_rows=None):
         B, T, _ = x.shape
         if self.qkv is not None and not torch.is_grad_enabled():  # one product, one rotation for q and k together
-            qkv = F.linear(x, *self.qkv).view(B, T, -1, self.head_dim).transpose(1, 2)
+            qkv = decode_linear(x, *self.qkv).view(B, T, -1, self.head_dim).transpose(1, 2)
             qk = self.rotate(qkv[:, :self.n_heads + self.n_kv_heads], cos, sin)
             q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv_heads:]
         else:
@@ -325,11 +326,11 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
-        self.gate_up = None  # (weight, bias) of gate and up as one layer while cpu_decoding() holds them packed
+        self.gate_up = None  # (weight, bias, oneDNN layout) of gate and up as one layer while cpu_decoding() packs them
 
     def forward(self, x):
         if self.gate_up is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+            gate, up = decode_linear(x, *self.gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -627,15 +628,23 @@ def cpu_decoding(model):
       and unpacking SmolLM2-135M take ~30 ms together). A group with a layer that is not a plain nn.Linear (LoRA,
       quantised, sharded) stays as it is.
     - each RMSNorm keeps its weight twice over, for the one-kernel LayerNorm form of RMSNorm (RMSNorm.forward).
+    - bf16 weights (where oneDNN runs bf16) also get a copy in oneDNN's own blocked layout (decode_linear), which
+      costs their memory again: given a plain row-major weight, oneDNN re-lays it out on every call, which made a
+      SmolLM2 decode step of 8 rows ~2.5x that of one row (the copy: ~1.4x); one row runs as fast as ATen's kernel.
     For inference only: the packed tensors are not parameters, so with gradients enabled the layers run as usual.
     A SmolLM2-135M bf16 step on one thread takes ~27.5 ms instead of ~30."""
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+    def onednn_layout(weight):
+        return torch.ops.mkldnn._reorder_linear_weight(weight) if onednn and weight.dtype == torch.bfloat16 else None
+
     groups = []
     for layer in model.layers:
         groups.append((layer.attn, "qkv", (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj)))
         if isinstance(layer.mlp, SwiGLU):
             groups.append((layer.mlp, "gate_up", (layer.mlp.gate_proj, layer.mlp.up_proj)))
     norms = [m for m in model.modules() if isinstance(m, RMSNorm) and type(m.weight.data) is torch.Tensor]
-    packed = []
+    packed, relaid = [], []
     try:
         # plain tensors even under the caller's inference_mode: the weights must stay trainable afterwards
         with torch.no_grad(), torch.inference_mode(False):
@@ -648,19 +657,36 @@ def cpu_decoding(model):
                 for w, rows in zip(weights, weight.split([w.shape[0] for w in weights])):
                     w.data = rows
                 bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-                setattr(owner, name, (weight, bias))
+                setattr(owner, name, (weight, bias, onednn_layout(weight)))
                 packed.append((owner, name, weights))
+            fused = {id(lin) for _, _, linears in groups for lin in linears}
+            for lin in model.modules():  # the others (o/down projections, lm_head): their forward, for the while
+                if type(lin) is nn.Linear and id(lin) not in fused and type(lin.weight.data) is torch.Tensor:
+                    layout = onednn_layout(lin.weight)
+                    if layout is not None:
+                        lin.forward = functools.partial(decode_linear, weight=lin.weight, bias=lin.bias, layout=layout)
+                        relaid.append(lin)
             for norm in norms:
                 norm.doubled_weight = torch.cat((norm.weight, norm.weight))
         yield
     finally:
         with torch.no_grad(), torch.inference_mode(False):
+            for lin in relaid:
+                del lin.forward
             for norm in norms:
                 norm.doubled_weight = None
             for owner, name, weights in packed:
                 setattr(owner, name, None)
                 for w in weights:
                     w.data = w.data.clone()
+
+
+def decode_linear(x, weight, bias=None, layout=None):
+    """F.linear(x, weight, bias), run by oneDNN on `layout` (cpu_decoding's copy of weight in oneDNN's own layout)
+    when there is one and no gradient is wanted: one kernel for any number of rows."""
+    if layout is None or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, layout, bias, "none", [], "")
 
 
 def packed_mask(doc_ids):

@@ -162,8 +162,13 @@ def markdown(res):
 
 
 def main():
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__.strip())
+        return
     if len(sys.argv) < 4:
-        raise SystemExit("usage: python results.py RUN_DIR PIPELINE STAGE [STAGE ...]")
+        raise SystemExit("usage: python results.py RUN_DIR PIPELINE STAGE [STAGE ...] (--help: what it does)")
+    if not os.path.isdir(os.path.join(sys.argv[1], "logs")):
+        raise SystemExit(f"{sys.argv[1]}: not a run.sh run folder (it has no logs/)")
     run, pipeline, stages = sys.argv[1], sys.argv[2], sys.argv[3:]
     res = table(run, pipeline, stages, float(os.environ.get("RUN_START", 0)))
     md = markdown(res)

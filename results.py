@@ -111,6 +111,10 @@ def figures(run, stage):
         r = load(f"{stage}.json")["results"][0]
         return {"text": short(r["prompt"] + r["completion"]) if stage == "sample" else
                 f"{short(r['prompt'], 20)} -> {short(r['completion'])}"}
+    if stage == "serve":
+        r = load("serve.json")
+        return {"text": short(r["choices"][0]["message"]["content"]), "prompt tokens": r["usage"]["prompt_tokens"],
+                "completion tokens": r["usage"]["completion_tokens"]}
     if stage == "rag_answer":
         text = open(at("rag_answer.txt"), encoding="utf-8").read()
         answer, _, sources = text.partition("\nSources:")

@@ -196,6 +196,11 @@ elif stage == "rag_answer":
     text = open(at("rag_answer.txt"), encoding="utf-8").read().split("\nSources:")[0]
     question = at("rag_question.txt") if os.path.exists(at("rag_question.txt")) else at("question.txt")
     line = answer(open(question, encoding="utf-8").read(), text)
+elif stage == "serve":
+    r = load("serve.json")
+    reply = r["choices"][0]["message"]["content"]
+    line = (answer(open(at("question.txt"), encoding="utf-8").readline(), reply) + f" (serve.py: "
+            f"{r['usage']['prompt_tokens']} + {r['usage']['completion_tokens']} tokens, {r['choices'][0]['finish_reason']})")
 # warnings stay on the console: the stage's own ("warning: ...") and Python's ("...: UserWarning: ...")
 log = at("logs", f"{stage}.log")
 lines = ([w.split("\r")[-1].strip() for w in open(log, encoding="utf-8", errors="replace")]
@@ -295,6 +300,33 @@ run_rag_answer() {  # the held-out question answered from a retrieved passage
 
 # ------------------------------------------------------------------------------------------- bash run.sh zh
 # The same stage names where a stage writes what its English one does (their figures are read alike).
+# serve.py on the run's last model: the socket first (--port=0: a free one, named on its first line), /health once
+# the model is loaded, one chat request with curl (the first question of question.txt, greedy), then Ctrl-C
+serve_once() {
+  python serve.py --ckpt="$RUN_DIR/dpo/hf" --port=0 > "$RUN_DIR/logs/serve.server.log" 2>&1 &
+  local pid=$! url=""
+  trap "kill -INT $pid 2> /dev/null" EXIT  # a failed request still stops the server
+  for _ in $(seq 180); do
+    url=$(grep -om1 'http://[0-9.]*:[0-9]*' "$RUN_DIR/logs/serve.server.log" || true)
+    [ -n "$url" ] && curl -sf "$url/health" > /dev/null && break
+    kill -0 $pid 2> /dev/null || { cat "$RUN_DIR/logs/serve.server.log"; echo "serve.py exited" >&2; return 1; }
+    sleep 1
+  done
+  curl -sf "$url/health" > /dev/null || { echo "serve.py was not ready after 180 s" >&2; return 1; }
+  python -c 'import json, sys; print(json.dumps({"messages": [{"role": "user", "content": sys.argv[1]}],
+    "max_tokens": 48, "temperature": 0}, ensure_ascii=False))' "$(head -n1 "$RUN_DIR/question.txt")" \
+    > "$RUN_DIR/serve_request.json"
+  echo "POST $url/v1/chat/completions $(cat "$RUN_DIR/serve_request.json")"
+  curl -sS --fail-with-body "$url/v1/chat/completions" -H "Content-Type: application/json" \
+    -d @"$RUN_DIR/serve_request.json" > "$RUN_DIR/serve.json"
+  cat "$RUN_DIR/serve.json"; echo
+  kill -INT $pid
+  wait $pid
+  trap - EXIT
+}
+run_serve() { serve_once; }
+zh_serve() { serve_once; }
+
 zh_tokenizer() {  # every 10th document of ZH_PRETRAIN's first input is held out: never tokenizer-trained or pretrained
   # on, and the tokenizer's characters per token are measured on it, ours and SmolLM2's (tokenizer/heldout.json)
   mkdir -p "$RUN_DIR/corpus"
@@ -437,10 +469,10 @@ zh_rag_answer() {  # the first question of the set, answered from its retrieved 
 # and its run_NAME / zh_NAME function (and its figure in figure() and results.py).
 if [ "$PIPELINE" = zh ]; then
   STAGE_PREFIX=zh_
-  STAGES=(tokenizer data pretrain perplexity quantize sft answer dpo dpo_answer ceval rag rag_answer)
+  STAGES=(tokenizer data pretrain perplexity quantize sft answer dpo dpo_answer ceval rag rag_answer serve)
 else
   STAGE_PREFIX=run_
-  STAGES=(tokenizer data pretrain sample perplexity quantize sft answer dpo dpo_answer rag rag_answer)
+  STAGES=(tokenizer data pretrain sample perplexity quantize sft answer dpo dpo_answer rag rag_answer serve)
 fi
 declare -A DONE=([tokenizer]=tokenizer/tokenizer.model [data]=data/meta.json [pretrain]=pretrain/hf/config.json
                  [sft]=sft/hf/config.json [dpo]=dpo/hf/config.json)

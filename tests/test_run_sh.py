@@ -75,8 +75,10 @@ def test_the_english_and_chinese_stage_lists_are_numbered_by_count():
         proc = subprocess.run(["bash", "-c", f"set -euo pipefail\nPIPELINE={pipeline}\nRUN_DIR=r\n{script}"],
                               capture_output=True, text=True)
         lines = proc.stdout.splitlines()[1:]
-        assert len(lines) == 12 and lines[0].startswith("1/12 tokenizer r/tokenizer/tokenizer.model"), proc
-        assert lines[-1] == "12/12 rag_answer", lines
+        names = re.findall(r"STAGES=\(([^)]*)\)", script)[pipeline == "en"].split()
+        n = len(names)
+        assert [line.split()[:2] for line in lines] == [[f"{i}/{n}", name] for i, name in enumerate(names, 1)], proc
+        assert lines[0] == f"1/{n} tokenizer r/tokenizer/tokenizer.model" and names[-1] == "serve", lines
         assert ("ceval" in proc.stdout) == (pipeline == "zh") and ("sample" in proc.stdout) == (pipeline == "en")
 
 
@@ -127,6 +129,8 @@ def write_stage_files(run):
     put("rag_eval.json", {"questions": 100, "bm25/recall@5": 0.61, "rerank/recall@5": 0.64, "gap_closed": 0.375})
     put("answer.json", {"results": [{"prompt": "中国的首都是哪里？", "completion": "北京。"}]})
     put("rag_answer.txt", "回答\n\nSources:\n  1. docs.jsonl:7 [0:64]\n")
+    put("serve.json", {"choices": [{"message": {"role": "assistant", "content": "北京是首都。"}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 17, "completion_tokens": 5, "total_tokens": 22}})
     for i, stage in enumerate(["tokenizer", "data", "pretrain", "sft"]):
         put(f"logs/{stage}.seconds", f"{i + 10}\n")
 
@@ -134,7 +138,7 @@ def write_stage_files(run):
 def test_the_results_table_reads_every_figure_from_the_stages_files(tmp_path):
     write_stage_files(str(tmp_path))
     stages = ["tokenizer", "data", "pretrain", "perplexity", "quantize", "sft", "answer", "dpo", "ceval", "rag",
-              "rag_answer"]
+              "rag_answer", "serve"]
     t_done = os.path.getmtime(tmp_path / "logs" / "sft.seconds")
     (tmp_path / "logs" / "data.seconds").write_text("11\n")
     os.utime(tmp_path / "logs" / "tokenizer.seconds", (t_done - 100, t_done - 100))  # an earlier run's
@@ -157,6 +161,7 @@ def test_the_results_table_reads_every_figure_from_the_stages_files(tmp_path):
     assert figs["rag"] == {"recall@5 BM25": 0.61, "re-ranked by the model": 0.64, "answer NLL gap closed": 0.375, "questions": 100}
     assert figs["answer"]["text"] == "中国的首都是哪里？ -> 北京。"
     assert figs["rag_answer"] == {"text": "回答", "source": "1. docs.jsonl:7 [0:64]"}
+    assert figs["serve"] == {"text": "北京是首都。", "prompt tokens": 17, "completion tokens": 5}
     times = {r["stage"]: (r["seconds"], r["done_before"]) for r in res["stages"]}
     assert times["tokenizer"] == (10, True) and times["data"] == (11, False) and times["perplexity"] == (None, False)
     assert "| tokenizer | 10s (done before) | vocab 777; chars/token (held out) 1.432;" in proc.stdout

@@ -619,7 +619,7 @@ class Transformer(nn.Module):
 
 
 @contextlib.contextmanager
-def cpu_decoding(model):
+def cpu_decoding(model, onednn=False):
     """Lay the weights out for a CPU decode step, a chain of matrix-vector products and small ops that each cost more
     in calls than in arithmetic, for the duration (eager Transformer.generate on CPU):
     - q/k/v run as one matrix product, and gate/up as another (gpt-fast's fused projections). Their weights move into
@@ -628,15 +628,26 @@ def cpu_decoding(model):
       and unpacking SmolLM2-135M take ~30 ms together). A group with a layer that is not a plain nn.Linear (LoRA,
       quantised, sharded) stays as it is.
     - each RMSNorm keeps its weight twice over, for the one-kernel LayerNorm form of RMSNorm (RMSNorm.forward).
-    - bf16 weights (where oneDNN runs bf16) also get a copy in oneDNN's own blocked layout (decode_linear), which
-      costs their memory again: given a plain row-major weight, oneDNN re-lays it out on every call, which made a
-      SmolLM2 decode step of 8 rows ~2.5x that of one row (the copy: ~1.4x); one row runs as fast as ATen's kernel.
+    - onednn=True (engine.py, which decodes many rows at once): bf16 weights, where oneDNN runs bf16, also get a copy
+      in oneDNN's own blocked layout (decode_linear): given a plain row-major weight, oneDNN re-lays it out on every
+      call, which made a SmolLM2 decode step of 8 rows ~2.5x that of one row (with the copy ~1.4x; one row as fast
+      as ATen's matrix-vector kernel, which generate uses). The copies cost the weights' memory again and ~0.4 s for
+      SmolLM2, so they stay on the modules (onednn_layouts) and serve the next cpu_decoding while their parameters
+      are the same tensors, unchanged in place (same storage and version counter).
     For inference only: the packed tensors are not parameters, so with gradients enabled the layers run as usual.
     A SmolLM2-135M bf16 step on one thread takes ~27.5 ms instead of ~30."""
-    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    onednn = onednn and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-    def onednn_layout(weight):
-        return torch.ops.mkldnn._reorder_linear_weight(weight) if onednn and weight.dtype == torch.bfloat16 else None
+    def onednn_layout(owner, name, weight, key):  # key: (data_ptr, version) of the parameters weight is made of
+        if not onednn or weight.dtype != torch.bfloat16:
+            return None
+        layouts = owner.__dict__.setdefault("onednn_layouts", {})
+        if name not in layouts or layouts[name][0] != key:
+            layouts[name] = (key, torch.ops.mkldnn._reorder_linear_weight(weight))
+        return layouts[name][1]
+
+    def state(weights):
+        return [(w.data_ptr(), w._version) for w in weights]
 
     groups = []
     for layer in model.layers:
@@ -653,16 +664,17 @@ def cpu_decoding(model):
                         len({(lin.weight.dtype, lin.weight.device, lin.bias is None) for lin in linears}) > 1:
                     continue
                 weights = [lin.weight for lin in linears]
+                key = state(weights)
                 weight = torch.cat(weights)
                 for w, rows in zip(weights, weight.split([w.shape[0] for w in weights])):
                     w.data = rows
                 bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-                setattr(owner, name, (weight, bias, onednn_layout(weight)))
-                packed.append((owner, name, weights))
+                setattr(owner, name, (weight, bias, onednn_layout(owner, name, weight, key)))
+                packed.append((owner, name, weights, key))
             fused = {id(lin) for _, _, linears in groups for lin in linears}
             for lin in model.modules():  # the others (o/down projections, lm_head): their forward, for the while
                 if type(lin) is nn.Linear and id(lin) not in fused and type(lin.weight.data) is torch.Tensor:
-                    layout = onednn_layout(lin.weight)
+                    layout = onednn_layout(lin, "weight", lin.weight, state([lin.weight]))
                     if layout is not None:
                         lin.forward = functools.partial(decode_linear, weight=lin.weight, bias=lin.bias, layout=layout)
                         relaid.append(lin)
@@ -675,10 +687,13 @@ def cpu_decoding(model):
                 del lin.forward
             for norm in norms:
                 norm.doubled_weight = None
-            for owner, name, weights in packed:
+            for owner, name, weights, key in packed:
                 setattr(owner, name, None)
+                unchanged = [v for _, v in state(weights)] == [v for _, v in key]
                 for w in weights:
                     w.data = w.data.clone()
+                if onednn and unchanged and name in owner.__dict__.get("onednn_layouts", {}):  # checked at entry
+                    owner.onednn_layouts[name] = (state(weights), owner.onednn_layouts[name][1])
 
 
 def decode_linear(x, weight, bias=None, layout=None):

@@ -317,6 +317,36 @@ def test_cpu_decoding_cache_and_inference_mode(tmp_path):
     assert model.embed.weight.grad is not None
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN runs no bf16 on this CPU")
+def test_cpu_decoding_onednn_layout_matches_and_follows_weight_changes():
+    """cpu_decoding(onednn=True): bf16 weights run through oneDNN's own layout of them to the logits of plain F.linear
+    (up to bf16 rounding), every row the same as alone; the layouts are reused by the next cpu_decoding while the
+    weights are unchanged, and made anew after an in-place change (an optimizer step), which the logits follow."""
+    from model import cpu_decoding
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32))
+    model = model.to(torch.bfloat16).eval()
+    idx = torch.randint(0, V, (3, 10))
+
+    def logits(onednn):
+        with torch.inference_mode(), cpu_decoding(model, onednn=onednn):
+            both = model(idx)[0].float(), model(idx[1:2])[0].float()
+        return both, model.layers[0].attn.onednn_layouts["qkv"][1] if onednn else None
+
+    (ref, _), _ = logits(False)
+    (out, row), layout = logits(True)
+    assert max_diff(out, ref) < 0.02 * ref.abs().max()
+    assert torch.equal(out[1:2], row)  # one kernel whatever the number of rows
+    assert logits(True)[1] is layout  # reused
+    assert getattr(model.lm_head, "onednn_layouts", None) and "forward" not in model.lm_head.__dict__
+    with torch.no_grad():
+        model.layers[0].attn.k_proj.weight.mul_(-3)
+        model.layers[1].mlp.down_proj.weight.mul_(-3)
+    (ref, _), _ = logits(False)
+    (out, _), new_layout = logits(True)
+    assert new_layout is not layout and max_diff(out, ref) < 0.02 * ref.abs().max()
+
+
 @pytest.mark.parametrize("family", ["llama", "phi"])
 def test_cpu_decoding_layout_is_exact_costs_no_copy_and_is_undone(family, tmp_path):
     """cpu_decoding: inside it, q/k/v (and gate/up) weights are row views of one buffer each and RMSNorm runs as a

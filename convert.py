@@ -3,7 +3,7 @@
 In:  a transformers folder (config.json + model.safetensors, sharded *.safetensors with an index, or
      pytorch_model.bin read with weights_only=True) of LlamaForCausalLM or PhiForCausalLM, including microsoft/phi-2's
      original "phi-msft" naming (transformer.h.N.mixer.Wqkv/out_proj, mlp.fc1/fc2, lm_head.ln/linear);
-     or a LLaMA-architecture .gguf file, dequantized with the `gguf` package.
+     or a .gguf file of llama.cpp's "llama" or "phi2" architecture, dequantized with the `gguf` package.
 Out: config.json + model.safetensors in transformers' Llama/Phi naming. That is also this project's own checkpoint
      format, so one loader reads both.
 
@@ -69,6 +69,19 @@ GGUF_NAMES = {
     "output_norm": "norm",
     "output": "lm_head",
 }
+GGUF_PHI2_NAMES = {  # llama.cpp's phi2 (gguf_export.py writes these; its older files fuse q|k|v as attn_qkv)
+    "token_embd": "embed",
+    "blk.{}.attn_norm": "layers.{}.attn_norm",
+    "blk.{}.attn_q": "layers.{}.attn.q_proj",
+    "blk.{}.attn_k": "layers.{}.attn.k_proj",
+    "blk.{}.attn_v": "layers.{}.attn.v_proj",
+    "blk.{}.attn_qkv": "layers.{}.attn.Wqkv",  # split below
+    "blk.{}.attn_output": "layers.{}.attn.o_proj",
+    "blk.{}.ffn_up": "layers.{}.mlp.fc1",
+    "blk.{}.ffn_down": "layers.{}.mlp.fc2",
+    "output_norm": "norm",
+    "output": "lm_head",
+}
 NAMES = {"llama": LLAMA_NAMES, "phi": PHI_NAMES, "phi-msft": PHI_MSFT_NAMES}
 # buffers that some older checkpoints saved next to the weights; they are recomputed, never loaded
 IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
@@ -88,8 +101,8 @@ def rename(name, table):
 
 def from_pretrained(path, device=None, dtype=None):
     """A Transformer from a transformers folder (LlamaForCausalLM / PhiForCausalLM, incl. microsoft/phi-2's original
-    naming; sharded or not), this project's own checkpoint folder (the same format), or a LLaMA .gguf file.
-    Returns the model in eval mode; dtype=None keeps the stored dtype (fp32 for GGUF)."""
+    naming; sharded or not), this project's own checkpoint folder (the same format), or a llama.cpp "llama" or
+    "phi2" .gguf file. Returns the model in eval mode; dtype=None keeps the stored dtype (fp32 for GGUF)."""
     config, state_dict = load_checkpoint(path, dtype=dtype)
     with torch.device("meta"):
         model = Transformer(config)
@@ -296,7 +309,8 @@ def config_from_hf(hf, where):
 
 
 def load_gguf(path, dtype=None):
-    """(ModelConfig, state_dict) from a LLaMA-architecture GGUF file, every tensor dequantized to fp32 (or dtype)."""
+    """(ModelConfig, state_dict) from a GGUF file of llama.cpp's "llama" or "phi2" architecture, every tensor
+    dequantized to fp32 (or dtype)."""
     try:
         import numpy as np
         from gguf import GGUFReader, dequantize
@@ -317,45 +331,64 @@ def load_gguf(path, dtype=None):
         return f.contents()
 
     arch = field("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r}; only 'llama' is supported")
-    dim, n_heads = field("llama.embedding_length"), field("llama.attention.head_count")
-    n_kv_heads = field("llama.attention.head_count_kv", n_heads)
-    head_dim = field("llama.attention.key_length", dim // n_heads)
-    if field("llama.rope.dimension_count", head_dim) != head_dim:
+    if arch not in ("llama", "phi2"):
+        raise ValueError(f"{path}: GGUF architecture {arch!r}; only 'llama' and 'phi2' are supported")
+    dim, n_heads = field(f"{arch}.embedding_length"), field(f"{arch}.attention.head_count")
+    n_kv_heads = field(f"{arch}.attention.head_count_kv", n_heads)
+    head_dim = field(f"{arch}.attention.key_length", dim // n_heads)
+    rotary_dim = field(f"{arch}.rope.dimension_count", head_dim)
+    if arch == "llama" and rotary_dim != head_dim:
         raise ValueError(f"{path}: llama.rope.dimension_count != head_dim (partial rotary) is not supported")
     scaling = None
-    kind = field("llama.rope.scaling.type", "none")
+    kind = field(f"{arch}.rope.scaling.type", "none")
     if kind in ("linear", "yarn"):
-        scaling = {"rope_type": kind, "factor": field("llama.rope.scaling.factor")}
+        scaling = {"rope_type": kind, "factor": field(f"{arch}.rope.scaling.factor")}
         if kind == "yarn":
-            scaling["original_max_position_embeddings"] = field("llama.rope.scaling.original_context_length")
+            scaling["original_max_position_embeddings"] = field(f"{arch}.rope.scaling.original_context_length")
     elif kind != "none":
-        raise ValueError(f"{path}: llama.rope.scaling.type {kind!r} is not supported")
+        raise ValueError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported")
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
         raise ValueError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1) are not supported")
-    vocab = field("llama.vocab_size", None) or int(tensors["token_embd.weight"].shape[1])
-    config = ModelConfig(
-        vocab_size=vocab, dim=dim, n_layers=field("llama.block_count"), n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=head_dim, hidden_dim=field("llama.feed_forward_length"), max_seq_len=field("llama.context_length"),
-        norm="rmsnorm", norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")), mlp="swiglu",
-        tie_embeddings="output.weight" not in tensors, rope_theta=float(field("llama.rope.freq_base", 10000.0)),
-        rope_scaling=scaling, bos_id=field("tokenizer.ggml.bos_token_id", None),
-        eos_id=field("tokenizer.ggml.eos_token_id", None))
+    vocab = field(f"{arch}.vocab_size", None) or int(tensors["token_embd.weight"].shape[1])
+    if arch == "llama":
+        family = dict(norm="rmsnorm", norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")), mlp="swiglu",
+                      tie_embeddings="output.weight" not in tensors)
+    else:  # phi2's graph has every bias but q/k/v's (absent ones are zeros below) and its own output matrix
+        family = dict(norm="layernorm", norm_eps=float(field("phi2.attention.layer_norm_epsilon")), mlp="gelu",
+                      parallel_block=True, attn_bias=True, mlp_bias=True, lm_head_bias=True, tie_embeddings=False,
+                      partial_rotary_factor=rotary_dim / head_dim)
+    try:
+        config = ModelConfig(
+            vocab_size=vocab, dim=dim, n_layers=field(f"{arch}.block_count"), n_heads=n_heads, n_kv_heads=n_kv_heads,
+            head_dim=head_dim, hidden_dim=field(f"{arch}.feed_forward_length"),
+            max_seq_len=field(f"{arch}.context_length"), rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling, bos_id=field("tokenizer.ggml.bos_token_id", None),
+            eos_id=field("tokenizer.ggml.eos_token_id", None), **family)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if config.rotary_dim != rotary_dim:
+        raise ValueError(f"{path}: {arch}.rope.dimension_count={rotary_dim} is not a fraction of head_dim={head_dim} "
+                         "that model.py can rotate")
 
     state_dict = {}
+    names = GGUF_NAMES if arch == "llama" else GGUF_PHI2_NAMES
     for name, t in tqdm(tensors.items(), desc=f"dequantizing {os.path.basename(path)}", leave=False):
-        ours = rename(name, GGUF_NAMES)
+        ours = rename(name, names)
         if ours is None:
-            raise ValueError(f"{path}: tensor {name!r} is not part of a llama model")
+            raise ValueError(f"{path}: tensor {name!r} is not part of a {arch} model")
         shape = tuple(int(n) for n in reversed(t.shape))  # GGML lists the fastest-moving dimension first
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
-        if name.endswith("attn_q.weight"):
+        if arch == "llama" and name.endswith("attn_q.weight"):
             w = unpermute_qk(w, n_heads)
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith("attn_k.weight"):
             w = unpermute_qk(w, n_kv_heads)
         state_dict[ours] = w.to(dtype) if dtype is not None else w
+    if arch == "phi2":
+        _split_wqkv(state_dict, config)
+        for i in range(config.n_layers):
+            for proj, rows in (("q_proj", n_heads), ("k_proj", n_kv_heads), ("v_proj", n_kv_heads)):
+                state_dict.setdefault(f"layers.{i}.attn.{proj}.bias", torch.zeros(rows * head_dim, dtype=dtype))
     return config, state_dict
 
 

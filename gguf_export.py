@@ -1,23 +1,29 @@
-"""Write one of our LLaMA-family models as a GGUF file for llama.cpp / ollama (quant_model.py --mode=gguf).
+"""Write one of our models as a GGUF file for llama.cpp / ollama (quant_model.py --mode=gguf): LLaMA-family models
+as llama.cpp's "llama" architecture, Phi-family ones as its "phi2".
 
     python quant_model.py --ckpt=out/sft --mode=gguf --gguf_type=q8_0 --out=out/sft-gguf
     llama-cli -m out/sft-gguf/model-q8_0.gguf -cnv      # ollama: FROM ./model-q8_0.gguf in a Modelfile
 
 The file holds the weights under llama.cpp's tensor names (f32, f16, q8_0 or q4_0, written with the `gguf`
 package's GGUFWriter and numpy quantisers), the hyperparameters under llama.* keys, the tokenizer and the chat
-template. Two llama.cpp conventions matter:
+template. Three llama.cpp conventions matter:
 - RoPE: transformers (and model.py) rotate the two halves of each head (i, i + d/2); llama.cpp's LLaMA kernel rotates
   adjacent pairs (2i, 2i+1). llama.cpp's own converter therefore permutes the rows of q_proj/k_proj per head, and so
-  do we (convert.py's unpermute_qk undoes it when reading).
+  do we (convert.py's unpermute_qk undoes it when reading). Its phi2 graph rotates halves ("neox" RoPE) of the first
+  rope.dimension_count features, as model.py's partial rotary does: no permutation there.
+- phi2 (llama.cpp's src/models/phi2.cpp) is one LayerNorm (with bias) feeding attention and a GELU MLP in parallel,
+  GELU the tanh approximation (ggml_gelu), a final LayerNorm, an lm_head with a bias. Its loader requires the biases
+  of attn_output, ffn_up, ffn_down and output and an output matrix of its own: a model without them gets zeros and a
+  copy of the tied embedding, which computes the same. q, k and v must fill the width (n_heads * head_dim = dim).
 - Tokenizer: our sentencepiece BPE becomes tokenizer.ggml.model "llama" (pieces, scores, piece types: llama.cpp's
   SPM tokenizer merges by score as sentencepiece BPE does); a byte-level BPE tokenizer.json (imported checkpoints)
   becomes "gpt2" with its merges and the pre-tokenizer name llama.cpp knows it by.
-Phi models are not exported: llama.cpp's "phi2" graph exists, but transformers cannot load it to check the result.
 """
 import json
 import os
 
 import numpy as np
+import torch
 
 import convert
 from quant import QuantEmbedding, QuantLinear
@@ -29,6 +35,24 @@ GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 def permute_qk(w, n_heads):
     """Rows of each head from rotate-half order (i, i + d/2) to llama.cpp's adjacent pairs (2i, 2i+1)."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_architecture(config):
+    """llama.cpp's architecture for a model config ("llama" or "phi2"), or a ValueError saying what does not map."""
+    c = config
+    llama = (c.norm, c.mlp, c.parallel_block) == ("rmsnorm", "swiglu", False)
+    if llama and not (c.attn_bias or c.mlp_bias or c.lm_head_bias or c.partial_rotary_factor != 1.0):
+        return "llama"
+    if (c.norm, c.mlp, c.parallel_block) == ("layernorm", "gelu", True):
+        if c.n_heads * c.head_dim != c.dim:
+            raise ValueError(f"GGUF export: llama.cpp's phi2 graph needs n_heads * head_dim = dim (its attention "
+                             f"output is dim x dim); this model has {c.n_heads} x {c.head_dim} != {c.dim}")
+        return "phi2"
+    what = ("biases or partial rotary" if llama else
+            f"norm={c.norm!r}, mlp={c.mlp!r}, parallel_block={c.parallel_block}")
+    raise ValueError(f"GGUF export: no llama.cpp graph for this model ({what}): it writes LLaMA models (rmsnorm, "
+                     "swiglu, sequential blocks, no biases, full rotary) as 'llama' and Phi models (layernorm, gelu, "
+                     "parallel_block=True) as 'phi2'")
 
 
 def float_state_dict(model):
@@ -52,8 +76,9 @@ def float_state_dict(model):
     return state, tied
 
 
-def _gguf_name(ours):
-    name = convert.rename(ours, {mine: theirs for theirs, mine in convert.GGUF_NAMES.items()})
+def _gguf_name(ours, arch):
+    table = convert.GGUF_PHI2_NAMES if arch == "phi2" else convert.GGUF_NAMES
+    name = convert.rename(ours, {mine: theirs for theirs, mine in table.items()})
     if name is None:
         raise ValueError(f"GGUF export: no llama.cpp name for parameter {ours!r}")
     return name
@@ -75,20 +100,15 @@ def tensor_type(name, shape, gguf_type, tied):
 
 
 def export_gguf(model, tok, path, gguf_type="q8_0", name="tinyllm"):
-    """Write `model` (float or quantised, LLaMA family) and tokenizer `tok` (tokenizer.Tokenizer) to `path`. The
-    file appears whole or not at all: it is written beside `path` and renamed, so a failure keeps an older file."""
+    """Write `model` (float or quantised, LLaMA or Phi family) and tokenizer `tok` (tokenizer.Tokenizer) to `path`.
+    The file appears whole or not at all: it is written beside `path` and renamed, so a failure keeps an older file."""
     import gguf
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}")
-    c = model.config
-    if c.norm != "rmsnorm" or c.mlp != "swiglu" or c.parallel_block or c.attn_bias or c.mlp_bias \
-            or c.lm_head_bias or c.partial_rotary_factor != 1.0:
-        raise ValueError("GGUF export supports the LLaMA family only (this is a Phi-style model: layernorm/gelu/"
-                         "parallel blocks/biases/partial rotary); export a LLaMA-style model, or convert the Phi "
-                         "checkpoint with llama.cpp's convert_hf_to_gguf.py")
+    arch = gguf_architecture(model.config)
     tmp = path + ".tmp"
     try:
-        _write(gguf.GGUFWriter(tmp, "llama"), model, tok, gguf_type, name)
+        _write(gguf.GGUFWriter(tmp, arch), model, tok, gguf_type, name, arch)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -97,7 +117,7 @@ def export_gguf(model, tok, path, gguf_type="q8_0", name="tinyllm"):
     return path
 
 
-def _write(writer, model, tok, gguf_type, name):
+def _write(writer, model, tok, gguf_type, name, arch):
     """The metadata, tokenizer and tensors of export_gguf."""
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -114,21 +134,26 @@ def _write(writer, model, tok, gguf_type, name):
     writer.add_feed_forward_length(c.hidden_dim)
     writer.add_head_count(c.n_heads)
     writer.add_head_count_kv(c.n_kv_heads)
-    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_dimension_count(c.rotary_dim)
     if c.head_dim != c.dim // c.n_heads:
         writer.add_key_length(c.head_dim)
         writer.add_value_length(c.head_dim)
     writer.add_rope_freq_base(c.rope_theta)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
+    if arch == "phi2":
+        writer.add_layer_norm_eps(c.norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(c.norm_eps)
     _add_rope_scaling(writer, c.rope_scaling)
     _add_tokenizer(writer, tok, c.vocab_size)
 
     state, tied = float_state_dict(model)
+    if arch == "phi2":
+        state, tied = phi2_state_dict(state, tied, c), False
     for ours, w in state.items():
-        gname = _gguf_name(ours)
-        if gname.endswith("attn_q.weight"):
+        gname = _gguf_name(ours, arch)
+        if arch == "llama" and gname.endswith("attn_q.weight"):
             w = permute_qk(w, c.n_heads)
-        elif gname.endswith("attn_k.weight"):
+        elif arch == "llama" and gname.endswith("attn_k.weight"):
             w = permute_qk(w, c.n_kv_heads)
         arr = w.numpy()
         kind = tensor_type(gname, arr.shape, gguf_type, tied)
@@ -142,6 +167,20 @@ def _write(writer, model, tok, gguf_type, name):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
     writer.close()
+
+
+def phi2_state_dict(state, tied, c):
+    """The tensors llama.cpp's phi2 loader requires: an output matrix of its own (a tied embedding's copy) and zero
+    biases where the model has none (attn_output, ffn_up, ffn_down, output; q/k/v biases are optional there)."""
+    state = dict(state)
+    if tied:
+        state["lm_head.weight"] = state["embed.weight"]
+    need = {"lm_head.bias": c.vocab_size, **{f"layers.{i}.{m}.bias": n for i in range(c.n_layers)
+                                             for m, n in (("attn.o_proj", c.dim), ("mlp.fc1", c.hidden_dim),
+                                                          ("mlp.fc2", c.dim))}}
+    for key, n in need.items():
+        state.setdefault(key, torch.zeros(n))
+    return state
 
 
 def _add_rope_scaling(writer, scaling):

@@ -514,12 +514,6 @@ def test_gguf_export_reads_the_data_of_its_own_tokenizer(tmp_path, sp_tokenizer)
             datalayer.token_stream(data_dir, other)
 
 
-def test_gguf_export_refuses_phi(tmp_path, sp_tokenizer):
-    from gguf_export import export_gguf
-    with pytest.raises(ValueError, match="LLaMA family only"):
-        export_gguf(tiny_model(phi_config()), sp_tokenizer, str(tmp_path / "phi.gguf"))
-
-
 @pytest.mark.slow
 def test_gguf_export_carries_smollm2_tokenizer(tmp_path):
     """SmolLM2's byte-level BPE ("smollm" pre-tokenizer: digits one by one) survives the trip through our writer."""

@@ -17,7 +17,7 @@ named are dropped. An index of other settings or a model with another tokenizer 
 which indexing again builds anew.
 ask: the top_k chunks (after re-ranking the best `rerank` BM25 hits by log p(question | chunk), UPR: Sachan et
 al. 2022, when rerank > 0) go into the user message, as many as fit the context with the question and the reply
-(the last one shortened to fit); the answer is printed with the sources it was given.
+(the last one shortened to fit); the answer is printed with the sources it was given (an empty one is said to be).
 eval: on questions whose source is known (JSON Lines {question, answer, source: "path" or "path:line"}; without
 --questions: the embedded question set, on an index of the embedded documents), recall@1/@5 and MRR@10 of BM25
 and of BM25 + re-ranking, and with --ckpt the reference answer's mean per-token NLL with no context, with the
@@ -58,6 +58,8 @@ rerank = 0            # re-rank the best this many BM25 hits by the model's like
 system = ""           # ask: system prompt
 max_new_tokens = 128
 temperature = 0.0     # 0 = greedy
+no_repeat_ngram_size = 0  # ask: never repeat an n-gram of this size (0 = off; small models loop without it). The
+                      # prompt's n-grams count too, as in transformers: the answer cannot quote n tokens of a passage
 device = "cpu"
 dtype = "auto"        # auto: bfloat16 where the hardware runs it fast, else float32 (inference.resolve_dtype)
 seed = 1337
@@ -482,7 +484,8 @@ def _load(index_dir):
 def check_numbers():
     """Stop on a count out of its range, naming the key and the range, before any index or model is read."""
     for key, low, accepted in (("top_k", 1, "1 or more"), ("rerank", 0, "0 (BM25 order) or more"),
-                               ("max_questions", 0, "0 (all) or more"), ("max_new_tokens", 1, "1 or more")):
+                               ("max_questions", 0, "0 (all) or more"), ("max_new_tokens", 1, "1 or more"),
+                               ("no_repeat_ngram_size", 0, "0 (off) or more")):
         if globals()[key] < low:
             raise SystemExit(f"--{key}={globals()[key]}: must be {accepted}")
 
@@ -512,8 +515,11 @@ def main(argv):
         chunks = retrieve(idx, model, tok, question, top_k, rerank)
         budget = model.config.max_seq_len - min(max_new_tokens, model.config.max_seq_len // 2)
         messages, used = rag_messages(tok, question, chunks, budget, system)
-        inference.stream_reply(model, tok, inference.render_chat(tok, messages, system), max_new_tokens,
-                               temperature, on_text=lambda s: print(s, end="", flush=True))
+        reply = inference.stream_reply(model, tok, inference.render_chat(tok, messages, system), max_new_tokens,
+                                       temperature, on_text=lambda s: print(s, end="", flush=True),
+                                       no_repeat_ngram_size=no_repeat_ngram_size)
+        if not reply.strip():  # said, not left as a blank line: a model that has not learnt to answer yet does this
+            print(f"(an empty answer: the model {'ended it at once' if not reply else 'wrote only whitespace'})", end="")
         print("\n\nSources:" if used else "\n\n(no passage shares a word with the question)" if not chunks
               else "\n\n(no room for a passage in the model's context)")
         for n, c in enumerate(used, 1):

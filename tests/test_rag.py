@@ -132,12 +132,13 @@ def test_binary_files_are_skipped_and_named_never_indexed(tmp_path, bpe, capsys)
 
 
 def test_counts_out_of_range_are_refused_naming_the_key(monkeypatch):
-    for key in ("top_k", "rerank", "max_questions", "max_new_tokens", "index"):
+    for key in ("top_k", "rerank", "max_questions", "max_new_tokens", "no_repeat_ngram_size", "index"):
         monkeypatch.setattr(rag, key, getattr(rag, key))  # main() sets them: put back after the test
     for key, value, accepted in [("top_k", 0, "1 or more"), ("top_k", -2, "1 or more"),
                                  ("rerank", -1, r"0 \(BM25 order\) or more"), ("max_questions", -5, r"0 \(all\)"),
-                                 ("max_new_tokens", 0, "1 or more")]:
-        good = {"top_k": 1, "rerank": 0, "max_questions": 0, "max_new_tokens": 1}  # the lowest accepted
+                                 ("max_new_tokens", 0, "1 or more"), ("no_repeat_ngram_size", -1, r"0 \(off\)")]:
+        good = {"top_k": 1, "rerank": 0, "max_questions": 0, "max_new_tokens": 1,
+                "no_repeat_ngram_size": 0}  # the lowest accepted
         args = [f"--{k}={value if k == key else v}" for k, v in good.items()]
         with pytest.raises(SystemExit, match=f"--{key}={value}: must be {accepted}"):
             rag.main(["ask", *args, "--index=no/such/index"])
@@ -296,3 +297,35 @@ def test_command_line_index_ask_eval(ckpt_folder, tmp_path):
     assert result["questions"] == 2 and result["nll_questions"] == 1  # the answer that cannot fit is counted out
     r = run("search", idx)
     assert r.returncode != 0 and "usage: python rag.py index|ask|eval" in r.stderr
+
+
+def reply_repeats_an_ngram(prompt_ids, reply_ids, n):
+    """Whether an n-gram ending in the reply occurs earlier in prompt + reply (what no_repeat_ngram_size bans)."""
+    ids = prompt_ids + reply_ids
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return any(grams[i] in grams[:i] for i in range(max(0, len(prompt_ids) - n + 1), len(grams)))
+
+
+def test_ask_decodes_with_no_repeat_ngram_size_and_says_when_the_answer_is_empty(ckpt_folder, tmp_path, monkeypatch,
+                                                                                capsys):
+    for key in ("index", "ckpt", "question", "top_k", "max_new_tokens", "no_repeat_ngram_size", "dtype"):
+        monkeypatch.setattr(rag, key, getattr(rag, key))  # main() sets them: put back after the test
+    write_docs(tmp_path / "docs", {"cats.txt": "cat on the mat."})
+    model, tok = inference.load_model(ckpt_folder, "cpu", "float32")
+    rag.build_index(str(tmp_path / "idx"), str(tmp_path / "docs"), tok, SETTINGS)
+    args = ["ask", f"--index={tmp_path / 'idx'}", f"--ckpt={ckpt_folder}", "--question=cat?", "--top_k=1",
+            "--max_new_tokens=16", "--dtype=float32"]
+    messages, _ = rag.rag_messages(tok, "cat?", [{"text": "cat on the mat."}], 128 - 16)
+    prompt = inference.render_chat(tok, messages)
+    assert "cat on the mat." in prompt
+    capsys.readouterr()
+    for n in (0, 3):  # the reply printed is the one generation path's reply with the same settings
+        rag.main(args + [f"--no_repeat_ngram_size={n}"])
+        reply = inference.stream_reply(model, tok, prompt, 16, 0.0, no_repeat_ngram_size=n)
+        assert capsys.readouterr().out == reply + "\n\nSources:\n[1] " + rag.where(rag.Index.open(
+            str(tmp_path / "idx")).chunks[0]) + "\n"
+        assert reply_repeats_an_ngram(tok.encode(prompt), tok.encode(reply), 3) == (n == 0)  # loops without
+    for reply, said in (("", "ended it at once"), ("\n\n ", "wrote only whitespace")):
+        monkeypatch.setattr(inference, "stream_reply", lambda *a, reply=reply, **k: reply)
+        rag.main(args)
+        assert f"(an empty answer: the model {said})\n\nSources:\n[1] " in capsys.readouterr().out

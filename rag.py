@@ -519,7 +519,8 @@ def main(argv):
                                        temperature, on_text=lambda s: print(s, end="", flush=True),
                                        no_repeat_ngram_size=no_repeat_ngram_size)
         if not reply.strip():  # said, not left as a blank line: a model that has not learnt to answer yet does this
-            print(f"(an empty answer: the model {'ended it at once' if not reply else 'wrote only whitespace'})", end="")
+            said = "ended it at once" if not reply else "wrote only whitespace"
+            print(f"(an empty answer: the model {said})", end="")
         print("\n\nSources:" if used else "\n\n(no passage shares a word with the question)" if not chunks
               else "\n\n(no room for a passage in the model's context)")
         for n, c in enumerate(used, 1):

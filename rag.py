@@ -58,8 +58,8 @@ rerank = 0            # re-rank the best this many BM25 hits by the model's like
 system = ""           # ask: system prompt
 max_new_tokens = 128
 temperature = 0.0     # 0 = greedy
-no_repeat_ngram_size = 0  # ask: never repeat an n-gram of this size (0 = off; small models loop without it). The
-                      # prompt's n-grams count too, as in transformers: the answer cannot quote n tokens of a passage
+no_repeat_ngram_size = 0  # ask: never repeat an n-gram of this size, the prompt's included (0 = off)
+# (small models loop without it; as in transformers the prompt's n-grams count, so no n tokens of a passage are quoted)
 device = "cpu"
 dtype = "auto"        # auto: bfloat16 where the hardware runs it fast, else float32 (inference.resolve_dtype)
 seed = 1337

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 
@@ -434,8 +435,9 @@ def _is_gold(chunk, sources):
 def evaluate(index, qs, model=None, tok=None, k=3, rerank_n=10, system=""):
     """Retrieval (recall@1, recall@5, MRR@10 of BM25, and of BM25 + re-ranking with a model) and, with a model, the
     reference answers' mean per-token NLL with no, retrieved and gold context (over the questions whose answer fits
-    the model's context with the question: nll_questions)."""
-    sums, n, scored, t0, shown = {}, len(qs), 0, time.time(), time.time()
+    the model's context with the question: nll_questions) and the share of the gold context's gain the retrieved
+    one gets (gap_closed; None where that gain is within two standard errors, nll/gold_gain_se, of zero)."""
+    sums, n, scored, t0, shown, gains = {}, len(qs), 0, time.time(), time.time(), []
     rankers = ["bm25"] + (["rerank"] if model is not None and rerank_n else [])
     for i, q in enumerate(qs):
         sources = [q["source"]] if isinstance(q["source"], str) else q["source"]
@@ -457,9 +459,10 @@ def evaluate(index, qs, model=None, tok=None, k=3, rerank_n=10, system=""):
                                                  system) for chunks in ([], ranked[rankers[-1]][:k], gold)]
             except ValueError:  # question and answer alone pass the context: counted out of nll_questions
                 prompts = []
-            for name, nll in zip(("nll/none", "nll/retrieved", "nll/gold"),
-                                 answer_nll(model, tok, prompts, q["answer"]) if prompts else []):
+            nlls = answer_nll(model, tok, prompts, q["answer"]) if prompts else []
+            for name, nll in zip(("nll/none", "nll/retrieved", "nll/gold"), nlls):
                 sums[name] = sums.get(name, 0.0) + nll
+            gains += [nlls[0] - nlls[2]] if nlls else []
             scored += bool(prompts)
         if time.time() - shown > 30 or i + 1 == n:
             shown = time.time()
@@ -467,8 +470,12 @@ def evaluate(index, qs, model=None, tok=None, k=3, rerank_n=10, system=""):
     result = {key: value / (scored if key.startswith("nll/") else n) for key, value in sums.items()}
     if scored:
         result["nll_questions"] = scored
-        gap = result["nll/none"] - result["nll/gold"]  # only meaningful when the gold passages help at all
-        result["gap_closed"] = (result["nll/none"] - result["nll/retrieved"]) / gap if gap > 0 else None
+        gap = result["nll/none"] - result["nll/gold"]
+        # a ratio only where the gold passages help beyond the noise: two standard errors of the per-question gains
+        # (a model that cannot use its context yet has gains of either sign, and their ratio means nothing)
+        se = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("inf")
+        result["nll/gold_gain_se"] = se if len(gains) > 1 else None
+        result["gap_closed"] = (result["nll/none"] - result["nll/retrieved"]) / gap if gap > 2 * se else None
     return {"questions": n, **result}
 
 

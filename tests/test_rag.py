@@ -3,6 +3,7 @@ to it, Chinese cut into words, prompts that never pass the context, the re-ranke
 log-probabilities against a plain forward pass, the retrieval metrics, chat.py --rag and the command line."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -329,3 +330,19 @@ def test_ask_decodes_with_no_repeat_ngram_size_and_says_when_the_answer_is_empty
         monkeypatch.setattr(inference, "stream_reply", lambda *a, reply=reply, **k: reply)
         rag.main(args)
         assert f"(an empty answer: the model {said})\n\nSources:\n[1] " in capsys.readouterr().out
+
+
+def test_gap_closed_only_where_the_gold_passages_help_beyond_the_noise(ckpt_folder, tmp_path, monkeypatch):
+    model, tok = inference.load_model(ckpt_folder, "cpu", "float32")
+    write_docs(tmp_path / "docs", {"a.txt": "cat on the mat.", "b.txt": "dog in a park."})
+    rag.build_index(str(tmp_path / "idx"), str(tmp_path / "docs"), tok, SETTINGS)
+    index = rag.Index.open(str(tmp_path / "idx"), tok)
+    qs = [{"question": "cat?", "answer": "mat.", "source": str(tmp_path / "docs" / "a.txt")}] * 4
+    for gold, closed in (([1.5, 1.4, 1.6, 1.5], 0.5),      # gains 0.5 +- 0.04 (one standard error): a real gap
+                         ([1.7, 2.3, 1.69, 2.29], None)):  # gains of either sign: mean 0.005 +- 0.17, noise
+        nlls = iter([2.0, 1.75, g] for g in gold)  # none, retrieved, gold
+        monkeypatch.setattr(rag, "answer_nll", lambda model, tok, prompts, answer: next(nlls))
+        result = rag.evaluate(index, qs, model, tok, k=1, rerank_n=0)
+        gains = [2.0 - g for g in gold]
+        assert result["nll/gold_gain_se"] == pytest.approx(statistics.stdev(gains) / 2)
+        assert result["gap_closed"] == (closed and pytest.approx((2.0 - 1.75) / (2.0 - sum(gold) / 4)))

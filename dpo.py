@@ -51,7 +51,6 @@ import json
 import os
 import sys
 import zipfile
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -127,30 +126,6 @@ def answer_logps(model, ids, labels):
     return -nll.sum(-1), (labels != -100).sum(-1)
 
 
-@contextmanager
-def adapters_off(model):
-    """The model with every LoRA layer running its frozen base alone: the starting model of a LoRA/QLoRA run,
-    without a second copy. (A plain model is left as it is.)"""
-    layers = list(lora.lora_layers(model).values())
-    for layer in layers:
-        layer.forward = layer.base.forward  # an instance attribute shadows LoRALinear.forward
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-def disable_dropout(model):
-    """TRL's disable_dropout (LoRA's dropout too): the policy scores as its reference does, so the rewards start
-    at 0 and a cached reference equals a live one."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        elif isinstance(getattr(m, "dropout", None), float):  # model.Attention's attention-weight dropout
-            m.dropout = 0.0
-
-
 def dpo_loss_fn(beta, loss_type, label_smoothing, sft_weight, reference):
     """The trainer's loss_fn(model, batch, ref_model) for batches of DPOBatches: (loss, metrics)."""
     def loss_fn(model, batch, ref_model):
@@ -161,7 +136,7 @@ def dpo_loss_fn(beta, loss_type, label_smoothing, sft_weight, reference):
             if reference == "cached":
                 ref = cached[0].t()
             elif reference == "adapter_off":
-                with adapters_off(getattr(model, "module", model)) as base:  # DDP/DeepSpeed: the wrapped module
+                with lora.adapters_off(getattr(model, "module", model)) as base:  # DDP/DeepSpeed: the wrapped module
                     ref = answer_logps(base, ids, labels)[0].view(2, pairs)
             else:
                 ref = answer_logps(ref_model, ids, labels)[0].view(2, pairs)
@@ -299,7 +274,7 @@ def reference_cache(t, batches, path, key):
     out = np.full((n, 2), np.nan, dtype=np.float32)
     model = getattr(t.model, "module", t.model)  # every rank runs every forward (FSDP gathers collectively)
     model.eval()
-    with adapters_off(model), t.autocast, tqdm(total=len(batches.kept), desc=f"reference log-probs {path}",
+    with lora.adapters_off(model), t.autocast, tqdm(total=len(batches.kept), desc=f"reference log-probs {path}",
                                                unit="pair", disable=not t.master) as bar:
         for index, (ids, labels) in batches.all_batches():
             logps, _ = answer_logps(model, ids.to(t.device), labels.to(t.device))
@@ -445,7 +420,7 @@ def main():
     if reference == "adapter_off" and model.modules_to_save:
         raise SystemExit(f"reference=adapter_off: {', '.join(model.modules_to_save)} train in full, so switching the "
                          f"adapters off does not give the starting model back; use reference=copy or cached")
-    disable_dropout(model)
+    tuning.disable_dropout(model)
     # before the Trainer moves, shards or casts them: the starting weights, which the reference cache is keyed by
     weights = weights_digest(model) if reference == "cached" and not start_gone else None
     tuning.resolve_schedule(cfg, train, val)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -349,3 +350,17 @@ def load(folder, base=None, device=None, dtype=None, merge=False):
     model = convert.from_pretrained(found, device=device, dtype=dtype)
     load_adapter(model, folder)
     return (merge_lora(model) if merge else model), found
+
+
+@contextmanager
+def adapters_off(model):
+    """The model with every LoRA layer running its frozen base alone: the starting model of a LoRA/QLoRA run,
+    without a second copy. (A plain model is left as it is.)"""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.forward = layer.base.forward  # an instance attribute shadows LoRALinear.forward
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward

@@ -53,10 +53,10 @@ import checkpoint
 import configurator
 import convert
 import inference
+import lora
 import math_tasks
 import trainer
 import tuning
-from dpo import adapters_off, disable_dropout
 from engine import Engine, SamplingParams
 from metrics import log
 
@@ -164,7 +164,7 @@ def grpo_loss_fn(epsilon, beta, loss_norm, reference):
         if beta:
             with torch.no_grad():
                 if reference == "adapter_off":
-                    with adapters_off(getattr(model, "module", model)) as base:  # DDP: the wrapped module
+                    with lora.adapters_off(getattr(model, "module", model)) as base:  # DDP: the wrapped module
                         ref = completion_logps(base, x, y)[0]
                 else:
                     ref = completion_logps(ref_model, x, y)[0]
@@ -491,7 +491,7 @@ def main():
     ref_model = copy.deepcopy(model).requires_grad_(False) if beta and reference == "copy" else None
     if method != "full":
         tuning.add_adapters(model, cfg, types.SimpleNamespace(meta={}))  # the model's own tokenizer: none added
-    disable_dropout(model)  # the rollout policy and the trained one score alike
+    tuning.disable_dropout(model)  # the rollout policy and the trained one score alike
     source = Rollouts(cfg, tok, prompts, questions, answers, reward_fns)
     t = trainer.Trainer(cfg, model, source, None, loss_fn=grpo_loss_fn(epsilon, beta, loss_norm, reference),
                         ref_model=ref_model, weight_fn=tokens_in(loss_norm),

@@ -247,3 +247,13 @@ def resolve_schedule(cfg, train, val):
     cfg.update(max_iters=cfg["max_iters"] or math.ceil(cfg["epochs"] * steps_per_epoch),
                eval_interval=cfg["eval_interval"] or max(1, steps_per_epoch // 2),
                eval_iters=cfg["eval_iters"] or (math.ceil(len(val) / cfg["batch_size"]) if val else 1))
+
+
+def disable_dropout(model):
+    """TRL's disable_dropout (LoRA's dropout too): the policy scores as its reference does, so the rewards start
+    at 0 and a cached reference equals a live one."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(getattr(m, "dropout", None), float):  # model.Attention's attention-weight dropout
+            m.dropout = 0.0

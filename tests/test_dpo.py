@@ -168,7 +168,7 @@ def test_adapter_off_equals_the_base_model(setup):
     ids, labels = dpo.DPOBatches(data.load_dpo(data_dir, "train"), 64, 4, 0, 7).val_batch(0)
     want = dpo.answer_logps(base, ids, labels)[0]
     assert not torch.allclose(dpo.answer_logps(model, ids, labels)[0], want)
-    with dpo.adapters_off(model):
+    with lora.adapters_off(model):
         assert torch.equal(dpo.answer_logps(model, ids, labels)[0], want)
     assert not torch.allclose(dpo.answer_logps(model, ids, labels)[0], want)  # switched back on
 
@@ -194,7 +194,7 @@ def test_the_reference_is_unchanged_by_training(setup, tmp_path, reference):
             before, before_logps = digest(t.ref_model), dpo.answer_logps(t.ref_model, ids, labels)[0]
         else:
             base = {k: v.clone() for k, v in t.raw_model.state_dict().items() if "lora_" not in k}
-            with dpo.adapters_off(t.raw_model):
+            with lora.adapters_off(t.raw_model):
                 before_logps = dpo.answer_logps(t.raw_model, ids, labels)[0]
     policy_before = dpo.answer_logps(t.raw_model, ids, labels)[0].detach()
     t.fit()
@@ -204,7 +204,7 @@ def test_the_reference_is_unchanged_by_training(setup, tmp_path, reference):
             assert torch.equal(dpo.answer_logps(t.ref_model, ids, labels)[0], before_logps)
         else:
             assert all(torch.equal(t.raw_model.state_dict()[k], v) for k, v in base.items())
-            with dpo.adapters_off(t.raw_model):
+            with lora.adapters_off(t.raw_model):
                 assert torch.equal(dpo.answer_logps(t.raw_model, ids, labels)[0], before_logps)
         assert not torch.allclose(dpo.answer_logps(t.raw_model, ids, labels)[0], policy_before)  # it trained
 

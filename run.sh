@@ -462,7 +462,7 @@ zh_rag_answer() {  # the first question of the set, answered from its retrieved 
   python -c 'import json, sys; print(json.loads(open(sys.argv[1], encoding="utf-8").readline())["question"])' \
     "$RUN_DIR/rag_set/questions.jsonl" > "$RUN_DIR/rag_question.txt"
   python rag.py ask --index="$RUN_DIR/rag" --ckpt="$RUN_DIR/dpo/hf" --top_k=1 --max_new_tokens=64 \
-    --question="$(cat "$RUN_DIR/rag_question.txt")" | tee "$RUN_DIR/rag_answer.txt"
+    --no_repeat_ngram_size=4 --question="$(cat "$RUN_DIR/rag_question.txt")" | tee "$RUN_DIR/rag_answer.txt"
 }
 
 # The stages in order; a stage whose DONE file exists was finished by an earlier run. New stages: add the name here

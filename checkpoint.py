@@ -190,7 +190,7 @@ def prune(out_dir, keep_last, keep=()):
 
 # what a training run writes in its out_dir: the trainer's files, its exports (LoRA: adapter/), wandb's and DPO's
 # reference cache
-RUN_FILES = ("ckpt", "metrics.jsonl", "config.json", "loss.png", "hf", "adapter", "wandb", "ref_logps_*")
+RUN_FILES = ("ckpt", "metrics.jsonl", "config.json", "loss.png", "reward.png", "hf", "adapter", "wandb", "ref_logps_*")
 
 
 def check_out_dir(out_dir, init_from, overwrite):

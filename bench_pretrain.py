@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,18 +64,37 @@ def child_env():
     return env
 
 
+def cpu_samples(pid, samples, stop):
+    """(time, CPU seconds so far) of process pid every quarter second, from /proc (Linux; elsewhere none), so that
+    the CPU a run had used by one of its evaluations can be read off."""
+    tick = os.sysconf("SC_CLK_TCK")
+    while not stop.wait(0.25):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:
+            return
+        samples.append((time.time(), (int(fields[11]) + int(fields[12])) / tick))  # utime + stime
+
+
 def timed_run(cmd, cwd, log_path):
-    """Run cmd to its end with output to log_path; (launch time, wall seconds, CPU seconds of that process)."""
+    """Run cmd to its end with output to log_path; (launch time, wall seconds, CPU seconds of that process, its
+    cpu_samples)."""
     t0 = time.time()
+    samples, stop = [(t0, 0.0)], threading.Event()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        sampler = threading.Thread(target=cpu_samples, args=(proc.pid, samples, stop), daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)  # its own CPU time, while another run goes on beside it
+        stop.set()
+        sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - t0
     if proc.returncode:
         with open(log_path) as f:
             raise SystemExit(f"{' '.join(cmd)} (in {cwd}) failed; the end of {log_path}:\n{f.read()[-3000:]}")
-    return t0, wall, usage.ru_utime + usage.ru_stime
+    return t0, wall, usage.ru_utime + usage.ru_stime, samples
 
 
 # ------------------------------------------------------------------------------------- data
@@ -130,11 +150,13 @@ def run_ours(name, data_dir, *overrides):
     cmd = [sys.executable, "pretrain.py", config, f"--data_dir={data_dir}", f"--out_dir={run_dir}",
            "--overwrite=True", *overrides]
     print(f"{name}: {' '.join(cmd[1:])}", flush=True)
-    t0, wall, cpu = timed_run(cmd, ".", os.path.join(out_dir, f"{name}.log"))
+    t0, wall, cpu, samples = timed_run(cmd, ".", os.path.join(out_dir, f"{name}.log"))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         evals = [r for r in map(json.loads, f) if "val_loss" in r]
+    times, cpus = zip(*samples, (t0 + wall, cpu))
     for r in evals:
         r["elapsed_s"] = r["time"] - t0
+        r["cpu_s"] = float(np.interp(r["time"], times, cpus)) if len(samples) > 1 else None
     return {"evals": evals, "wall": wall, "cpu": cpu}
 
 
@@ -144,7 +166,7 @@ def run_nanogpt():
     cmd = [sys.executable, "train.py", *NANOGPT_RECIPE, f"--out_dir={run_dir}", *nanogpt_args.split()]
     print(f"nanoGPT: (in {nanogpt}) {' '.join(cmd[1:])}", flush=True)
     log_path = os.path.join(out_dir, "nanogpt.log")
-    _, wall, cpu = timed_run(cmd, nanogpt, log_path)
+    _, wall, cpu, _ = timed_run(cmd, nanogpt, log_path)
     with open(log_path) as f:
         estimates = [(int(s), float(v)) for s, v in re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)",
                                                                   f.read())]
@@ -211,7 +233,8 @@ def bench_shakespeare():
         hit = first_at(ours["evals"], end)
         print(f"time to nanoGPT's final val loss {end:.4f}: " + (
             f"ours step {hit['step']}, {hit['elapsed_s']:.1f}s wall = {hit['elapsed_s'] / ng['wall']:.3f}x nanoGPT's "
-            f"(val {hit['val_loss']:.4f})" if hit else "not reached by ours"))
+            f"(val {hit['val_loss']:.4f})" + (f"; {hit['cpu_s']:.1f}s CPU = {hit['cpu_s'] / ng['cpu']:.3f}x nanoGPT's"
+                                               if hit["cpu_s"] is not None else "") if hit else "not reached by ours"))
         within = [r for r in long["evals"] if r["elapsed_s"] <= ng["wall"]]
         best = min(within, key=lambda r: r["val_loss"]) if within else None
         print(f"best val within nanoGPT's wall time ({ng['wall']:.1f}s), {config} --max_iters={long_iters}: " + (

@@ -42,3 +42,15 @@ def test_gpu_command_runs_at_a_tiny_size(tmp_path):
     assert last.startswith("config/llama_124m_muon.py on ") and "tokens/s, MFU" in last and "steps 20..20" in last
     config = json.loads((tmp_path / "gpu" / "config.json").read_text())
     assert config["optimizer"] == "muon" and config["dim"] == 32  # the preset, shrunk by gpu_args
+
+
+def test_cpu_samples_follow_the_process_cpu_time(tmp_path):
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\ntime.sleep(0.6)"
+    t0, wall, cpu, samples = bench_pretrain.timed_run([sys.executable, "-c", busy], ROOT, str(tmp_path / "log"))
+    if not os.path.isdir("/proc"):
+        assert samples == [(t0, 0.0)]  # elsewhere no samples: the bench prints wall time only
+        return
+    times, cpus = zip(*samples)
+    assert cpu >= 1.0 and list(times) == sorted(times) and list(cpus) == sorted(cpus)
+    assert abs(cpus[-1] - cpu) < 0.05  # the sleep after the busy second: samples caught up with wait4's figure
+    assert len(samples) > 4 and max(cpus) <= cpu + 0.02

@@ -64,6 +64,13 @@ def test_phi_gguf_is_what_llama_cpp_phi2_loads_and_reads_back(tmp_path, sp_token
         back, float_logits = ours(ids)[0], model(ids)[0]
     if gguf_type == "f32":
         assert torch.allclose(back, float_logits, atol=1e-5, rtol=1e-5)
+        # what convert.py makes of the file is a folder transformers runs as PhiForCausalLM to the same logits
+        transformers = pytest.importorskip("transformers")
+        convert.save_pretrained(ours, str(tmp_path / "hf"))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+        assert type(hf).__name__ == "PhiForCausalLM"
+        with torch.no_grad():
+            assert torch.allclose(hf(ids).logits, float_logits, atol=1e-4, rtol=1e-4)
     else:
         err = (back - float_logits).abs().max().item()
         assert 0 < err < {"f16": 1e-3, "q8_0": 2e-2, "q4_0": 2e-1}[gguf_type] * float_logits.abs().max().item()

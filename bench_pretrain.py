@@ -21,7 +21,7 @@ nanoGPT to its exit, for ours to the evaluation that reached the level (evaluati
 included). Two lanes run side by side, each with `threads` torch threads: nanoGPT then ours with optimizer=adamw,
 and ours then ours with max_iters=long_iters, so each run shares the machine with one other (other work on the
 machine slows all of them alike: the load average is printed, and the CPU seconds each process used; ours also
-by the evaluation that reached the level, read from /proc on Linux, which other work does not inflate).
+by the evaluation that reached the level, read from /proc on Linux: other work inflates it far less than wall).
 """
 import gzip
 import importlib.util

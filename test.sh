@@ -8,4 +8,4 @@ source "$(dirname "$0")/setup.sh"
 # tiny models: one thread each, and one pytest worker per core (pytest-xdist) rather than threads that
 # oversubscribe the cores (torchrun does the same per process). TEST_WORKERS=0 runs in this process, serially.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python -m pytest -q -n "${TEST_WORKERS:-auto}" tests "$@"
+python -m pytest -q -n "${TEST_WORKERS:-auto}" "$@"  # pytest.ini: testpaths = tests

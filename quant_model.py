@@ -228,5 +228,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # bad input the library's checks found (bits/group size, a Phi model for GGUF, ...)
+    except ValueError as e:  # bad input the library's checks found (bits/group size, a model GGUF cannot express, ...)
         raise SystemExit(f"quant_model.py: {e}")

@@ -159,7 +159,7 @@ elif stage == "quantize":
     folder = [os.path.join(at("int8"), f) for f in os.listdir(at("int8"))]
     change = lambda q: f"{round((q / base - 1) * 100, 2) + 0.0:+.2f}%"  # + 0.0: no "-0.00%"
     line = f"int8 perplexity {q:.2f} ({change(q)} over float), int8/ {mib(*folder):.1f} MiB"
-    if os.path.exists(at("model-q8_0.gguf")):  # not for a Phi model (bash run.sh zh): GGUF export is LLaMA-only
+    if os.path.exists(at("model-q8_0.gguf")):
         q8 = load("eval_q8_0.json")["results"]["ppl"]["ppl"]
         line += f"; model-q8_0.gguf {mib(at('model-q8_0.gguf')):.1f} MiB, perplexity {q8:.2f} ({change(q8)})"
 elif stage in ("answer", "dpo_answer"):
@@ -424,10 +424,13 @@ zh_ceval() {  # 0-shot, every subject of the val split, by C-Eval's own method (
     --out="$RUN_DIR/ceval.json"
 }
 
-zh_quantize() {  # int8 and its perplexity (GGUF export is LLaMA-only: gguf_export.py writes no Phi graph)
+zh_quantize() {  # int8 and its perplexity; a q8_0 GGUF (llama.cpp's phi2 graph) and its perplexity
   python quant_model.py --ckpt="$RUN_DIR/pretrain/hf" --mode=int8 --out="$RUN_DIR/int8"
   python eval.py --ckpt="$RUN_DIR/int8" --task=ppl --data="$RUN_DIR/data/val.bin" --dtype=float32 \
     --limit=65536 --out="$RUN_DIR/eval_int8.json"
+  python quant_model.py --ckpt="$RUN_DIR/pretrain/hf" --mode=gguf --gguf_type=q8_0 --out="$RUN_DIR/model-q8_0.gguf"
+  python eval.py --ckpt="$RUN_DIR/model-q8_0.gguf" --task=ppl --data="$RUN_DIR/data/val.bin" --dtype=float32 \
+    --limit=65536 --out="$RUN_DIR/eval_q8_0.json"
 }
 
 zh_rag() {  # ZH_RAG's answers are the documents, each question asks for its own answer's record; the reference
@@ -486,7 +489,7 @@ echo
 python results.py "$RUN_DIR" "$PIPELINE" "${STAGES[@]}"
 
 if [ "$PIPELINE" = zh ]; then
-  export_line="int8/ (the int8 model; no GGUF: gguf_export.py writes LLaMA-family models only)"
+  export_line="model-q8_0.gguf (llama.cpp's phi2; its perplexity: eval_q8_0.json), int8/ (eval_int8.json)"
   rag_docs="ZH_RAG's answers (rag_set/)"
   evals="ceval.json (C-Eval), "
 else

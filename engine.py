@@ -344,7 +344,8 @@ class Engine:
                 ids[i], pos[i] = request._next, len(request.prompt_ids) + len(request.tokens) - 1
         idx = torch.tensor(ids, device=self.device)[:, None]
         input_pos = torch.tensor(pos, device=self.device)[:, None]
-        # CPU decoding in bf16/fp16 of one or two rows: ATen's matrix-vector kernel beats oneDNN's (model.generate)
+        # CPU decoding in bf16/fp16 of one or two rows: ATen's matrix-vector kernel beats oneDNN's (model.generate);
+        # linears that run on cpu_decoding's oneDNN layouts are the same either way
         onednn = torch.backends.mkldnn.enabled
         if self.device.type == "cpu" and self.model.embed.weight.dtype != torch.float32 and len(rows) <= 2:
             torch.backends.mkldnn.enabled = False

@@ -2,15 +2,16 @@
 rewards rl.py optimises and the generative evaluation of eval.py --task=gsm8k (pass@1, maj@k, pass@k).
 
     problems = math_tasks.load_problems("../shared/data/math_en/svamp", limit=200)   # [{"question", "answer"}]
-    problems = math_tasks.load_problems("addition:digits=2,n=200")                    # the embedded task
+    problems = math_tasks.load_problems("compare:n=200,split=eval")                   # an embedded task
     math_tasks.extract_answer("... so she has 1,234 apples.\\n#### 1,234")            # "1234"
     math_tasks.REWARDS["gsm8k_answer"](prompts, completions, answers)               # [1.0, 0.0, ...]
     math_tasks.evaluate(model, tok, problems)                                       # {"pass@1": 0.31, ...}
 
 Problems (load_problems): GSM8K JSON Lines ({question, answer}, the answer's worked solution ending in "#### 42"),
 SVAMP's JSON list ({Body, Question, Answer}: the question is Body + Question), any {question, answer} JSON Lines or
-JSON list (a number or an exact string); a file, a folder of such files or "addition[:key=value,...]", the embedded
-task (addition_problems), which needs no download.
+JSON list (a number or an exact string); a file, a folder of such files or "<task>[:key=value,...]", an embedded
+task (TASKS), which needs no download: "compare" (which of two numbers is larger: a tiny model learns the rule and
+applies it to unseen pairs) or "addition" (small models memorise the sums they train on, not unseen ones).
 
 The final answer of a completion (extract_answer), first rule that finds one: the number after the last "####"
 (GSM8K's convention, which the prompt asks for), in the last \\boxed{}, after the last "the answer is" ("答案是"),
@@ -19,8 +20,8 @@ A number: optional minus and "$", digits with thousands commas, a decimal part, 
 "1234", "$5" -> "5", "7." -> "7". Answers compare as exact rationals when both parse (answers_match: "1,000" ==
 "1000.0", "3/4" == "0.75"), else as stripped strings.
 
-The addition task's held-out split: a question is held out when crc32 of its unordered pair is divisible by 10
-(addition_problems), so "addition:split=train" and "addition:split=eval" never share a question, whatever the seeds.
+The embedded tasks' held-out split: a question is held out when crc32 of its unordered pair is divisible by 10
+(_pairs), so "compare:split=train" and "compare:split=eval" never share a question, whatever the seeds.
 """
 import importlib
 import importlib.util
@@ -43,18 +44,18 @@ from engine import Engine, SamplingParams
 # ---------------------------------------------------------------------------------------------------- problems
 
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
-ADDITION_HELD_OUT = 10  # one unordered pair in ADDITION_HELD_OUT is the addition task's held-out (eval) split
+HELD_OUT = 10  # one unordered pair in HELD_OUT is an embedded task's held-out (eval) split
 
 
-def addition_problems(n, digits=2, seed=0, split="eval"):
-    """n questions "What is a + b?" (a, b of `digits` digits) with answer str(a + b), drawn without repeats by
-    `seed`. split="eval" (held out) or "train": a pair belongs to the eval split when crc32 of "min+max" is divisible
-    by ADDITION_HELD_OUT, whatever the seed or the order of the two numbers, so training and evaluation never share
-    a question (not even "58 + 37" for "37 + 58"); the seed only picks which questions of the split, in which order."""
+def _pairs(digits, seed, split, task):
+    """The pairs (a, b) of `digits`-digit numbers of one split, each once, in an order the seed shuffles. A pair
+    belongs to the eval split when crc32 of "min<sign>max" (sign: the task's) is divisible by HELD_OUT, whatever
+    the seed or the order of the two numbers, so training and evaluation never share a question (not even
+    "58 + 37" for "37 + 58"); the seed only picks which questions of the split, in which order."""
     if split not in ("train", "eval"):
-        raise ValueError(f"addition split={split!r}: expected train or eval")
+        raise ValueError(f"{task} split={split!r}: expected train or eval")
     if not 1 <= digits <= 6:
-        raise ValueError(f"addition digits={digits}: expected 1 to 6")
+        raise ValueError(f"{task} digits={digits}: expected 1 to 6")
     low, high = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits
     # an odd step coprime with the square count walks every pair once, in an order the seed shuffles, without
     # listing all of them (10^12 for 6 digits)
@@ -63,24 +64,53 @@ def addition_problems(n, digits=2, seed=0, split="eval"):
     step = rng.randrange(1, count) | 1
     while math.gcd(step, count) != 1:
         step += 2
-    start, problems = rng.randrange(count), []
+    start, sign = rng.randrange(count), TASKS[task][1]
     for i in range(count):
         a, b = divmod((start + i * step) % count, side)
         a, b = a + low, b + low
-        if (zlib.crc32(f"{min(a, b)}+{max(a, b)}".encode()) % ADDITION_HELD_OUT == 0) == (split == "eval"):
-            problems.append({"question": f"What is {a} + {b}?", "answer": str(a + b)})
-            if len(problems) == n:
-                return problems
-    raise ValueError(f"addition: only {len(problems)} {split} questions with digits={digits}, asked for {n}")
+        if (zlib.crc32(f"{min(a, b)}{sign}{max(a, b)}".encode()) % HELD_OUT == 0) == (split == "eval"):
+            yield a, b
 
 
-def _addition_spec(spec, limit):
-    """The problems of "addition" or "addition:digits=2,n=200,seed=0,split=eval" (n defaults to limit, else 200)."""
+def _take(n, pairs, question, task, digits, split):
+    problems = []
+    for a, b in pairs:
+        problems.append(question(a, b))
+        if len(problems) == n:
+            return problems
+    raise ValueError(f"{task}: only {len(problems)} {split} questions with digits={digits}, asked for {n}")
+
+
+def addition_problems(n, digits=2, seed=0, split="eval"):
+    """n questions "What is a + b?" (a, b of `digits` digits) with answer str(a + b), drawn without repeats by
+    `seed` from one split (_pairs). Small models memorise the sums they train on but do not work out unseen ones."""
+    return _take(n, _pairs(digits, seed, split, "addition"),
+                 lambda a, b: {"question": f"What is {a} + {b}?", "answer": str(a + b)}, "addition", digits, split)
+
+
+def compare_problems(n, digits=2, seed=0, split="eval"):
+    """n questions "Which is larger, a or b?" (a != b, of `digits` digits) with answer str(max(a, b)), drawn
+    without repeats by `seed` from one split (_pairs). The answer is a copy of one of the two numbers, chosen by
+    comparing digits: a rule a tiny transformer learns from a few hundred pairs and applies to unseen ones, which
+    makes it the embedded task whose held-out exact match GRPO can raise."""
+    pairs = ((a, b) for a, b in _pairs(digits, seed, split, "compare") if a != b)
+    return _take(n, pairs, lambda a, b: {"question": f"Which is larger, {a} or {b}?", "answer": str(max(a, b))},
+                 "compare", digits, split)
+
+
+# the embedded tasks: name -> (problems(n, digits, seed, split), the sign in the crc of a pair's held-out key)
+TASKS = {"addition": (addition_problems, "+"), "compare": (compare_problems, ">")}
+
+
+def _task_spec(spec, limit):
+    """The problems of an embedded task: "compare" or "addition:digits=2,n=200,seed=0,split=eval" (n defaults to
+    limit, else 200)."""
+    task = spec.partition(":")[0]
     settings = {"digits": 2, "n": limit or 200, "seed": 0, "split": "eval"}
     for item in filter(None, spec.partition(":")[2].split(",")):
         key, sep, value = item.partition("=")
         if not sep or key.strip() not in settings:
-            raise SystemExit(f"{spec!r}: expected addition:key=value,... with keys {', '.join(settings)}")
+            raise SystemExit(f"{spec!r}: expected {task}:key=value,... with keys {', '.join(settings)}")
         key, value = key.strip(), value.strip()
         if key != "split":
             try:
@@ -91,17 +121,17 @@ def _addition_spec(spec, limit):
     if settings["n"] < 1:
         raise SystemExit(f"{spec!r}: n={settings['n']} must be at least 1")
     try:
-        problems = addition_problems(settings["n"], settings["digits"], settings["seed"], settings["split"])
+        problems = TASKS[task][0](settings["n"], settings["digits"], settings["seed"], settings["split"])
     except ValueError as e:
         raise SystemExit(f"{spec!r}: {e}") from None
     return problems[:limit] if limit else problems
 
 
 def load_problems(path, limit=0):
-    """[{"question", "answer"}] of a file or folder (see the module docstring) or of the embedded "addition" task;
+    """[{"question", "answer"}] of a file or folder (see the module docstring) or of an embedded task (TASKS);
     only the first `limit` (0 = all). A record without a question or a checkable answer stops with path:line."""
-    if path == "addition" or path.startswith("addition:"):
-        return _addition_spec(path, limit)
+    if path.partition(":")[0] in TASKS:
+        return _task_spec(path, limit)
     files = [f for f in readers.expand_inputs(path)[0] if f.endswith(JSON_SUFFIXES)]
     if not files:
         raise SystemExit(f"{path}: no .json or .jsonl files of problems")

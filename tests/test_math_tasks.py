@@ -1,7 +1,7 @@
 """math_tasks.py and eval.py --task=gsm8k: answer extraction on real model outputs and tricky strings, answer
-matching, the rewards, load_reward, load_problems on each layout and its refusals, the embedded addition task's
-held-out split, the pass@k estimator against its formula, and evaluate() against greedy completions computed one
-problem at a time with model.generate."""
+matching, the rewards, load_reward, load_problems on each layout and its refusals, the embedded tasks' (addition,
+compare) held-out splits, the pass@k estimator against its formula, and evaluate() against greedy completions
+computed one problem at a time with model.generate."""
 import gzip
 import json
 import math
@@ -248,6 +248,32 @@ def test_load_problems_addition_spec():
     for spec, message in [("addition:digit=3", "keys digits, n, seed, split"), ("addition:n=x", "n='x' is not an"),
                           ("addition:split=test", "expected train or eval"), ("addition:n=0", "at least 1"),
                           ("addition:digits=9", "expected 1 to 6"), ("addition:digits=1,n=90", "only")]:
+        with pytest.raises(SystemExit, match=message):
+            mt.load_problems(spec)
+
+
+def compared(problem):
+    a, b = problem["question"].removeprefix("Which is larger, ").removesuffix("?").split(" or ")
+    return int(a), int(b)
+
+
+def test_compare_problems_and_their_held_out_split():
+    # the documented rule, with the task's own sign: a pair is held out when crc32("min>max") % 10 == 0
+    pairs = {(a, b) for a in range(10, 100) for b in range(10, 100) if a != b}
+    held_out = {(a, b) for a, b in pairs if zlib.crc32(f"{min(a, b)}>{max(a, b)}".encode()) % 10 == 0}
+    assert 600 < len(held_out) < 1000
+    train = mt.compare_problems(len(pairs) - len(held_out), digits=2, seed=3, split="train")
+    evals = mt.compare_problems(len(held_out), digits=2, seed=4, split="eval")
+    assert {compared(p) for p in evals} == held_out and {compared(p) for p in train} == pairs - held_out
+    assert all((b, a) in held_out for a, b in held_out)  # "58 or 37" is held out with "37 or 58"
+    for p in train[:500] + evals:
+        assert p["answer"] == str(max(compared(p)))
+    assert sum(int(p["answer"]) == compared(p)[0] for p in train) == len(train) // 2  # the larger is first half the time
+    assert mt.load_problems("compare:digits=3,n=7,seed=2,split=train") == mt.compare_problems(7, 3, 2, "train")
+    assert mt.load_problems("compare", limit=5) == mt.compare_problems(5, 2, 0, "eval")
+    assert mt.gsm8k_answer(["q"] * 2, ["#### 82", "#### 47"], ["82", "82"]) == [1.0, 0.0]
+    for spec, message in [("compare:digit=3", "expected compare:key=value"), ("compare:split=test", "compare split"),
+                          ("compare:digits=1,n=90", r"compare: only \d+ eval questions with digits=1")]:
         with pytest.raises(SystemExit, match=message):
             mt.load_problems(spec)
 

@@ -239,24 +239,28 @@ def test_resume_after_kill_inside_a_round_is_exact(model_dir, digit_reward, tmp_
 
 # ---------------------------------------------------------------------------------------------- it learns
 
-ADDITION = "addition:split=train,n=86,digits=1"  # every one-digit sum of the train split
+SFT = "compare:split=train,n=2000"  # the warm-up's questions
+RL = ["--problems=compare:split=train,n=4000", "--problems_skip=2000"]  # GRPO's: 2000 others of the train split
+HELD_OUT = "compare:split=eval,n=200"  # pairs neither sees (math_tasks._pairs)
 
 
-def warm_up(model_dir, steps=90):
-    """A tiny model (dim 64) SFT'd for a few seconds on the one-digit sums answered "#### <sum>" (rl.py's
-    write_sft records): right on about a third of them, so the rewards of its samples vary."""
+def warm_up(model_dir, start=0.35, max_steps=800):
+    """A tiny model (dim 64) SFT'd on the compare questions answered "#### <larger>" (rl.py's write_sft records)
+    until it starts to apply the rule: greedy exact match on 100 of its questions reaches `start`, checked every 50
+    steps from step 250 (the copying sets in between ~300 and ~500 steps, by the seed and the machine's arithmetic);
+    stopped there, samples are right often enough for GRPO to learn from."""
     import convert
     from model import ModelConfig, Transformer
     tok = word_tokenizer(model_dir)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                     max_seq_len=64))
+    problems = math_tasks.load_problems(SFT)
     rows = [(tok.encode(inference.render_chat(tok, math_tasks.prompt_messages(p["question"]))),
-             tok.encode(f"#### {p['answer']}") + [tok.special_tokens["<|im_end|>"]])
-            for p in math_tasks.load_problems(ADDITION)]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
+             tok.encode(f"#### {p['answer']}") + [tok.special_tokens["<|im_end|>"]]) for p in problems]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
     g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    for step in range(1, max_steps + 1):
         idx = torch.randint(len(rows), (32,), generator=g).tolist()
         width = max(len(rows[i][0]) + len(rows[i][1]) for i in idx) - 1
         x, y = torch.zeros(32, width, dtype=torch.long), torch.full((32, width), -100)
@@ -269,25 +273,32 @@ def warm_up(model_dir, steps=90):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step >= 250 and step % 50 == 0:
+            exact = math_tasks.evaluate(model.eval(), tok, problems[:100], max_new_tokens=6, batch_size=100)["pass@1"]
+            model.train()
+            if exact >= start:
+                break
     convert.save_pretrained(model, model_dir)
+    return step
 
 
-def test_a_tiny_model_learns_the_addition_task(tmp_path):
-    """40 GRPO steps (8 prompts x 8 samples) raise greedy exact match on the sums by at least 10 points (36% ->
-    66% when written; at learning_rate=2e-3 the policy collapses instead). The figure is over the training
-    questions: held out, the sums of unseen pairs are not learnt by a model this small in a minute (2-digit held-out
-    stayed under 10% after 1200 SFT steps)."""
+def test_a_tiny_model_learns_the_compare_task_on_held_out_questions(tmp_path):
+    """40 GRPO steps (8 prompts x 8 samples, on train-split questions the warm-up never saw) raise greedy exact
+    match on 200 held-out pairs by at least 6 points (39.5% -> 50.5% when written, the warm-up stopping at step
+    300; at learning_rate=2e-3 the policy collapses to 0%). From a warm-up stopped before the model copies (15%
+    after 300 steps of another seed) GRPO does not help: it needs samples that are right for the right reason."""
     model_dir = str(tmp_path / "model")
     warm_up(model_dir)
     out = tmp_path / "out"
-    run_script("rl.py", [f"--init_from={model_dir}", f"--out_dir={out}", f"--problems={ADDITION}",
-                         f"--eval_problems={ADDITION}", "--max_new_tokens=6", "--eval_max_new_tokens=6",
-                         "--eval_batch_size=86", "--group_size=8", "--batch_size=64", "--learning_rate=5e-4",
-                         "--max_iters=40", "--eval_interval=40"], timeout=120)
+    run_script("rl.py", [f"--init_from={model_dir}", f"--out_dir={out}", *RL, f"--eval_problems={HELD_OUT}",
+                         "--max_new_tokens=8", "--eval_max_new_tokens=8", "--eval_batch_size=200", "--group_size=8",
+                         "--batch_size=64", "--learning_rate=5e-4", "--max_iters=40", "--eval_interval=40"],
+                timeout=120)
     with open(out / "metrics.jsonl") as f:
-        exact = {r["step"]: r["eval_pass@1"] for r in map(json.loads, f) if "eval_pass@1" in r}
-    assert exact[0] > 0.2  # the warm-up's start: rewards to learn from
-    assert exact[40] >= exact[0] + 0.10, exact
+        recs = list(map(json.loads, f))
+    exact = {r["step"]: r["eval_pass@1"] for r in recs if "eval_pass@1" in r}
+    assert exact[0] >= 0.25, exact  # the warm-up's start: the rule partly learnt
+    assert exact[40] >= exact[0] + 0.06, exact
     assert os.path.getsize(out / "reward.png") > 0
 
 

@@ -688,8 +688,8 @@ class Trainer:
             plot_losses(self.metrics_path, os.path.join(self.c.out_dir, "loss.png"))
             if self.nan_skips_total:
                 log(f"{self.nan_skips_total} steps were skipped for non-finite losses")
-            log(f"done: {self.step} steps, {self.tokens_seen / 1e6:.2f}M tokens, {time.time() - self.t_start:.1f}s; "
-                f"best val loss {self.best_val_loss:.4f} at step {self.best_step}")
+            best = f"; best val loss {self.best_val_loss:.4f} at step {self.best_step}" if self.best_step > 0 else ""
+            log(f"done: {self.step} steps, {self.tokens_seen / 1e6:.2f}M tokens, {time.time() - self.t_start:.1f}s{best}")
         if self.wandb is not None:
             self.wandb.finish()
 

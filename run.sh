@@ -196,6 +196,12 @@ elif stage == "rag_answer":
     text = open(at("rag_answer.txt"), encoding="utf-8").read().split("\nSources:")[0]
     question = at("rag_question.txt") if os.path.exists(at("rag_question.txt")) else at("question.txt")
     line = answer(open(question, encoding="utf-8").read(), text)
+elif stage == "rl":
+    recs = records("rl", "metrics.jsonl")
+    evals = [r for r in recs if "eval_pass@1" in r]
+    rewards = [r["reward"] for r in recs if "reward" in r]
+    line = (f"exact match {evals[0]['eval_pass@1']:.1%} -> {evals[-1]['eval_pass@1']:.1%} (greedy, step "
+            f"{evals[0]['step']} -> {evals[-1]['step']}); reward {rewards[0]:.2f} -> {rewards[-1]:.2f}")
 elif stage == "serve":
     r = load("serve.json")
     reply = r["choices"][0]["message"]["content"]
@@ -300,6 +306,18 @@ run_rag_answer() {  # the held-out question answered from a retrieved passage
 
 # ------------------------------------------------------------------------------------------- bash run.sh zh
 # The same stage names where a stage writes what its English one does (their figures are read alike).
+run_rl() {  # GRPO (rl.py) on the embedded sums: a short SFT warm-up on their training split, then rewards for
+            # correct answers; eval_pass@1 is greedy exact match (config/rl_addition.py says on which sums)
+  python rl.py --write_sft="$RUN_DIR/addition_sft.jsonl" --problems=addition:split=train,n=86,digits=1
+  [ -f "$RUN_DIR/addition_data/meta.json" ] || python data_process.py --format=sft \
+    --input="$RUN_DIR/addition_sft.jsonl" --tokenizer="$RUN_DIR/sft/hf" --out_dir="$RUN_DIR/addition_data" --max_len=64
+  start "$RUN_DIR/addition_sft" "$RUN_DIR/sft/hf"
+  python fine_tuning.py "${init[@]}" --data_dir="$RUN_DIR/addition_data" --out_dir="$RUN_DIR/addition_sft" \
+    --max_iters=100 --learning_rate=1e-3 --batch_size=16
+  start "$RUN_DIR/rl" "$RUN_DIR/addition_sft/hf"
+  python rl.py config/rl_addition.py "${init[@]}" --out_dir="$RUN_DIR/rl"
+}
+
 # serve.py on the run's last model: the socket first (--port=0: a free one, named on its first line), /health once
 # the model is loaded, one chat request with curl (the first question of question.txt, greedy), then Ctrl-C
 serve_once() {
@@ -475,10 +493,10 @@ if [ "$PIPELINE" = zh ]; then
   STAGES=(tokenizer data pretrain perplexity quantize sft answer dpo dpo_answer ceval rag rag_answer serve)
 else
   STAGE_PREFIX=run_
-  STAGES=(tokenizer data pretrain sample perplexity quantize sft answer dpo dpo_answer rag rag_answer serve)
+  STAGES=(tokenizer data pretrain sample perplexity quantize sft answer dpo dpo_answer rag rag_answer rl serve)
 fi
 declare -A DONE=([tokenizer]=tokenizer/tokenizer.model [data]=data/meta.json [pretrain]=pretrain/hf/config.json
-                 [sft]=sft/hf/config.json [dpo]=dpo/hf/config.json)
+                 [sft]=sft/hf/config.json [dpo]=dpo/hf/config.json [rl]=rl/hf/config.json)
 echo "tinyllm: the whole pipeline ($PIPELINE) into $RUN_DIR (each stage's full output: $RUN_DIR/logs/<stage>.log)"
 n=0
 for name in "${STAGES[@]}"; do

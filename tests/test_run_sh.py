@@ -129,6 +129,8 @@ def write_stage_files(run):
     put("rag_eval.json", {"questions": 100, "bm25/recall@5": 0.61, "rerank/recall@5": 0.64, "gap_closed": 0.375})
     put("answer.json", {"results": [{"prompt": "中国的首都是哪里？", "completion": "北京。"}]})
     put("rag_answer.txt", "回答\n\nSources:\n  1. docs.jsonl:7 [0:64]\n")
+    put("rl/metrics.jsonl", [{"step": 0, "eval_pass@1": 0.081}, {"step": 5, "reward": 0.125},
+                             {"step": 40, "reward": 0.5}, {"step": 40, "eval_pass@1": 0.14}])
     put("serve.json", {"choices": [{"message": {"role": "assistant", "content": "北京是首都。"}, "finish_reason": "stop"}],
                        "usage": {"prompt_tokens": 17, "completion_tokens": 5, "total_tokens": 22}})
     for i, stage in enumerate(["tokenizer", "data", "pretrain", "sft"]):
@@ -138,7 +140,7 @@ def write_stage_files(run):
 def test_the_results_table_reads_every_figure_from_the_stages_files(tmp_path):
     write_stage_files(str(tmp_path))
     stages = ["tokenizer", "data", "pretrain", "perplexity", "quantize", "sft", "answer", "dpo", "ceval", "rag",
-              "rag_answer", "serve"]
+              "rag_answer", "rl", "serve"]
     t_done = os.path.getmtime(tmp_path / "logs" / "sft.seconds")
     (tmp_path / "logs" / "data.seconds").write_text("11\n")
     os.utime(tmp_path / "logs" / "tokenizer.seconds", (t_done - 100, t_done - 100))  # an earlier run's
@@ -161,6 +163,7 @@ def test_the_results_table_reads_every_figure_from_the_stages_files(tmp_path):
     assert figs["rag"] == {"recall@5 BM25": 0.61, "re-ranked by the model": 0.64, "answer NLL gap closed": 0.375, "questions": 100}
     assert figs["answer"]["text"] == "中国的首都是哪里？ -> 北京。"
     assert figs["rag_answer"] == {"text": "回答", "source": "1. docs.jsonl:7 [0:64]"}
+    assert figs["rl"] == {"exact match": "0.081 -> 0.140", "reward": "0.125 -> 0.500"}
     assert figs["serve"] == {"text": "北京是首都。", "prompt tokens": 17, "completion tokens": 5}
     times = {r["stage"]: (r["seconds"], r["done_before"]) for r in res["stages"]}
     assert times["tokenizer"] == (10, True) and times["data"] == (11, False) and times["perplexity"] == (None, False)

@@ -5,7 +5,9 @@
 # 60, and fewer tokens to a given loss), Muon for the blocks' matrices (AdamW at this shape, lr 6e-3, stays above 2.0
 # after 400 steps, where Muon is at 1.77), a high learning rate for few steps, and bf16 autocast where the CPU runs it
 # fast (AMX or AVX512-BF16; 1.5x faster than fp32 here). Shorter cosines end higher, and torch.compile costs more CPU
-# than the whole run (/tmp/h/recipe_notes.md: the measurements).
+# than the whole run. Measured (BENCHMARKS.md, two runs on a shared 2-core VM): nanoGPT's final val at step 200 in
+# 0.145-0.151x its CPU time (0.23x its wall time, skewed by the machine's other load); --max_iters=800: 1.63 within
+# its wall time.
 out_dir = "out/shakespeare_char"
 data_dir = "out/bench_pretrain/data"
 dim = 192

@@ -115,7 +115,7 @@ def figures(run, stage):
         recs = records(at("rl", "metrics.jsonl"))
         evals = [r["eval_pass@1"] for r in recs if "eval_pass@1" in r]
         rewards = [r["reward"] for r in recs if "reward" in r]
-        return {"exact match": f"{evals[0]:.3f} -> {evals[-1]:.3f}", "reward": f"{rewards[0]:.3f} -> {rewards[-1]:.3f}"}
+        return {"held-out exact match": f"{evals[0]:.3f} -> {evals[-1]:.3f}", "reward": f"{rewards[0]:.3f} -> {rewards[-1]:.3f}"}
     if stage == "serve":
         r = load("serve.json")
         return {"text": short(r["choices"][0]["message"]["content"]), "prompt tokens": r["usage"]["prompt_tokens"],

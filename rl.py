@@ -1,7 +1,7 @@
 """Reinforcement learning from verifiable rewards: GRPO (Shao et al. 2024, DeepSeekMath) - full, LoRA or QLoRA - on
 trainer.py's loop.
 
-    python rl.py config/rl_addition.py --init_from=out/run/addition_sft/hf       # the embedded addition task
+    python rl.py config/rl_compare.py --init_from=out/run/compare_sft/hf         # the embedded compare task (run.sh)
     python rl.py config/rl_smollm2_svamp.py --init_from=$GGUF                    # SVAMP word problems, LoRA
     python rl.py ... --init_from=resume                                          # continue the newest checkpoint
 
@@ -65,11 +65,11 @@ from metrics import log
 globals().update(vars(trainer.TrainConfig()))
 globals().update({k: getattr(tuning.TuningConfig(), k) for k in ("init_from", "max_len") + tuning.ADAPTER_KEYS})
 out_dir = "out/rl"
-problems = "addition:split=train,n=2000"  # training problems: math_tasks.load_problems (GSM8K/SVAMP/{question,
-                                         # answer} JSON, a folder, or the embedded addition[:key=value,...])
+problems = "compare:split=train,n=2000"   # training problems: math_tasks.load_problems (GSM8K/SVAMP/{question,
+                                         # answer} JSON, a folder, or the embedded compare/addition[:key=value,...])
 problems_skip = 0            # leave out the first this many problems (e.g. those eval_problems holds out)
 problems_limit = 0           # > 0: at most this many (after the skipped ones)
-eval_problems = "addition:split=eval,n=200"  # held-out problems for eval_pass@1 at each evaluation ("": none)
+eval_problems = "compare:split=eval,n=200"   # held-out problems for eval_pass@1 at each evaluation ("": none)
 eval_limit = 200             # > 0: the first this many
 eval_batch_size = 16
 group_size = 8               # completions per prompt (G); >= 2: the advantage compares within a group

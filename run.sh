@@ -200,7 +200,7 @@ elif stage == "rl":
     recs = records("rl", "metrics.jsonl")
     evals = [r for r in recs if "eval_pass@1" in r]
     rewards = [r["reward"] for r in recs if "reward" in r]
-    line = (f"exact match {evals[0]['eval_pass@1']:.1%} -> {evals[-1]['eval_pass@1']:.1%} (greedy, step "
+    line = (f"held-out exact match {evals[0]['eval_pass@1']:.1%} -> {evals[-1]['eval_pass@1']:.1%} (greedy, step "
             f"{evals[0]['step']} -> {evals[-1]['step']}); reward {rewards[0]:.2f} -> {rewards[-1]:.2f}")
 elif stage == "serve":
     r = load("serve.json")
@@ -306,16 +306,17 @@ run_rag_answer() {  # the held-out question answered from a retrieved passage
 
 # ------------------------------------------------------------------------------------------- bash run.sh zh
 # The same stage names where a stage writes what its English one does (their figures are read alike).
-run_rl() {  # GRPO (rl.py) on the embedded sums: a short SFT warm-up on their training split, then rewards for
-            # correct answers; eval_pass@1 is greedy exact match (config/rl_addition.py says on which sums)
-  python rl.py --write_sft="$RUN_DIR/addition_sft.jsonl" --problems=addition:split=train,n=86,digits=1
-  [ -f "$RUN_DIR/addition_data/meta.json" ] || python data_process.py --format=sft \
-    --input="$RUN_DIR/addition_sft.jsonl" --tokenizer="$RUN_DIR/sft/hf" --out_dir="$RUN_DIR/addition_data" --max_len=64
-  start "$RUN_DIR/addition_sft" "$RUN_DIR/sft/hf"
-  python fine_tuning.py "${init[@]}" --data_dir="$RUN_DIR/addition_data" --out_dir="$RUN_DIR/addition_sft" \
-    --max_iters=100 --learning_rate=1e-3 --batch_size=16
-  start "$RUN_DIR/rl" "$RUN_DIR/addition_sft/hf"
-  python rl.py config/rl_addition.py "${init[@]}" --out_dir="$RUN_DIR/rl"
+run_rl() {  # GRPO (rl.py) on the embedded compare task ("Which is larger, 47 or 82?"): a short SFT warm-up on
+            # 2000 train questions, then rewards for correct answers on others; eval_pass@1 is greedy exact match on
+            # 200 held-out pairs that neither saw (config/rl_compare.py)
+  python rl.py --write_sft="$RUN_DIR/compare_sft.jsonl" --problems=compare:split=train,n=2000
+  [ -f "$RUN_DIR/compare_data/meta.json" ] || python data_process.py --format=sft \
+    --input="$RUN_DIR/compare_sft.jsonl" --tokenizer="$RUN_DIR/sft/hf" --out_dir="$RUN_DIR/compare_data" --max_len=64
+  start "$RUN_DIR/compare_sft" "$RUN_DIR/sft/hf"
+  python fine_tuning.py "${init[@]}" --data_dir="$RUN_DIR/compare_data" --out_dir="$RUN_DIR/compare_sft" \
+    --max_iters=200 --learning_rate=1e-3 --batch_size=16
+  start "$RUN_DIR/rl" "$RUN_DIR/compare_sft/hf"
+  python rl.py config/rl_compare.py "${init[@]}" --out_dir="$RUN_DIR/rl"
 }
 
 # serve.py on the run's last model: the socket first (--port=0: a free one, named on its first line), /health once

@@ -163,7 +163,7 @@ def test_the_results_table_reads_every_figure_from_the_stages_files(tmp_path):
     assert figs["rag"] == {"recall@5 BM25": 0.61, "re-ranked by the model": 0.64, "answer NLL gap closed": 0.375, "questions": 100}
     assert figs["answer"]["text"] == "中国的首都是哪里？ -> 北京。"
     assert figs["rag_answer"] == {"text": "回答", "source": "1. docs.jsonl:7 [0:64]"}
-    assert figs["rl"] == {"exact match": "0.081 -> 0.140", "reward": "0.125 -> 0.500"}
+    assert figs["rl"] == {"held-out exact match": "0.081 -> 0.140", "reward": "0.125 -> 0.500"}
     assert figs["serve"] == {"text": "北京是首都。", "prompt tokens": 17, "completion tokens": 5}
     times = {r["stage"]: (r["seconds"], r["done_before"]) for r in res["stages"]}
     assert times["tokenizer"] == (10, True) and times["data"] == (11, False) and times["perplexity"] == (None, False)

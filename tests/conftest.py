@@ -72,16 +72,20 @@ def tiny_transformer(vocab_size, max_seq_len=64, seed=0):
     return model.eval()
 
 
-def char_tokenizer_folder(path):
-    """A real tokenizer.Tokenizer (tokenizer.json): one token per character, ChatML specials."""
+CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?!'\n0123456789"
+
+
+def char_tokenizer_folder(path, chars=CHARS, words=()):
+    """A real tokenizer.Tokenizer (tokenizer.json): one token per character of `chars` (others are dropped), ChatML
+    specials, and `words` as single tokens."""
     from tokenizers import AddedToken, decoders, models
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizer import Tokenizer
-    chars = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?!'\n0123456789"
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + list(chars))}, merges=[]))
     hf.decoder = decoders.Fuse()
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    hf.add_tokens([AddedToken(w, normalized=False) for w in words])
     os.makedirs(path, exist_ok=True)
     hf.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:

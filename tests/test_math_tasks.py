@@ -18,7 +18,7 @@ import torch
 import convert
 import inference
 import math_tasks as mt
-from conftest import tiny_transformer
+from conftest import char_tokenizer_folder, tiny_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -320,19 +320,8 @@ CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?!'\"#+<>$=\n01
 
 def math_tokenizer_folder(path):
     """A character tokenizer (ChatML specials) whose alphabet has the prompt's "#", "+", quotes and angle brackets
-    (conftest's char tokenizer has none of them)."""
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizer import Tokenizer
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + list(CHARS))}, merges=[]))
-    hf.decoder = decoders.Fuse()
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    os.makedirs(path, exist_ok=True)
-    hf.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|im_start|>"}, f)
-    return Tokenizer.from_pretrained(path)
+    (conftest's default alphabet has none of them)."""
+    return char_tokenizer_folder(path, CHARS)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import torch
 import inference
 import math_tasks
 import rl
-from conftest import kill_then_resume, run_script, tiny_transformer
+from conftest import char_tokenizer_folder, kill_then_resume, run_script, tiny_transformer
 from test_pretrain import ROOT
 
 # ---------------------------------------------------------------------------------------------- the objective
@@ -131,21 +131,9 @@ def rl_run(args):
 def word_tokenizer(path):
     """A tokenizer.Tokenizer of characters (the prompts' #, + and quotes too) and ChatML, with the prompt's fixed
     words (math_tasks.prompt_messages' instruction, "What is ") as single tokens: a prompt is ~14 tokens."""
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizer import Tokenizer
     chars = sorted(set(" abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?!'\n0123456789#+\"<>"))
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     words = ["user\n", "assistant\n", "What is ", "#### ", math_tasks.prompt_messages("")[0]["content"]]
-    hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[]))
-    hf.decoder = decoders.Fuse()
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    hf.add_tokens([AddedToken(w, normalized=False) for w in words])
-    os.makedirs(path, exist_ok=True)
-    hf.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|im_start|>"}, f)
-    return Tokenizer.from_pretrained(path)
+    return char_tokenizer_folder(path, chars, words)
 
 
 @pytest.fixture(scope="module")

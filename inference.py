@@ -151,6 +151,19 @@ def fit_history(tok, history, system, budget):
     return history
 
 
+def fit_reply(prompt_tokens, max_new_tokens, context, prompt="the prompt", reply="reply"):
+    """max_new_tokens, lowered (with a note on stderr) to what the context leaves after the prompt; a ValueError when
+    it leaves nothing. prompt and reply name them in the messages."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise ValueError(f"{prompt} has {prompt_tokens} tokens, the model's whole context is {context}: "
+                         f"no room for a reply")
+    if max_new_tokens > room:
+        print(f"({reply} limited to {room} tokens: {prompt}'s {prompt_tokens} and max_new_tokens={max_new_tokens} "
+              f"would pass the model's context of {context})", file=sys.stderr)
+    return min(max_new_tokens, room)
+
+
 def stream_reply(model, tok, prompt, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9,
                  repetition_penalty=1.0, on_text=None, no_repeat_ngram_size=0):
     """Generate after the prompt text until a stop token, at most max_new_tokens and never past the model's context
@@ -158,15 +171,7 @@ def stream_reply(model, tok, prompt, max_new_tokens=256, temperature=0.7, top_k=
     as text arrives (a multi-byte character is held back until it is complete). Returns the reply text without the
     stop token; Ctrl-C ends the reply early and keeps what came."""
     ids = tok.encode(prompt)
-    context = model.config.max_seq_len
-    room = context - len(ids)
-    if room < 1:
-        raise ValueError(f"the prompt has {len(ids)} tokens, the model's whole context is {context}: "
-                         f"no room for a reply")
-    if max_new_tokens > room:
-        print(f"(reply limited to {room} tokens: the prompt's {len(ids)} and max_new_tokens={max_new_tokens} "
-              f"would pass the model's context of {context})", file=sys.stderr)
-        max_new_tokens = room
+    max_new_tokens = fit_reply(len(ids), max_new_tokens, model.config.max_seq_len)
     new_ids, shown = [], [""]
 
     def on_token(step_ids):

@@ -29,7 +29,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 import zlib
 from collections import Counter
@@ -406,14 +405,8 @@ def evaluate(model, tok, problems, k=1, temperature=0.0, top_p=1.0, max_new_toke
         raise ValueError("no problems to evaluate")
     prompts = [tok.encode(inference.render_chat(tok, prompt_messages(p["question"]))) for p in problems]
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    room = model.config.max_seq_len - len(prompts[longest])
-    if room < 1:
-        raise ValueError(f"problem {longest + 1}: its prompt has {len(prompts[longest])} tokens, the model's whole "
-                         f"context is {model.config.max_seq_len}")
-    if max_new_tokens > room:
-        print(f"(completions limited to {room} tokens: problem {longest + 1}'s prompt has {len(prompts[longest])} of "
-              f"the model's context of {model.config.max_seq_len})", file=sys.stderr)
-        max_new_tokens = room
+    max_new_tokens = inference.fit_reply(len(prompts[longest]), max_new_tokens, model.config.max_seq_len,
+                                         f"problem {longest + 1}: its prompt", "completions")
     rows = [(i, s) for i in range(len(problems)) for s in range(n)]
     t0 = time.time()
     with Engine(model, parallel=batch_size, max_queue=len(rows), stop_ids=tok.stop_ids,

@@ -57,32 +57,55 @@ def start_wandb(c, cfg):
     return wandb
 
 
-def plot_losses(metrics_path, path):
-    """Train and val loss against the step, from metrics.jsonl, as a PNG."""
+def _figure():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    recs = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("train_loss", "val_loss"):
-        pts = [(r["step"], r[key]) for r in recs if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None)
+    return plt.subplots(figsize=(7, 4))
+
+
+def _curve(ax, recs, key, **style):
+    """key against the step, over the records that have it (none: nothing drawn)."""
+    pts = [(r["step"], r[key]) for r in recs if key in r]
+    if pts:
+        ax.plot(*zip(*pts), **style)
+
+
+def _save(fig, ax, path):
+    import matplotlib.pyplot as plt
     ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_losses(metrics_path, path):
+    """Train and val loss against the step, from metrics.jsonl, as a PNG."""
+    recs = read_metrics(metrics_path)
+    fig, ax = _figure()
+    for key in ("train_loss", "val_loss"):
+        _curve(ax, recs, key, label=key.replace("_", " "), marker="o" if key == "val_loss" else None)
     ax.set_ylabel("loss")
     ax.legend(loc="upper left")
     if any("rewards/accuracies" in r or "val_rewards/accuracies" in r for r in recs):  # DPO, on a second axis
         right = ax.twinx()
         for key, style in (("rewards/accuracies", ":"), ("val_rewards/accuracies", "--")):
-            pts = [(r["step"], r[key]) for r in recs if key in r]
-            if pts:
-                right.plot(*zip(*pts), style, marker="o" if key.startswith("val") else None, label=key, color="C2")
+            _curve(right, recs, key, linestyle=style, marker="o" if key.startswith("val") else None, label=key,
+                   color="C2")
         right.set_ylabel("reward accuracy")
         right.set_ylim(0, 1)
         right.legend(loc="upper right")
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, ax, path)
+
+
+def plot_rewards(metrics_path, path):
+    """rl.py's reward (mean over each step's completions) and eval_pass@1 against the step, from metrics.jsonl."""
+    recs = read_metrics(metrics_path)
+    fig, ax = _figure()
+    for key in ("reward", "eval_pass@1"):
+        _curve(ax, recs, key, label=key, marker="o" if key == "eval_pass@1" else None)
+    ax.legend()
+    _save(fig, ax, path)
     log(f"loss curve: {path}")
 
 

@@ -58,7 +58,7 @@ import math_tasks
 import trainer
 import tuning
 from engine import Engine, SamplingParams
-from metrics import log
+from metrics import log, plot_rewards
 
 # -- the training loop's settings (every field of trainer.TrainConfig) and the model/adapter ones shared with
 #    fine_tuning.py (tuning.TuningConfig); GRPO's own follow
@@ -372,26 +372,6 @@ def heldout_pass(tok, problems_, limit_tokens, batch):
     return run
 
 
-def plot_rewards(metrics_path, path):
-    """The reward (mean over each step's completions) and eval_pass@1 against the step, from metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from metrics import read_metrics
-    recs = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("reward", "eval_pass@1"):
-        pts = [(r["step"], r[key]) for r in recs if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key, marker="o" if key == "eval_pass@1" else None)
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    log(f"reward curve: {path}")
-
-
 def full_export(tok):
     """export for a full run: the model and its tokenizer in out_dir/hf (one process holds the whole model)."""
     def run(t):
@@ -505,6 +485,7 @@ def main():
             source.engine.close()
     if t.master:
         plot_rewards(t.metrics_path, os.path.join(out_dir, "reward.png"))
+        log(f"reward curve: {os.path.join(out_dir, 'reward.png')}")
 
 
 if __name__ == "__main__":
